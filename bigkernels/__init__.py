@@ -1,0 +1,12 @@
+"""bigkernels: drop-in fused optimizers, int8 quantised and sparse linear layers for PyTorch.
+
+    import bigkernels as bk
+    opt = bk.optim.FusedAdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
+    bk.info()                                                # versions, CPU features, kernels per op
+"""
+from bigkernels import ops  # noqa: F401  (defines every torch.ops.bigkernels.* op, loads _C)
+from bigkernels import optim
+from bigkernels._info import info
+
+__version__ = "0.1.0"
+__all__ = ["info", "optim", "ops", "__version__"]

@@ -1,0 +1,63 @@
+"""``bigkernels.info()``: what this installation has and which kernel each op runs with."""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Dict, List
+
+
+def cpu_features() -> List[str]:
+    """The CPU features bigkernels' kernels care about, as the OS reports them."""
+    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return [w for w in wanted if w in flags]
+
+
+def cpu_kernel_isa() -> str:
+    """The instruction set the C++ CPU kernels pick at run time (same rule as csrc/common/cpu_features.h)."""
+    if os.environ.get("BIGKERNELS_CPU_ISA") == "scalar":
+        return "scalar (forced by BIGKERNELS_CPU_ISA)"
+    feats = set(cpu_features())
+    return "avx2+fma+f16c" if {"avx2", "fma", "f16c"} <= feats else "scalar"
+
+
+def info() -> Dict[str, Any]:
+    """Versions, CPU features, the extension's state, and per op the backends available here and
+    the backend each device uses."""
+    import torch
+
+    from bigkernels import __version__
+    from bigkernels.ops import _registry
+    from bigkernels.ops._extension import extension_error
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "bigkernels": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_features": cpu_features(),
+        "cpu_kernel_isa": cpu_kernel_isa(),
+        "gpus": gpus,
+        "extension_loaded": extension_error() is None,
+        "extension_error": extension_error(),
+        "ops": _registry.backend_table(),
+    }

@@ -1,0 +1,163 @@
+"""One place that knows every bigkernels op, its backends, and which backend runs where.
+
+Backends, by name:
+  ``cpu-c++``   a C++ kernel registered for the CPU dispatch key by ``bigkernels._C``
+  ``cuda-c++``  a CUDA C++ kernel registered for the CUDA dispatch key by ``bigkernels._C``
+  ``triton``    a Triton kernel registered with ``torch.library.triton_op`` as ``<op>_triton``
+  ``reference`` the pure-PyTorch implementation in ``bigkernels/reference/``
+
+``BIGKERNELS_IMPL`` overrides the choice: either one backend name for every op
+(``BIGKERNELS_IMPL=reference``) or a comma list of ``op=backend`` (``fused_adam_=triton``).
+A backend asked for but not available falls through to the next preferred one, with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+NAMESPACE = "bigkernels"
+BACKENDS = ("cpu-c++", "cuda-c++", "triton", "reference")
+
+# Measured preference order per device type; the first available backend wins. Families may
+# override it per op (see OpInfo.preference) when a benchmark shows another crossover.
+DEFAULT_PREFERENCE: Dict[str, tuple] = {
+    "cpu": ("cpu-c++", "reference"),
+    "cuda": ("cuda-c++", "triton", "reference"),
+}
+
+
+@dataclass
+class OpInfo:
+    name: str  # without namespace, e.g. "fused_adam_"
+    reference: Callable
+    triton_name: Optional[str] = None  # op name of the Triton version, when one exists
+    preference: Dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+
+OPS: Dict[str, OpInfo] = {}
+
+
+def register(info: OpInfo) -> OpInfo:
+    OPS[info.name] = info
+    return info
+
+
+def has_kernel(qualname: str, dispatch_key: str) -> bool:
+    """Whether the dispatcher holds a kernel registered for exactly this key (not a fallback)."""
+    try:
+        dump = torch._C._dispatch_dump(qualname)
+    except RuntimeError:
+        return False
+    return any(line.startswith(f"{dispatch_key}:") for line in dump.splitlines())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available(op: str, backend: str) -> bool:
+    info = OPS[op]
+    if backend == "reference":
+        return True
+    if backend == "cpu-c++":
+        return has_kernel(info.qualname, "CPU")
+    if backend == "cuda-c++":
+        return has_kernel(info.qualname, "CUDA")
+    if backend == "triton":
+        return info.triton_name is not None and triton_available() and _triton_op(info) is not None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _triton_op(info: OpInfo):
+    if info.triton_name is None:
+        return None
+    from bigkernels import triton as _bk_triton  # registers the Triton ops on import
+
+    _bk_triton.load()
+    return getattr(getattr(torch.ops, NAMESPACE), info.triton_name, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _overrides() -> Dict[str, str]:
+    raw = os.environ.get("BIGKERNELS_IMPL", "").strip()
+    if not raw:
+        return {}
+    if "=" not in raw:
+        if raw not in BACKENDS:
+            raise ValueError(f"BIGKERNELS_IMPL={raw!r}: expected one of {BACKENDS} or op=backend pairs")
+        return {"*": raw}
+    out = {}
+    for item in raw.split(","):
+        op, _, backend = item.partition("=")
+        op, backend = op.strip(), backend.strip()
+        if backend not in BACKENDS:
+            raise ValueError(f"BIGKERNELS_IMPL: backend {backend!r} for {op!r}: expected one of {BACKENDS}")
+        out[op] = backend
+    return out
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+@functools.lru_cache(maxsize=None)
+def choose(op: str, device_type: str) -> str:
+    """The backend ``op`` runs with on ``device_type`` (cached: the set of kernels is fixed after import)."""
+    info = OPS[op]
+    prefs = list(info.preference.get(device_type, ("reference",)))
+    forced = _overrides().get(op) or _overrides().get("*")
+    if forced is not None:
+        # Triton runs CPU tensors only under its interpreter; never pick it there unasked.
+        if forced == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            warnings.warn(f"bigkernels: BIGKERNELS_IMPL asks triton for {op} on cpu, which needs TRITON_INTERPRET=1")
+        elif available(op, forced) and (forced in prefs or forced in ("reference", "triton")):
+            return forced
+        else:
+            warnings.warn(f"bigkernels: BIGKERNELS_IMPL asks {forced} for {op} on {device_type}; not available here")
+    for backend in prefs:
+        if available(op, backend):
+            return backend
+    return "reference"
+
+
+def call(op: str, device, *args, **kwargs):
+    """Run ``op`` on the backend chosen for ``device``."""
+    info = OPS[op]
+    backend = choose(op, _device_type(device))
+    if backend == "reference":
+        return info.reference(*args, **kwargs)
+    if backend == "triton":
+        return _triton_op(info)(*args, **kwargs)
+    return getattr(getattr(torch.ops, NAMESPACE), op)(*args, **kwargs)
+
+
+def backend_table() -> Dict[str, Dict[str, object]]:
+    """For ``bigkernels.info()``: per op, the backends available and the one each device uses."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = {}
+    for name in OPS:
+        table[name] = {
+            "available": [b for b in BACKENDS if available(name, b)],
+            "uses": {d: choose(name, d) for d in devices},
+        }
+    return table
+
+
+def clear_choice_cache() -> None:
+    """Forget cached choices (tests that change BIGKERNELS_IMPL call this)."""
+    choose.cache_clear()
+    _overrides.cache_clear()

@@ -1,0 +1,92 @@
+"""Fused optimizer ops: schemas, fake implementations and the per-device choice of kernel.
+
+Ops (all in the ``bigkernels`` namespace):
+
+``fused_adam_`` / ``fused_adamw_``
+    One Adam step over lists of same-device, same-dtype tensors; ``fused_adamw_`` decays the
+    weights decoupled (AdamW), ``fused_adam_`` adds ``weight_decay * param`` to the gradient.
+    Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (only when amsgrad) and state_steps
+    (fp32 0-d step counters, incremented by one unless ``found_inf`` is non-zero).
+``fused_sgd_``
+    One SGD step (momentum, dampening, nesterov, weight decay, maximize).
+``sum_of_squares``
+    Sum of squares of every element of a list of tensors as a 0-d fp32 tensor: the reduction
+    pass of the global-norm clipping done inside the fused steps.
+
+Every update op takes ``grad_scale``/``found_inf`` (torch.amp.GradScaler's protocol) and
+``grad_norm``/``max_grad_norm`` (clipping by global norm); see ``bigkernels.reference.optim``
+for the exact maths.
+"""
+from __future__ import annotations
+
+import torch
+
+from bigkernels.ops import _registry
+from bigkernels.reference import optim as ref
+
+_COMMON_TAIL = (
+    "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? grad_norm=None, float max_grad_norm=0.0"
+)
+ADAM_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, "
+    f"float weight_decay, float eps, bool amsgrad, bool maximize, {_COMMON_TAIL}) -> ()"
+)
+SGD_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float lr, float momentum, "
+    "float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+    f"{_COMMON_TAIL}) -> ()"
+)
+SUM_OF_SQUARES_SCHEMA = "(Tensor[] tensors) -> Tensor"
+
+
+def _adam_reference(decoupled: bool):
+    def impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw):
+        ref.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                        decoupled_weight_decay=decoupled, **kw)
+
+    impl.__name__ = "fused_adamw_" if decoupled else "fused_adam_"
+    return impl
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
+def _sum_of_squares_fake(tensors):
+    torch._check(len(tensors) > 0, lambda: "sum_of_squares: tensors must not be empty")
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+_DEFS = [
+    ("fused_adam_", ADAM_SCHEMA, _adam_reference(False), _no_output, "fused_adam_triton_"),
+    ("fused_adamw_", ADAM_SCHEMA, _adam_reference(True), _no_output, "fused_adamw_triton_"),
+    ("fused_sgd_", SGD_SCHEMA, ref.fused_sgd_, _no_output, "fused_sgd_triton_"),
+    ("sum_of_squares", SUM_OF_SQUARES_SCHEMA, ref.sum_of_squares, _sum_of_squares_fake, "sum_of_squares_triton"),
+]
+
+for _name, _schema, _reference, _fake, _triton_name in _DEFS:
+    _qual = f"{_registry.NAMESPACE}::{_name}"
+    torch.library.define(_qual, _schema)
+    torch.library.register_fake(_qual)(_fake)
+    # The reference is the kernel of last resort for any device without a compiled one.
+    torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
+    _registry.register(_registry.OpInfo(_name, _reference, triton_name=_triton_name))
+
+
+def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
+                decoupled_weight_decay: bool, **kwargs) -> None:
+    """Run the Adam (or AdamW) step on the fastest backend for the tensors' device."""
+    op = "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
+    _registry.call(op, params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                   state_steps, **kwargs)
+
+
+def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> None:
+    """Run the SGD step on the fastest backend for the tensors' device."""
+    _registry.call("fused_sgd_", params[0].device, params, grads, momentum_buffers, **kwargs)
+
+
+def sum_of_squares(tensors):
+    """Sum of squares of all elements of ``tensors`` (0-d fp32) on the fastest backend."""
+    return _registry.call("sum_of_squares", tensors[0].device, tensors)

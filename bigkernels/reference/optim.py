@@ -1,0 +1,142 @@
+"""Pure-PyTorch references of the fused optimizer ops.
+
+These define the semantics every kernel (CPU C++, CUDA C++, Triton) must reproduce, and they
+are the fallback implementation when no compiled kernel exists for a device. They follow
+torch.optim's own fused kernels: maths in fp32 for 16-bit parameters, the step counters
+incremented in place, and nothing changed at all when ``found_inf`` is non-zero.
+
+Gradient multiplier, shared by every op (see :func:`grad_multiplier`):
+``g_eff = g / grad_scale * clip`` where ``clip = min(1, max_grad_norm / (grad_norm / grad_scale + 1e-6))``
+when ``grad_norm`` is given and ``max_grad_norm > 0`` (torch.nn.utils.clip_grad_norm_'s rule);
+``grad_norm`` is the global L2 norm of the (still scaled) gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
+
+
+def grad_multiplier(
+    grad_scale: Optional[Tensor], grad_norm: Optional[Tensor], max_grad_norm: float
+) -> Tensor | float:
+    """The factor every gradient is multiplied by: unscaling and norm clipping in one number."""
+    mult: Tensor | float = 1.0
+    if grad_scale is not None:
+        mult = 1.0 / grad_scale.double()
+    if grad_norm is not None and max_grad_norm > 0:
+        norm = grad_norm.double() * mult
+        mult = mult * torch.clamp(max_grad_norm / (norm + CLIP_EPS), max=1.0)
+    return mult
+
+
+def _skip(found_inf: Optional[Tensor]) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def fused_adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """Adam / AdamW step over lists of tensors (torch.optim.Adam(W) semantics)."""
+    if _skip(found_inf):
+        return
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        step = float(state_steps[i].item()) + 1.0
+        g = grads[i].float() * mult
+        g = g.float()
+        if maximize:
+            g = -g
+        pf = p.float()
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                pf = pf * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * pf
+        m = exp_avgs[i].float() * beta1 + (1.0 - beta1) * g
+        v = exp_avg_sqs[i].float() * beta2 + (1.0 - beta2) * g * g
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(vmax)
+            denom = vmax.sqrt() / bias_correction2_sqrt + eps
+        else:
+            denom = v.sqrt() / bias_correction2_sqrt + eps
+        pf = pf - (lr / bias_correction1) * m / denom
+        p.copy_(pf)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        state_steps[i].add_(1)
+
+
+def fused_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """SGD step over lists of tensors (torch.optim.SGD semantics).
+
+    ``momentum_buffers`` is empty when ``momentum == 0``; with ``is_first_step`` the buffers are
+    written with the (decayed) gradient instead of being blended, as torch does on the first step.
+    """
+    if _skip(found_inf):
+        return
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        g = (grads[i].float() * mult).float()
+        if maximize:
+            g = -g
+        pf = p.float()
+        if weight_decay != 0:
+            g = g + weight_decay * pf
+        if momentum != 0:
+            if is_first_step:
+                buf = g
+            else:
+                buf = momentum_buffers[i].float() * momentum + (1.0 - dampening) * g
+            momentum_buffers[i].copy_(buf)
+            g = g + momentum * buf if nesterov else buf
+        p.copy_(pf - lr * g)
+
+
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum of the squares of every element of every tensor, as a 0-d fp32 tensor (fp64 inside)."""
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+    for t in tensors:
+        total += t.double().square().sum()
+    return total.float()

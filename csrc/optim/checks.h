@@ -1,0 +1,99 @@
+// Input validation shared by the CPU and CUDA bindings of the fused optimizer ops.
+// Everything is checked before any kernel runs, so a rejected call modifies nothing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace bigkernels::optim {
+
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": expected ", name, " to hold one element, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": expected ", name, " to be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": expected ", name, " on ", device, " like the params, got ", t->device());
+}
+
+// Checks one fused-optimizer call: params are dense, contiguous, real floating tensors of one
+// device and dtype; every list in `same_as_params` matches them element for element (shape,
+// dtype, device, layout) unless it is empty and `may_be_empty` says so; state_steps (when given)
+// are one-element fp32 tensors on the params' device. `params_contiguous=false` lets read-only
+// inputs (sum_of_squares) be strided; they are then read through contiguous copies.
+inline void check_lists(const char* op, at::TensorList params, const at::TensorList* grads,
+                        const std::vector<std::pair<NamedList, bool>>& same_as_params,
+                        const at::TensorList* state_steps, bool params_contiguous = true) {
+  if (params.empty()) return;
+  const at::Tensor& p0 = params[0];
+  const auto dtype = p0.scalar_type();
+  const auto device = p0.device();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": params must be float32, float16 or bfloat16, got ", dtype,
+              (at::isComplexType(dtype) ? " (complex params are not supported; view them as real)" : ""));
+  auto check_like = [&](const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is ", t.layout(),
+                "; fused optimizers do not support sparse tensors");
+    TORCH_CHECK(t.device() == device, op, ": expected ", name, "[", i, "] on ", device, ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, "[", i, "] to be ", dtype, " like params, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes().equals(p.sizes()), op, ": expected ", name, "[", i, "] of shape ", p.sizes(),
+                " like params[", i, "], got ", t.sizes());
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] is ", p.layout(), "; expected a dense tensor");
+    TORCH_CHECK(p.device() == device, op, ": all params must be on one device; params[0] is on ", device,
+                ", params[", i, "] on ", p.device());
+    TORCH_CHECK(p.scalar_type() == dtype, op, ": all params must have one dtype; params[0] is ", dtype, ", params[",
+                i, "] is ", p.scalar_type());
+    TORCH_CHECK(!params_contiguous || p.is_contiguous(), op, ": params[", i, "] must be contiguous");
+  }
+  if (grads != nullptr) {
+    TORCH_CHECK(grads->size() == params.size(), op, ": expected ", params.size(), " grads, got ", grads->size());
+    for (size_t i = 0; i < params.size(); ++i) check_like("grads", i, (*grads)[i], params[i]);
+  }
+  for (const auto& [list, may_be_empty] : same_as_params) {
+    if (may_be_empty && list.tensors.empty()) continue;
+    TORCH_CHECK(list.tensors.size() == params.size(), op, ": expected ", params.size(), " ", list.name, ", got ",
+                list.tensors.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_like(list.name, i, list.tensors[i], params[i]);
+      TORCH_CHECK(list.tensors[i].is_contiguous(), op, ": ", list.name, "[", i, "] must be contiguous");
+    }
+  }
+  if (state_steps != nullptr) {
+    TORCH_CHECK(state_steps->size() == params.size(), op, ": expected ", params.size(), " state_steps, got ",
+                state_steps->size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor& s = (*state_steps)[i];
+      TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op,
+                  ": expected state_steps[", i, "] to be a one-element float32 tensor on ", device, ", got ",
+                  s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
+    }
+  }
+}
+
+inline void check_hyper(const char* op, bool ok, const char* what, double value) {
+  TORCH_CHECK(ok, op, ": invalid ", what, ": ", value);
+}
+
+// Grads are read only; a non-contiguous one is read through a contiguous copy.
+inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+}  // namespace bigkernels::optim

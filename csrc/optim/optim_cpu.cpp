@@ -1,0 +1,194 @@
+// CPU binding of the fused optimizer ops: validates, picks the instruction set at run time and
+// splits the elements of all tensors (one flat range, so 2,000 small tensors balance as well as
+// one big one) across threads with at::parallel_for.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "optim/checks.h"
+#include "optim/optim_cpu.h"
+
+namespace bigkernels::optim::cpu {
+
+const Kernels& best_kernels() {
+  const char* forced = std::getenv("BIGKERNELS_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "scalar") == 0) return scalar_kernels();
+  static const bool avx2 = bigkernels::cpu_has_avx2_fma_f16c();
+  return avx2 ? avx2_kernels() : scalar_kernels();
+}
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "bigkernels: unsupported dtype ", t.scalar_type());
+  }
+}
+
+float read_scalar(const std::optional<at::Tensor>& t, float if_absent) {
+  return t.has_value() ? t->data_ptr<float>()[0] : if_absent;
+}
+
+// 1/grad_scale times the clip coefficient (see bigkernels/reference/optim.py).
+float grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
+                      double max_grad_norm) {
+  double mult = 1.0 / double(read_scalar(grad_scale, 1.0f));
+  if (grad_norm.has_value() && max_grad_norm > 0) {
+    const double norm = double(read_scalar(grad_norm, 0.0f)) * mult;
+    mult *= std::min(1.0, max_grad_norm / (norm + 1e-6));
+  }
+  return float(mult);
+}
+
+bool skip_step(const std::optional<at::Tensor>& found_inf) { return read_scalar(found_inf, 0.0f) != 0.0f; }
+
+// Runs fn(tensor_index, begin, end) over every element of every tensor, in parallel.
+template <class Fn>
+void for_each_range(at::TensorList tensors, const Fn& fn) {
+  std::vector<int64_t> offsets(tensors.size() + 1, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) offsets[i + 1] = offsets[i] + tensors[i].numel();
+  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (int64_t pos = begin; pos < end; ++t) {
+      const int64_t stop = std::min(end, offsets[t + 1]);
+      if (stop > pos) fn(t, pos - offsets[t], stop - offsets[t]);
+      pos = std::max(pos, stop);
+    }
+  });
+}
+
+char* at_elem(const at::Tensor& t, int64_t i) {
+  return static_cast<char*>(t.data_ptr()) + i * t.element_size();
+}
+
+void check_adam_hyper(const char* op, double lr, double beta1, double beta2, double weight_decay, double eps) {
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, eps >= 0, "epsilon value", eps);
+  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
+  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+}
+
+template <bool kDecoupled>
+void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+                    double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
+  check_adam_hyper(op, lr, beta1, beta2, weight_decay, eps);
+  check_lists(op, params, &grads,
+              {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
+               {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
+              &state_steps);
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op, "found_inf", found_inf, device);
+  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+  if (skip_step(found_inf)) return;
+
+  const auto g = contiguous_list(grads);
+  const DType dt = dtype_of(params[0]);
+  const float mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+  std::vector<AdamArgs> args(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double step = double(state_steps[i].data_ptr<float>()[0]) + 1.0;
+    AdamArgs& a = args[i];
+    a = AdamArgs{float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), mult,
+                 float(lr / (1.0 - std::pow(beta1, step))), float(std::sqrt(1.0 - std::pow(beta2, step))),
+                 amsgrad, maximize, kDecoupled};
+  }
+  const Kernels& k = best_kernels();
+  for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
+    k.adam(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(exp_avgs[t], b),
+           at_elem(exp_avg_sqs[t], b), amsgrad ? at_elem(max_exp_avg_sqs[t], b) : nullptr, e - b,
+           args[t]);
+  });
+  for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
+}
+
+void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool is_first_step, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                   double max_grad_norm) {
+  const char* op = "fused_sgd_";
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, momentum >= 0, "momentum value", momentum);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
+              ": Nesterov momentum requires a momentum and zero dampening");
+  const bool has_momentum = momentum != 0;
+  check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, !has_momentum}}, nullptr);
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op, "found_inf", found_inf, device);
+  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+  if (skip_step(found_inf)) return;
+
+  const auto g = contiguous_list(grads);
+  const DType dt = dtype_of(params[0]);
+  const SgdArgs a{float(lr), float(momentum), float(dampening), float(weight_decay),
+                  grad_multiplier(grad_scale, grad_norm, max_grad_norm), nesterov, maximize, is_first_step,
+                  has_momentum};
+  const Kernels& k = best_kernels();
+  for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
+    k.sgd(dt, at_elem(params[t], b), at_elem(g[t], b),
+          has_momentum ? at_elem(momentum_buffers[t], b) : nullptr, e - b, a);
+  });
+}
+
+at::Tensor sum_of_squares_cpu(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "sum_of_squares: tensors must not be empty");
+  check_lists("sum_of_squares", tensors, nullptr, {}, nullptr, /*params_contiguous=*/false);
+  const auto x = contiguous_list(tensors);
+  const DType dt = dtype_of(x[0]);
+  const Kernels& k = best_kernels();
+  // Fixed-size pieces summed in a fixed order: the result does not depend on the thread count.
+  std::vector<int64_t> offsets(x.size() + 1, 0);
+  for (size_t i = 0; i < x.size(); ++i) offsets[i + 1] = offsets[i] + x[i].numel();
+  const int64_t pieces = (offsets.back() + kGrain - 1) / kGrain;
+  std::vector<double> partial(std::max<int64_t>(pieces, 1), 0.0);
+  at::parallel_for(0, pieces, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t piece = pb; piece < pe; ++piece) {
+      const int64_t begin = piece * kGrain, end = std::min(begin + kGrain, offsets.back());
+      size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+      double s = 0.0;
+      for (int64_t pos = begin; pos < end; ++t) {
+        const int64_t stop = std::min(end, offsets[t + 1]);
+        if (stop > pos) s += k.sum_of_squares(dt, at_elem(x[t], pos - offsets[t]), stop - pos);
+        pos = std::max(pos, stop);
+      }
+      partial[piece] = s;
+    }
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat).device(x[0].device()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("fused_adam_", &fused_adam_cpu<false>);
+  m.impl("fused_adamw_", &fused_adam_cpu<true>);
+  m.impl("fused_sgd_", &fused_sgd_cpu);
+  m.impl("sum_of_squares", &sum_of_squares_cpu);
+}
+
+}  // namespace bigkernels::optim::cpu

@@ -1,0 +1,38 @@
+// Pointer-level interface of the CPU optimizer kernels (no torch headers): one instance per
+// instruction set, chosen at run time by the binding in optim_cpu.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace bigkernels::optim::cpu {
+
+enum class DType { f32, f16, bf16 };
+
+// Per-tensor scalars of one Adam step; maths in fp32 whatever the storage dtype.
+struct AdamArgs {
+  float lr, beta1, beta2, weight_decay, eps;
+  float grad_mult;      // 1/grad_scale * clip coefficient
+  float step_size;      // lr / (1 - beta1^step)
+  float bc2_sqrt;       // sqrt(1 - beta2^step)
+  bool amsgrad, maximize, decoupled;
+};
+
+struct SgdArgs {
+  float lr, momentum, dampening, weight_decay, grad_mult;
+  bool nesterov, maximize, first_step, has_momentum;
+};
+
+// One element range [0, n) of one tensor.
+struct Kernels {
+  const char* isa;
+  void (*adam)(DType, void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamArgs&);
+  void (*sgd)(DType, void* p, const void* g, void* buf, int64_t n, const SgdArgs&);
+  double (*sum_of_squares)(DType, const void* x, int64_t n);
+};
+
+const Kernels& scalar_kernels();
+const Kernels& avx2_kernels();
+// avx2 when the CPU has AVX2+FMA+F16C, else scalar; BIGKERNELS_CPU_ISA=scalar forces the fallback.
+const Kernels& best_kernels();
+
+}  // namespace bigkernels::optim::cpu

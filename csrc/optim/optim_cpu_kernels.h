@@ -1,0 +1,118 @@
+// The CPU optimizer maths, written once over a lane type V (Vec1 scalar, Vec8 AVX2) and a
+// storage type T (float, fp16_t, bf16_t). Included by optim_cpu_scalar.cpp and
+// optim_cpu_avx2.cpp, which instantiate it for their instruction set via BIGKERNELS_ISA_KERNELS.
+#pragma once
+
+#include "common/cpu_vec.h"
+#include "optim/optim_cpu.h"
+
+namespace {
+using bigkernels::optim::cpu::AdamArgs;
+using bigkernels::optim::cpu::DType;
+using bigkernels::optim::cpu::SgdArgs;
+
+// Adam / AdamW on lanes [i, i + V::W) — the same formula as torch.optim's fused kernels.
+template <class V, class T>
+inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamArgs& a) {
+  V grad = V::load(g + i) * V(a.grad_mult);
+  if (a.maximize) grad = -grad;
+  V param = V::load(p + i);
+  if (a.weight_decay != 0.0f) {
+    if (a.decoupled) param = param * V(1.0f - a.lr * a.weight_decay);
+    else grad = grad + V(a.weight_decay) * param;
+  }
+  const V exp_avg = V::load(m + i) * V(a.beta1) + V(1.0f - a.beta1) * grad;
+  const V exp_avg_sq = V::load(v + i) * V(a.beta2) + V(1.0f - a.beta2) * grad * grad;
+  V second = exp_avg_sq;
+  if (a.amsgrad) {
+    second = vmax(V::load(vmax_ + i), exp_avg_sq);
+    second.store(vmax_ + i);
+  }
+  const V denom = vsqrt(second) / V(a.bc2_sqrt) + V(a.eps);
+  param = param - V(a.step_size) * exp_avg / denom;
+  param.store(p + i);
+  exp_avg.store(m + i);
+  exp_avg_sq.store(v + i);
+}
+
+template <class V, class T>
+inline void sgd_lanes(T* p, const T* g, T* buf, int64_t i, const SgdArgs& a) {
+  V grad = V::load(g + i) * V(a.grad_mult);
+  if (a.maximize) grad = -grad;
+  const V param = V::load(p + i);
+  if (a.weight_decay != 0.0f) grad = grad + V(a.weight_decay) * param;
+  if (a.has_momentum) {
+    const V b = a.first_step ? grad : V::load(buf + i) * V(a.momentum) + V(1.0f - a.dampening) * grad;
+    b.store(buf + i);
+    grad = a.nesterov ? grad + V(a.momentum) * b : b;
+  }
+  (param - V(a.lr) * grad).store(p + i);
+}
+
+// Full vectors with V, the tail with Vec1.
+template <class V, class T>
+void adam_range(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) adam_lanes<V>(p, g, m, v, vm, i, a);
+  for (; i < n; ++i) adam_lanes<Vec1>(p, g, m, v, vm, i, a);
+}
+
+template <class V, class T>
+void sgd_range(T* p, const T* g, T* buf, int64_t n, const SgdArgs& a) {
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) sgd_lanes<V>(p, g, buf, i, a);
+  for (; i < n; ++i) sgd_lanes<Vec1>(p, g, buf, i, a);
+}
+
+// fp32 lane sums over blocks of 64 vectors, flushed to fp64 (keeps the relative error < 1e-5).
+template <class V, class T>
+double sum_of_squares_range(const T* x, int64_t n) {
+  double total = 0.0;
+  int64_t i = 0;
+  constexpr int64_t kBlock = 64 * V::W;
+  while (i + V::W <= n) {
+    V acc(0.0f);
+    const int64_t end = (n - i >= kBlock) ? i + kBlock : n - (n - i) % V::W;
+    for (; i < end; i += V::W) {
+      const V t = V::load(x + i);
+      acc = acc + t * t;
+    }
+    total += acc.sum_lanes();
+  }
+  for (; i < n; ++i) {
+    const double t = Vec1::load(x + i).x;
+    total += t * t;
+  }
+  return total;
+}
+
+// Storage-type dispatch, instantiated once per lane type.
+template <class V>
+void adam_any(DType dt, void* p, const void* g, void* m, void* v, void* vm, int64_t n, const AdamArgs& a) {
+  switch (dt) {
+    case DType::f32: return adam_range<V>((float*)p, (const float*)g, (float*)m, (float*)v, (float*)vm, n, a);
+    case DType::f16: return adam_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)m, (fp16_t*)v, (fp16_t*)vm, n, a);
+    case DType::bf16: return adam_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)m, (bf16_t*)v, (bf16_t*)vm, n, a);
+  }
+}
+
+template <class V>
+void sgd_any(DType dt, void* p, const void* g, void* buf, int64_t n, const SgdArgs& a) {
+  switch (dt) {
+    case DType::f32: return sgd_range<V>((float*)p, (const float*)g, (float*)buf, n, a);
+    case DType::f16: return sgd_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)buf, n, a);
+    case DType::bf16: return sgd_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)buf, n, a);
+  }
+}
+
+template <class V>
+double sum_of_squares_any(DType dt, const void* x, int64_t n) {
+  switch (dt) {
+    case DType::f32: return sum_of_squares_range<V>((const float*)x, n);
+    case DType::f16: return sum_of_squares_range<V>((const fp16_t*)x, n);
+    case DType::bf16: return sum_of_squares_range<V>((const bf16_t*)x, n);
+  }
+  return 0.0;
+}
+
+}  // namespace
