@@ -11,28 +11,61 @@ using bigkernels::optim::cpu::AdamArgs;
 using bigkernels::optim::cpu::DType;
 using bigkernels::optim::cpu::SgdArgs;
 
-// Adam / AdamW on lanes [i, i + V::W) — the same formula as torch.optim's fused kernels.
-template <class V, class T>
-inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamArgs& a) {
-  V grad = V::load(g + i) * V(a.grad_mult);
-  if (a.maximize) grad = -grad;
+// Adam's per-tensor constants broadcast to lanes once per range, not once per vector.
+template <class V>
+struct AdamConsts {
+  V mult, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, wd, inv_bc2_sqrt, eps, step_size;
+  explicit AdamConsts(const AdamArgs& a)
+      : mult(a.maximize ? -a.grad_mult : a.grad_mult), beta1(a.beta1), one_minus_beta1(1.0f - a.beta1),
+        beta2(a.beta2), one_minus_beta2(1.0f - a.beta2), decay(1.0f - a.lr * a.weight_decay), wd(a.weight_decay),
+        inv_bc2_sqrt(1.0f / a.bc2_sqrt), eps(a.eps), step_size(a.step_size) {}
+};
+
+// Adam / AdamW on lanes [i, i + V::W): torch.optim's fused formula, with sqrt(v)/sqrt(bc2)
+// computed as sqrt(v) * (1/sqrt(bc2)) (one division per element instead of two; <= 1 ulp apart).
+template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
+inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamConsts<V>& c) {
+  V grad = V::load(g + i) * c.mult;
   V param = V::load(p + i);
-  if (a.weight_decay != 0.0f) {
-    if (a.decoupled) param = param * V(1.0f - a.lr * a.weight_decay);
-    else grad = grad + V(a.weight_decay) * param;
+  if constexpr (kWeightDecay) {
+    if constexpr (kDecoupled) param = param * c.decay;
+    else grad = grad + c.wd * param;
   }
-  const V exp_avg = V::load(m + i) * V(a.beta1) + V(1.0f - a.beta1) * grad;
-  const V exp_avg_sq = V::load(v + i) * V(a.beta2) + V(1.0f - a.beta2) * grad * grad;
+  const V exp_avg = V::load(m + i) * c.beta1 + c.one_minus_beta1 * grad;
+  const V exp_avg_sq = V::load(v + i) * c.beta2 + c.one_minus_beta2 * grad * grad;
   V second = exp_avg_sq;
-  if (a.amsgrad) {
+  if constexpr (kAmsgrad) {
     second = vmax(V::load(vmax_ + i), exp_avg_sq);
     second.store(vmax_ + i);
   }
-  const V denom = vsqrt(second) / V(a.bc2_sqrt) + V(a.eps);
-  param = param - V(a.step_size) * exp_avg / denom;
+  const V denom = vsqrt(second) * c.inv_bc2_sqrt + c.eps;
+  param = param - c.step_size * exp_avg / denom;
   param.store(p + i);
   exp_avg.store(m + i);
   exp_avg_sq.store(v + i);
+}
+
+template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
+void adam_range_impl(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
+  const AdamConsts<V> c(a);
+  const AdamConsts<Vec1> c1(a);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) adam_lanes<V, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, i, c);
+  for (; i < n; ++i) adam_lanes<Vec1, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, i, c1);
+}
+
+// The mode flags become template arguments so the inner loop has no branches.
+template <class V, class T>
+void adam_range(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
+  const bool wd = a.weight_decay != 0.0f;
+  if (a.amsgrad) {
+    if (!wd) return adam_range_impl<V, false, false, true>(p, g, m, v, vm, n, a);
+    if (a.decoupled) return adam_range_impl<V, true, true, true>(p, g, m, v, vm, n, a);
+    return adam_range_impl<V, true, false, true>(p, g, m, v, vm, n, a);
+  }
+  if (!wd) return adam_range_impl<V, false, false, false>(p, g, m, v, vm, n, a);
+  if (a.decoupled) return adam_range_impl<V, true, true, false>(p, g, m, v, vm, n, a);
+  return adam_range_impl<V, true, false, false>(p, g, m, v, vm, n, a);
 }
 
 template <class V, class T>
@@ -50,13 +83,6 @@ inline void sgd_lanes(T* p, const T* g, T* buf, int64_t i, const SgdArgs& a) {
 }
 
 // Full vectors with V, the tail with Vec1.
-template <class V, class T>
-void adam_range(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
-  int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) adam_lanes<V>(p, g, m, v, vm, i, a);
-  for (; i < n; ++i) adam_lanes<Vec1>(p, g, m, v, vm, i, a);
-}
-
 template <class V, class T>
 void sgd_range(T* p, const T* g, T* buf, int64_t n, const SgdArgs& a) {
   int64_t i = 0;
