@@ -96,6 +96,8 @@ class FusedOptimizerMixin:
         names = self._state_names(bucket.group)
         lists: Dict[str, List[Tensor]] = {n: [] for n in names}
         fresh = []
+        if not names:  # e.g. SGD without momentum: torch keeps no state at all
+            return lists, None
         for p in params:
             st = self.state[p]
             is_new = any(st.get(n) is None for n in names)

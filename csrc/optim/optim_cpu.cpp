@@ -108,7 +108,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   for (size_t i = 0; i < params.size(); ++i) {
     const double step = double(state_steps[i].data_ptr<float>()[0]) + 1.0;
     AdamArgs& a = args[i];
-    a = AdamArgs{float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), mult,
+    a = AdamArgs{float(lr), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(weight_decay),
+                 float(eps), float(1.0 - lr * weight_decay), mult,
                  float(lr / (1.0 - std::pow(beta1, step))), float(std::sqrt(1.0 - std::pow(beta2, step))),
                  amsgrad, maximize, kDecoupled};
   }
@@ -143,7 +144,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);
-  const SgdArgs a{float(lr), float(momentum), float(dampening), float(weight_decay),
+  const SgdArgs a{float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
                   grad_multiplier(grad_scale, grad_norm, max_grad_norm), nesterov, maximize, is_first_step,
                   has_momentum};
   const Kernels& k = best_kernels();

@@ -14,15 +14,15 @@ using bigkernels::optim::cpu::SgdArgs;
 // Adam's per-tensor constants broadcast to lanes once per range, not once per vector.
 template <class V>
 struct AdamConsts {
-  V mult, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, wd, inv_bc2_sqrt, eps, step_size;
+  V mult, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, wd, bc2_sqrt, eps, step_size;
   explicit AdamConsts(const AdamArgs& a)
-      : mult(a.maximize ? -a.grad_mult : a.grad_mult), beta1(a.beta1), one_minus_beta1(1.0f - a.beta1),
-        beta2(a.beta2), one_minus_beta2(1.0f - a.beta2), decay(1.0f - a.lr * a.weight_decay), wd(a.weight_decay),
-        inv_bc2_sqrt(1.0f / a.bc2_sqrt), eps(a.eps), step_size(a.step_size) {}
+      : mult(a.maximize ? -a.grad_mult : a.grad_mult), beta1(a.beta1), one_minus_beta1(a.one_minus_beta1),
+        beta2(a.beta2), one_minus_beta2(a.one_minus_beta2), decay(a.decay), wd(a.weight_decay),
+        bc2_sqrt(a.bc2_sqrt), eps(a.eps), step_size(a.step_size) {}
 };
 
-// Adam / AdamW on lanes [i, i + V::W): torch.optim's fused formula, with sqrt(v)/sqrt(bc2)
-// computed as sqrt(v) * (1/sqrt(bc2)) (one division per element instead of two; <= 1 ulp apart).
+// Adam / AdamW on lanes [i, i + V::W): torch.optim's fused formula, operation for operation
+// (the step is memory-bound: the two divisions cost nothing, and keep results within ulps of torch).
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
 inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamConsts<V>& c) {
   V grad = V::load(g + i) * c.mult;
@@ -31,14 +31,15 @@ inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const 
     if constexpr (kDecoupled) param = param * c.decay;
     else grad = grad + c.wd * param;
   }
-  const V exp_avg = V::load(m + i) * c.beta1 + c.one_minus_beta1 * grad;
+  const V m_old = V::load(m + i);
+  const V exp_avg = m_old + c.one_minus_beta1 * (grad - m_old);  // torch's lerp_(grad, 1 - beta1)
   const V exp_avg_sq = V::load(v + i) * c.beta2 + c.one_minus_beta2 * grad * grad;
   V second = exp_avg_sq;
   if constexpr (kAmsgrad) {
     second = vmax(V::load(vmax_ + i), exp_avg_sq);
     second.store(vmax_ + i);
   }
-  const V denom = vsqrt(second) * c.inv_bc2_sqrt + c.eps;
+  const V denom = vsqrt(second) / c.bc2_sqrt + c.eps;
   param = param - c.step_size * exp_avg / denom;
   param.store(p + i);
   exp_avg.store(m + i);
@@ -75,7 +76,7 @@ inline void sgd_lanes(T* p, const T* g, T* buf, int64_t i, const SgdArgs& a) {
   const V param = V::load(p + i);
   if (a.weight_decay != 0.0f) grad = grad + V(a.weight_decay) * param;
   if (a.has_momentum) {
-    const V b = a.first_step ? grad : V::load(buf + i) * V(a.momentum) + V(1.0f - a.dampening) * grad;
+    const V b = a.first_step ? grad : V::load(buf + i) * V(a.momentum) + V(a.one_minus_dampening) * grad;
     b.store(buf + i);
     grad = a.nesterov ? grad + V(a.momentum) * b : b;
   }

@@ -1,0 +1,695 @@
+"""Triton kernels of the fused optimizer ops, registered with ``torch.library.triton_op``.
+
+Ops (``bigkernels`` namespace; schemas identical to their namesakes in ``bigkernels.ops.optim``):
+``fused_adam_triton_``, ``fused_adamw_triton_``, ``fused_sgd_triton_``, ``sum_of_squares_triton``.
+The maths is exactly ``bigkernels.reference.optim`` (fp32 inside, fp64 for the bias corrections
+and the gradient multiplier, as the reference computes them in Python/double).
+
+Two launch paths share each kernel body (``USE_TABLE`` constexpr):
+
+* **table** (eager calls on real tensors, the fast path): ONE launch over every tensor. A device
+  int64 table holds, per tensor, the address of each operand (params, grads, states, step), its
+  numel, and per program a packed ``(tensor index << 32) | chunk index`` entry; each program
+  updates one CHUNK of one tensor, BLOCK elements at a time. The table depends only on the
+  addresses and numels, so it is cached by them (an optimizer's tensors keep their addresses from
+  step to step, so after the first step a call does no host->device copy).
+  The step counters are read by the update kernel (as step + 1) and bumped afterwards by a
+  second tiny launch, so no program reads a step another one already bumped.
+* **per-tensor** (when the op is traced by torch.compile / export / fake tensors, where data
+  pointers do not exist): the same kernel launched once per tensor with real pointer arguments,
+  so Inductor sees ordinary user-defined Triton kernels; steps are bumped with
+  ``torch._foreach_add_``.
+
+``found_inf``, ``grad_scale`` and ``grad_norm`` are read inside the kernels from device tensors:
+no call synchronises with the host. A non-zero ``found_inf`` leaves every tensor and step as is.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the interpreter dereferences the
+table's integer addresses, so the table path is exercised there too.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from bigkernels.reference.optim import CLIP_EPS
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements per program (CHUNK) and per loop iteration (BLOCK). Read at call time, so tests may
+# change them. Small under the interpreter so tiny test tensors still span several chunks/blocks.
+if _INTERPRET:
+    BLOCK = 32
+    CHUNK = 64
+else:
+    BLOCK = 1024
+    CHUNK = 8192
+NUM_WARPS = 4
+_CLIP_EPS = tl.constexpr(CLIP_EPS)  # torch.nn.utils.clip_grad_norm_'s epsilon, as the reference
+STEP_BLOCK = 128  # step counters per program of the step-increment kernel
+SUM_BLOCK = 1024  # partials per iteration of the final sum_of_squares reduction
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate(table, n_tensors, NROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """(tensor index, first element, numel) of this program's chunk, from the table."""
+    entry = tl.load(table + (NROWS + 1) * n_tensors + tl.program_id(0))
+    tid = entry >> 32
+    chunk = entry & 0xFFFFFFFF
+    numel = tl.load(table + NROWS * n_tensors + tid)
+    return tid, chunk * CHUNK, numel
+
+
+@triton.jit
+def _row_ptr(table, n_tensors, tid, ROW: tl.constexpr, ref_ptr):
+    """Address of tensor ``tid`` in table row ``ROW``, typed like ``ref_ptr``."""
+    return tl.load(table + ROW * n_tensors + tid).to(ref_ptr.dtype)
+
+
+@triton.jit
+def _is_finite_step(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """1 when the step must run (no found_inf, or found_inf == 0), else 0 (as an int32 scalar)."""
+    if HAS_FOUND_INF:
+        ok = (tl.load(found_inf_ptr) == 0).to(tl.int32)
+    else:
+        ok = tl.full((), 1, tl.int32)
+    return ok
+
+
+@triton.jit
+def _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm,
+                     HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr):
+    """fp32(1/grad_scale * min(1, max_norm / (grad_norm/grad_scale + eps))), computed in fp64."""
+    mult = tl.full((), 1.0, tl.float64)
+    if HAS_GRAD_SCALE:
+        mult = 1.0 / tl.load(grad_scale_ptr).to(tl.float64)
+    if CLIP:
+        norm = tl.load(grad_norm_ptr).to(tl.float64) * mult
+        clip = tl.cast(max_grad_norm, tl.float64) / (norm + _CLIP_EPS)
+        clip = tl.where(clip > 1.0, 1.0, clip)  # keeps NaN, as torch.clamp does
+        mult = mult * clip
+    return mult.to(tl.float32)
+
+
+@triton.jit
+def _adam_kernel(
+    table, n_tensors,
+    p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, vmax_ptr, numel,
+    found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
+    lr_hi, lr_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, max_grad_norm,
+    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+    HAS_WD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 steps, 5 max_exp_avg_sqs.
+    if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
+        if USE_TABLE:
+            tid, start, n = _locate(table, n_tensors, 6, CHUNK)
+            p = _row_ptr(table, n_tensors, tid, 0, p_ptr)
+            g = _row_ptr(table, n_tensors, tid, 1, g_ptr)
+            m = _row_ptr(table, n_tensors, tid, 2, m_ptr)
+            v = _row_ptr(table, n_tensors, tid, 3, v_ptr)
+            s = _row_ptr(table, n_tensors, tid, 4, s_ptr)
+            vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr)
+        else:
+            start = tl.program_id(0).to(tl.int64) * CHUNK
+            n = numel
+            p = p_ptr
+            g = g_ptr
+            m = m_ptr
+            v = v_ptr
+            s = s_ptr
+            vmax = vmax_ptr
+        if HAS_GRAD_SCALE or CLIP:
+            mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
+        # Bias corrections in fp64 from the step read before the step kernel bumps it.
+        step = tl.load(s).to(tl.float64) + 1.0
+        log_beta1 = tl.cast(log_beta1_hi, tl.float64) + tl.cast(log_beta1_lo, tl.float64)
+        log_beta2 = tl.cast(log_beta2_hi, tl.float64) + tl.cast(log_beta2_lo, tl.float64)
+        bias_correction1 = 1.0 - tl.exp(step * log_beta1)
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2)).to(tl.float32)
+        step_size = ((tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)) / bias_correction1).to(tl.float32)
+        end = tl.minimum(start + CHUNK, n)
+        for off in range(start, end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < end
+            gf = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_GRAD_SCALE or CLIP:
+                gf = gf * mult
+            if MAXIMIZE:
+                gf = -gf
+            pf = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WD:
+                if DECOUPLED:
+                    pf = pf * decay
+                else:
+                    gf = gf + weight_decay * pf
+            mf = tl.load(m + offs, mask=mask, other=0.0).to(tl.float32)
+            vf = tl.load(v + offs, mask=mask, other=0.0).to(tl.float32)
+            mf = mf * beta1 + one_minus_beta1 * gf
+            vf = vf * beta2 + one_minus_beta2 * gf * gf
+            if AMSGRAD:
+                vmf = tl.load(vmax + offs, mask=mask, other=0.0).to(tl.float32)
+                vmf = tl.maximum(vmf, vf, propagate_nan=tl.PropagateNan.ALL)
+                tl.store(vmax + offs, vmf.to(vmax.dtype.element_ty), mask=mask)
+                denom = tl.div_rn(tl.sqrt_rn(vmf), bias_correction2_sqrt) + eps
+            else:
+                denom = tl.div_rn(tl.sqrt_rn(vf), bias_correction2_sqrt) + eps
+            pf = pf - tl.div_rn(step_size * mf, denom)
+            tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
+            tl.store(m + offs, mf.to(m.dtype.element_ty), mask=mask)
+            tl.store(v + offs, vf.to(v.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(
+    table, n_tensors,
+    p_ptr, g_ptr, buf_ptr, numel,
+    found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
+    lr, momentum, one_minus_dampening, weight_decay, max_grad_norm,
+    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Table rows: 0 params, 1 grads, 2 momentum_buffers.
+    if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
+        if USE_TABLE:
+            tid, start, n = _locate(table, n_tensors, 3, CHUNK)
+            p = _row_ptr(table, n_tensors, tid, 0, p_ptr)
+            g = _row_ptr(table, n_tensors, tid, 1, g_ptr)
+            buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr)
+        else:
+            start = tl.program_id(0).to(tl.int64) * CHUNK
+            n = numel
+            p = p_ptr
+            g = g_ptr
+            buf = buf_ptr
+        if HAS_GRAD_SCALE or CLIP:
+            mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
+        end = tl.minimum(start + CHUNK, n)
+        for off in range(start, end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < end
+            gf = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_GRAD_SCALE or CLIP:
+                gf = gf * mult
+            if MAXIMIZE:
+                gf = -gf
+            pf = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WD:
+                gf = gf + weight_decay * pf
+            if HAS_MOMENTUM:
+                if FIRST_STEP:
+                    bf = gf
+                else:
+                    bf = tl.load(buf + offs, mask=mask, other=0.0).to(tl.float32)
+                    bf = bf * momentum + one_minus_dampening * gf
+                tl.store(buf + offs, bf.to(buf.dtype.element_ty), mask=mask)
+                if NESTEROV:
+                    gf = gf + momentum * bf
+                else:
+                    gf = bf
+            pf = pf - lr * gf
+            tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _increment_steps_kernel(table, row_offset, n_tensors, s_ptr, found_inf_ptr,
+                            HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """state_steps[i] += 1 for every i, unless found_inf is non-zero."""
+    if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_tensors
+        addrs = tl.load(table + row_offset + offs, mask=mask, other=0)
+        ptrs = addrs.to(s_ptr.dtype)
+        steps = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, steps + 1.0, mask=mask)
+
+
+@triton.jit
+def _sum_of_squares_kernel(
+    table, n_tensors, x_ptr, numel, partials, out_offset,
+    USE_TABLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """partials[out_offset + program] = fp32 sum of squares of this program's chunk."""
+    if USE_TABLE:
+        tid, start, n = _locate(table, n_tensors, 1, CHUNK)
+        x = _row_ptr(table, n_tensors, tid, 0, x_ptr)
+    else:
+        start = tl.program_id(0).to(tl.int64) * CHUNK
+        n = numel
+        x = x_ptr
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    end = tl.minimum(start + CHUNK, n)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        xf = tl.load(x + offs, mask=offs < end, other=0.0).to(tl.float32)
+        acc += xf * xf
+    tl.store(partials + out_offset + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sum_partials_kernel(partials, n, out, BLOCK: tl.constexpr):
+    """out = sum(partials) in a fixed order (one program, fp64 accumulation), stored as fp32."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for off in range(0, n, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < n, other=0.0).to(tl.float64)
+    tl.store(out, tl.sum(acc, axis=0).to(tl.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: validation, the cached address table, launches
+# --------------------------------------------------------------------------------------------
+
+_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 32
+
+
+def clear_table_cache() -> None:
+    """Forget every cached address table (they are also evicted least-recently-used first)."""
+    _TABLE_CACHE.clear()
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _split(x: float):
+    """x as an fp32 pair (hi, lo) with hi + lo == x to ~1e-15: passes a double into a kernel."""
+    hi = _f32(x)
+    if not math.isfinite(hi):
+        return hi, 0.0
+    return hi, _f32(x - hi)
+
+
+def _log_beta(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def _is_eager(*tensors: Tensor) -> bool:
+    """Real tensors outside any tracing (fake/functional tensors are subclasses of Tensor)."""
+    return all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+
+
+def _scalar_tensor(t: Optional[Tensor], name: str, op: str, device: torch.device) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{op}: {name} must hold exactly one element, got shape {tuple(t.shape)}")
+    if t.device != device:
+        t = t.to(device, non_blocking=True)
+    return t
+
+
+def _check_lengths(op: str, n: int, **lists) -> None:
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{op}: {name} must have one tensor per param ({n}), got {len(lst)}")
+
+
+def _validate_rows(op: str, rows: Sequence[Sequence[Tensor]], names: Sequence[str], device: torch.device,
+                   step_rows: Sequence[int] = ()) -> bool:
+    """Checks device, dtype and numel of every tensor; returns whether all are contiguous."""
+    numels = [t.numel() for t in rows[0]]
+    contiguous = True
+    for r, (row, name) in enumerate(zip(rows, names)):
+        dtype = row[0].dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be floating point, got {dtype}")
+        for i, t in enumerate(row):
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, expected {device} (the params' device)")
+            if t.dtype != dtype:
+                raise ValueError(f"{op}: every tensor of {name} must have dtype {dtype}; {name}[{i}] is {t.dtype}")
+            if r in step_rows:
+                if t.numel() != 1:
+                    raise ValueError(f"{op}: {name}[{i}] must be a one-element step counter, got shape {tuple(t.shape)}")
+            elif t.numel() != numels[i]:
+                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements, expected {numels[i]} "
+                                 f"(as {names[0]}[{i}])")
+            if not t.is_contiguous():
+                contiguous = False
+    return contiguous
+
+
+def _table(rows: Sequence[Sequence[Tensor]], device: torch.device, chunk: int, op: str,
+           names: Sequence[str], step_rows: Sequence[int] = (), cache: bool = True):
+    """(device int64 table, number of programs), cached by the tensors' addresses and numels.
+
+    Returns None when some tensor is not contiguous (the caller then works on contiguous copies).
+    Validation runs when the table is built; a later call with the same addresses, numels and
+    dtypes is the same set of tensors, so it is not repeated.
+    """
+    ptrs = [t.data_ptr() for row in rows for t in row]
+    numels = [t.numel() for t in rows[0]]
+    key = (device, chunk, tuple(row[0].dtype for row in rows), tuple(ptrs), tuple(numels))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    if not _validate_rows(op, rows, names, device, step_rows):
+        return None
+    n = len(numels)
+    numel_t = torch.tensor(numels, dtype=torch.int64)
+    counts = (numel_t + (chunk - 1)) // chunk
+    total = int(counts.sum())
+    tids = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    chunk_ids = torch.arange(total, dtype=torch.int64) - first[tids]
+    programs = (tids << 32) | chunk_ids
+    table = torch.cat([torch.tensor(ptrs, dtype=torch.int64), numel_t, programs])
+    if device.type != "cpu":
+        table = table.pin_memory().to(device, non_blocking=True)
+    entry = (table, total)
+    if not cache:  # tables of contiguous stand-ins point at temporaries: never reuse them
+        return entry
+    _TABLE_CACHE[key] = entry
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return entry
+
+
+def _contiguous_rows(rows, mutated_rows):
+    """Contiguous stand-ins for each row, and the (original, stand-in) pairs to copy back."""
+    new_rows, write_back, standins = [], [], {}
+    for r, row in enumerate(rows):
+        new_row = []
+        for t in row:
+            if t.is_contiguous():
+                new_row.append(t)
+                continue
+            # A tensor repeated in two rows (a placeholder row) shares one stand-in and one write-back.
+            c = standins.get(id(t))
+            if c is None:
+                c = standins[id(t)] = t.contiguous()
+                write_back.append([t, c, False])
+            new_row.append(c)
+            if r in mutated_rows:
+                next(w for w in write_back if w[1] is c)[2] = True
+        new_rows.append(new_row)
+    return new_rows, [(t, c) for t, c, mutated in write_back if mutated]
+
+
+def _traced(kernel):
+    """``wrap_triton(kernel)`` for the per-tensor (traced) path.
+
+    Under TRITON_INTERPRET=1, ``wrap_triton`` hands back the bare interpreted kernel, which
+    cannot see fake/functional tensors; the traceable wrapper it would build on a GPU works with
+    interpreted kernels too, so tests can trace (opcheck, torch.compile) the same code path.
+    """
+    if _INTERPRET:
+        from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+        return TraceableTritonKernelWrapper(_interpreted_jit(kernel), None, None)
+    return wrap_triton(kernel)
+
+
+_INTERPRETED_JIT: dict = {}
+
+
+def _interpreted_jit(kernel):
+    """A JITFunction (what torch's tracing expects) whose launches run the interpreted kernel."""
+    if kernel not in _INTERPRETED_JIT:
+        from triton.runtime.jit import JITFunction
+
+        class _InterpretedJIT(JITFunction):
+            cache_key = f"bigkernels-interpreted-{kernel.fn.__qualname__}"
+
+            def __hash__(self):
+                return id(self)
+
+            def run(self, *args, grid, warmup, **kwargs):
+                return kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+        _INTERPRETED_JIT[kernel] = _InterpretedJIT(kernel.fn)
+    return _INTERPRETED_JIT[kernel]
+
+
+def _grid_1d(numel: int, chunk: int):
+    return (triton.cdiv(numel, chunk),)
+
+
+# ---------------------------------- Adam / AdamW ----------------------------------------------
+
+_ADAM_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "max_exp_avg_sqs")
+_ADAM_MUTATED_ROWS = (0, 2, 3, 4, 5)
+
+
+def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+               weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm,
+               decoupled: bool) -> None:
+    op = "fused_adamw_triton_" if decoupled else "fused_adam_triton_"
+    n = len(params)
+    _check_lengths(op, n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    if amsgrad:
+        _check_lengths(op, n, max_exp_avg_sqs=max_exp_avg_sqs)
+    if n == 0:
+        return
+    device = params[0].device
+    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
+    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
+    clip = grad_norm is not None and max_grad_norm > 0
+    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    # Rows; without amsgrad the max_exp_avg_sqs row repeats exp_avg_sqs (never touched).
+    rows = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps),
+            list(max_exp_avg_sqs) if amsgrad else list(exp_avg_sqs)]
+    lr_hi, lr_lo = _split(lr)
+    lb1_hi, lb1_lo = _split(_log_beta(beta1))
+    lb2_hi, lb2_lo = _split(_log_beta(beta2))
+    hyper = (lr_hi, lr_lo, lb1_hi, lb1_lo, lb2_hi, lb2_lo, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+             weight_decay, 1.0 - lr * weight_decay, max_grad_norm)
+    flags = dict(HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, CLIP=clip,
+                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled),
+                 HAS_WD=weight_decay != 0)
+    chunk, block = CHUNK, BLOCK
+
+    if _is_eager(params[0], grads[0], exp_avgs[0], state_steps[0]):
+        entry = _table(rows, device, chunk, op, _ADAM_NAMES, step_rows=(4,))
+        if entry is None:  # some tensor is not contiguous: run on contiguous copies, copy back
+            rows, write_back = _contiguous_rows(rows, _ADAM_MUTATED_ROWS)
+            entry = _table(rows, device, chunk, op, _ADAM_NAMES, step_rows=(4,), cache=False)
+        else:
+            write_back = []
+        table, total = entry
+        refs = [row[0] for row in rows]  # typed pointers: the kernel casts addresses to their type
+        dummy = refs[0]
+        if total > 0:
+            wrap_triton(_adam_kernel)[(total,)](
+                table, n, refs[0], refs[1], refs[2], refs[3], refs[4], refs[5], 0,
+                found_inf if found_inf is not None else dummy,
+                grad_scale if grad_scale is not None else dummy,
+                grad_norm if grad_norm is not None else dummy,
+                *hyper, USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+        wrap_triton(_increment_steps_kernel)[(triton.cdiv(n, STEP_BLOCK),)](
+            table, 4 * n, n, refs[4], found_inf if found_inf is not None else dummy,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK, num_warps=NUM_WARPS)
+        for orig, tmp in write_back:
+            orig.copy_(tmp)
+        return
+
+    # Traced (fake / functional tensors): one launch of the same kernel per tensor.
+    _validate_rows(op, rows, _ADAM_NAMES, device, step_rows=(4,))
+    rows, write_back = _contiguous_rows(rows, _ADAM_MUTATED_ROWS)
+    dummy = torch.empty(1, device=device, dtype=torch.float32)
+    for i in range(n):
+        p, g, m, v, s, vmax = (row[i] for row in rows)
+        if not amsgrad:
+            vmax = dummy
+        numel = p.numel()
+        if numel == 0:
+            continue
+        _traced(_adam_kernel)[_grid_1d(numel, chunk)](
+            dummy, 1, p, g, m, v, s, vmax, numel,
+            found_inf if found_inf is not None else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            grad_norm if grad_norm is not None else dummy,
+            *hyper, USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+    for orig, tmp in write_back:
+        orig.copy_(tmp)
+    _increment_steps_traced(state_steps, found_inf)
+
+
+def _increment_steps_traced(state_steps, found_inf) -> None:
+    if found_inf is None:
+        torch._foreach_add_(list(state_steps), 1.0)
+    else:
+        # A list of 0-d tensors (the single-tensor overload would decompose into .item()).
+        inc = (found_inf.reshape(()) == 0).to(state_steps[0].dtype)
+        torch._foreach_add_(list(state_steps), [inc] * len(state_steps))
+
+
+_ADAM_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+
+
+@triton_op("bigkernels::fused_adam_triton_", mutates_args=_ADAM_MUTATES)
+def fused_adam_triton_(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None, *, lr: float, beta1: float,
+    beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool, max_grad_norm: float = 0.0,
+) -> None:
+    """Adam step (L2 weight decay added to the gradient) with the Triton kernel."""
+    _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+               beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+               grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+               decoupled=False)
+
+
+@triton_op("bigkernels::fused_adamw_triton_", mutates_args=_ADAM_MUTATES)
+def fused_adamw_triton_(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None, *, lr: float, beta1: float,
+    beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool, max_grad_norm: float = 0.0,
+) -> None:
+    """AdamW step (decoupled weight decay) with the Triton kernel."""
+    _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+               beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+               grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+               decoupled=True)
+
+
+# ---------------------------------- SGD --------------------------------------------------------
+
+_SGD_NAMES = ("params", "grads", "momentum_buffers")
+_SGD_MUTATED_ROWS = (0, 2)
+_SGD_MUTATES = ("params", "momentum_buffers")
+
+
+@triton_op("bigkernels::fused_sgd_triton_", mutates_args=_SGD_MUTATES)
+def fused_sgd_triton_(
+    params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
+    *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+    is_first_step: bool, max_grad_norm: float = 0.0,
+) -> None:
+    """SGD step (momentum, dampening, nesterov, weight decay, maximize) with the Triton kernel."""
+    op = "fused_sgd_triton_"
+    n = len(params)
+    _check_lengths(op, n, grads=grads)
+    has_momentum = momentum != 0
+    if has_momentum:
+        _check_lengths(op, n, momentum_buffers=momentum_buffers)
+    if n == 0:
+        return
+    device = params[0].device
+    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
+    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
+    clip = grad_norm is not None and max_grad_norm > 0
+    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    # Without momentum the buffer row repeats params (never touched).
+    rows = [list(params), list(grads), list(momentum_buffers) if has_momentum else list(params)]
+    hyper = (lr, momentum, 1.0 - dampening, weight_decay, max_grad_norm)
+    flags = dict(HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, CLIP=clip,
+                 MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum,
+                 FIRST_STEP=bool(is_first_step), NESTEROV=bool(nesterov))
+    chunk, block = CHUNK, BLOCK
+
+    if _is_eager(params[0], grads[0]):
+        entry = _table(rows, device, chunk, op, _SGD_NAMES)
+        write_back = []
+        if entry is None:
+            rows, write_back = _contiguous_rows(rows, _SGD_MUTATED_ROWS)
+            entry = _table(rows, device, chunk, op, _SGD_NAMES, cache=False)
+        table, total = entry
+        dummy = rows[0][0]
+        if total > 0:
+            wrap_triton(_sgd_kernel)[(total,)](
+                table, n, rows[0][0], rows[1][0], rows[2][0], 0,
+                found_inf if found_inf is not None else dummy,
+                grad_scale if grad_scale is not None else dummy,
+                grad_norm if grad_norm is not None else dummy,
+                *hyper, USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+        for orig, tmp in write_back:
+            orig.copy_(tmp)
+        return
+
+    _validate_rows(op, rows, _SGD_NAMES, device)
+    rows, write_back = _contiguous_rows(rows, _SGD_MUTATED_ROWS)
+    dummy = torch.empty(1, device=device, dtype=torch.float32)
+    for i in range(n):
+        p, g, buf = (row[i] for row in rows)
+        if not has_momentum:
+            buf = dummy
+        numel = p.numel()
+        if numel == 0:
+            continue
+        _traced(_sgd_kernel)[_grid_1d(numel, chunk)](
+            dummy, 1, p, g, buf, numel,
+            found_inf if found_inf is not None else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            grad_norm if grad_norm is not None else dummy,
+            *hyper, USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+    for orig, tmp in write_back:
+        orig.copy_(tmp)
+
+
+# ---------------------------------- sum_of_squares --------------------------------------------
+
+
+@triton_op("bigkernels::sum_of_squares_triton", mutates_args=())
+def sum_of_squares_triton(tensors: List[Tensor]) -> Tensor:
+    """Sum of squares of every element of ``tensors`` as a 0-d fp32 tensor (deterministic)."""
+    op = "sum_of_squares_triton"
+    if len(tensors) == 0:
+        raise ValueError(f"{op}: tensors must not be empty")
+    device = tensors[0].device
+    chunk, block = CHUNK, BLOCK
+    out = torch.empty((), device=device, dtype=torch.float32)
+    # One launch per dtype (usually one), each writing its programs' partials into one buffer.
+    groups: dict = {}
+    copied = False
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"{op}: every tensor must be on {device}, got one on {t.device}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: tensors must be floating point, got {t.dtype}")
+        if not t.is_contiguous():
+            t, copied = t.contiguous(), True
+        groups.setdefault(t.dtype, []).append(t)
+
+    eager = _is_eager(tensors[0])
+    if eager:
+        plans = [(_table([group], device, chunk, op, ("tensors",), cache=not copied), group)
+                 for group in groups.values()]
+        total = sum(entry[1] for entry, _ in plans)
+        partials = torch.empty(max(total, 1), device=device, dtype=torch.float32)
+        offset = 0
+        for (table, count), group in plans:
+            if count > 0:
+                wrap_triton(_sum_of_squares_kernel)[(count,)](
+                    table, len(group), group[0], 0, partials, offset,
+                    USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+            offset += count
+    else:
+        counts = [[triton.cdiv(t.numel(), chunk) for t in group] for group in groups.values()]
+        total = sum(sum(c) for c in counts)
+        partials = torch.empty(max(total, 1), device=device, dtype=torch.float32)
+        offset = 0
+        for group, group_counts in zip(groups.values(), counts):
+            for t, count in zip(group, group_counts):
+                if count > 0:
+                    _traced(_sum_of_squares_kernel)[(count,)](
+                        partials, 1, t, t.numel(), partials, offset,
+                        USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+                offset += count
+    launch = wrap_triton(_sum_partials_kernel) if eager else _traced(_sum_partials_kernel)
+    launch[(1,)](partials, total, out, BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
+    return out

@@ -1,0 +1,232 @@
+"""The fused optimizer ops (torch.ops.bigkernels.*) against bigkernels.reference.optim, on every
+device's compiled kernel: dtypes x shapes (odd, empty, non-contiguous grads), every mode, GradScaler
+and clipping inputs, opcheck, torch.compile(fullgraph=True), and rejected input."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from bigkernels.reference import optim as ref
+from conftest import assert_close, devices, poison_, require_kernel
+
+SHAPES = [(5, 123, 123), (1,), (3,), (0,), (4097,), (33, 65), ()]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["native", "scalar"])
+def cpu_isa(request, monkeypatch):
+    """Run CPU kernels with the best instruction set and with the forced scalar fallback."""
+    if request.param == "scalar":
+        monkeypatch.setenv("BIGKERNELS_CPU_ISA", "scalar")
+    return request.param
+
+
+def _rand(shape, dtype, device, positive=False, noncontig=False):
+    t = torch.randn(shape, device=device, dtype=torch.float32)
+    t = t.abs() if positive else t
+    if noncontig and len(shape) >= 1 and t.numel() > 1:
+        wide = torch.empty(shape[:-1] + (shape[-1] * 2,), device=device, dtype=dtype)
+        view = wide[..., ::2]
+        view.copy_(t)
+        return view
+    return t.to(dtype)
+
+
+def _adam_case(device, dtype, seed, amsgrad):
+    gen = random.Random(seed)
+    torch.manual_seed(seed)
+    lists = dict(
+        params=[_rand(s, dtype, device) for s in SHAPES],
+        grads=[_rand(s, dtype, device, noncontig=(i % 2 == 0)) for i, s in enumerate(SHAPES)],
+        exp_avgs=[_rand(s, dtype, device) * 0.1 for s in SHAPES],
+        exp_avg_sqs=[_rand(s, dtype, device, positive=True) * 0.01 for s in SHAPES],
+        max_exp_avg_sqs=[_rand(s, dtype, device, positive=True) * 0.01 for s in SHAPES] if amsgrad else [],
+        state_steps=[torch.tensor(float(gen.randint(0, 50)), device=device) for _ in SHAPES],
+    )
+    kw = dict(lr=gen.uniform(1e-4, 1e-1), beta1=gen.uniform(0.5, 0.99), beta2=gen.uniform(0.9, 0.9999),
+              weight_decay=gen.choice([0.0, gen.uniform(0, 0.2)]), eps=gen.choice([1e-8, 1e-6]),
+              amsgrad=amsgrad, maximize=gen.random() < 0.5)
+    if gen.random() < 0.5:
+        kw["grad_scale"] = torch.tensor(gen.uniform(0.5, 1024.0), device=device)
+    if gen.random() < 0.5:
+        kw.update(grad_norm=torch.tensor(gen.uniform(1.0, 300.0), device=device), max_grad_norm=gen.uniform(0.5, 5.0))
+    return lists, kw
+
+
+def _upcast(lists):
+    return {k: [t.to(torch.float32, copy=True).contiguous() for t in v] if k != "state_steps" else [t.clone() for t in v]
+            for k, v in lists.items()}
+
+
+def _check_against_reference(kernel_lists, ref_lists, ref32_lists, dtype, names):
+    """fp32: rtol 1e-5/atol 1e-6. 16-bit: error vs the fp32 reference within 2x the reference's own."""
+    for name in names:
+        for i, (k, r, r32) in enumerate(zip(kernel_lists[name], ref_lists[name], ref32_lists[name])):
+            if dtype == torch.float32:
+                assert_close(k, r, rtol=1e-5, atol=1e-6, what=f"{name}[{i}]")
+            else:
+                own = (r.double() - r32.double()).abs().max().item() if r.numel() else 0.0
+                got = (k.double() - r32.double()).abs().max().item() if k.numel() else 0.0
+                assert got <= 2 * own + 1e-6, f"{name}[{i}] ({dtype}): error {got:.3g} > 2x reference error {own:.3g}"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["fused_adam_", "fused_adamw_"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_matches_reference(device, dtype, op, amsgrad, cpu_isa):
+    require_kernel(op, device)
+    for seed in range(3):
+        lists, kw = _adam_case(device, dtype, seed * 7 + amsgrad, amsgrad)
+        ref_lists, ref32 = copy.deepcopy(lists), _upcast(lists)
+        getattr(torch.ops.bigkernels, op)(*lists.values(), **kw)
+        decoupled = op == "fused_adamw_"
+        ref.fused_adam_(*ref_lists.values(), decoupled_weight_decay=decoupled, **kw)
+        ref.fused_adam_(*ref32.values(), decoupled_weight_decay=decoupled, **kw)
+        names = ["params", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
+        _check_against_reference(lists, ref_lists, ref32, dtype, names)
+        for s, r in zip(lists["state_steps"], ref_lists["state_steps"]):
+            assert s.item() == r.item()
+
+
+def _sgd_case(device, dtype, seed, first):
+    gen = random.Random(seed)
+    torch.manual_seed(seed)
+    momentum = gen.choice([0.0, gen.uniform(0.1, 0.99)])
+    nesterov = momentum > 0 and gen.random() < 0.5
+    lists = dict(
+        params=[_rand(s, dtype, device) for s in SHAPES],
+        grads=[_rand(s, dtype, device, noncontig=(i % 2 == 1)) for i, s in enumerate(SHAPES)],
+        momentum_buffers=[poison_(torch.empty(s, device=device, dtype=dtype)) if first else _rand(s, dtype, device)
+                          for s in SHAPES] if momentum else [],
+    )
+    kw = dict(lr=gen.uniform(1e-3, 0.5), momentum=momentum, dampening=0.0 if nesterov else gen.uniform(0, 0.5),
+              weight_decay=gen.choice([0.0, gen.uniform(0, 0.1)]), nesterov=nesterov,
+              maximize=gen.random() < 0.5, is_first_step=first)
+    if gen.random() < 0.5:
+        kw["grad_scale"] = torch.tensor(gen.uniform(0.5, 1024.0), device=device)
+    if gen.random() < 0.5:
+        kw.update(grad_norm=torch.tensor(gen.uniform(1.0, 300.0), device=device), max_grad_norm=gen.uniform(0.5, 5.0))
+    return lists, kw
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("first", [True, False])
+def test_sgd_matches_reference(device, dtype, first, cpu_isa):
+    require_kernel("fused_sgd_", device)
+    for seed in range(4):
+        lists, kw = _sgd_case(device, dtype, seed * 11 + first, first)
+        ref_lists, ref32 = copy.deepcopy(lists), _upcast(lists)
+        torch.ops.bigkernels.fused_sgd_(*lists.values(), **kw)
+        ref.fused_sgd_(*ref_lists.values(), **kw)
+        ref.fused_sgd_(*ref32.values(), **kw)
+        names = ["params"] + (["momentum_buffers"] if kw["momentum"] else [])
+        _check_against_reference(lists, ref_lists, ref32, dtype, names)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_of_squares_matches_fp64(device, dtype, cpu_isa):
+    require_kernel("sum_of_squares", device)
+    torch.manual_seed(0)
+    xs = [_rand(s, dtype, device) for s in SHAPES] + [_rand((40, 300), dtype, device).t()]  # non-contiguous
+    got = torch.ops.bigkernels.sum_of_squares(xs)
+    want = sum(x.double().square().sum() for x in xs)
+    assert got.dtype == torch.float32 and got.shape == () and got.device.type == device
+    assert_close(got, want, rtol=1e-5, atol=0, what="sum_of_squares")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_found_inf_changes_nothing(device):
+    require_kernel("fused_adamw_", device)
+    lists, kw = _adam_case(device, torch.float32, 3, amsgrad=True)
+    before = copy.deepcopy(lists)
+    kw.update(found_inf=torch.tensor(1.0, device=device), grad_scale=torch.tensor(65536.0, device=device))
+    torch.ops.bigkernels.fused_adamw_(*lists.values(), **kw)
+    for name in lists:
+        for a, b in zip(lists[name], before[name]):
+            assert torch.equal(a, b), f"{name} changed although found_inf=1"
+    sgd, skw = _sgd_case(device, torch.float32, 1, first=False)
+    sgd_before = copy.deepcopy(sgd)
+    skw["found_inf"] = torch.tensor(1.0, device=device)
+    torch.ops.bigkernels.fused_sgd_(*sgd.values(), **skw)
+    for name in sgd:
+        for a, b in zip(sgd[name], sgd_before[name]):
+            assert torch.equal(a, b), f"sgd {name} changed although found_inf=1"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nan_grad_stays_in_its_element(device):
+    require_kernel("fused_adamw_", device)
+    lists, kw = _adam_case(device, torch.float32, 5, amsgrad=False)
+    kw.pop("grad_norm", None)
+    lists["grads"][0] = lists["grads"][0].contiguous()
+    lists["grads"][0].view(-1)[7] = float("nan")
+    torch.ops.bigkernels.fused_adamw_(*lists.values(), **kw)
+    nan = torch.isnan(lists["params"][0]).view(-1)
+    assert nan[7] and int(nan.sum()) == 1
+
+
+def _small_adam_args(device):
+    lists, kw = _adam_case(device, torch.float32, 9, amsgrad=True)
+    lists = {k: v[1:4] for k, v in lists.items()}
+    return tuple(lists.values()), kw
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("op", ["fused_adam_", "fused_adamw_", "fused_sgd_", "sum_of_squares"])
+def test_opcheck(device, op):
+    require_kernel(op, device)
+    if op == "sum_of_squares":
+        args, kw = ([torch.randn(5, device=device), torch.randn(3, 4, device=device)],), {}
+    elif op == "fused_sgd_":
+        lists, kw = _sgd_case(device, torch.float32, 2, first=False)
+        args = tuple(v[1:4] for v in lists.values())
+    else:
+        args, kw = _small_adam_args(device)
+    torch.library.opcheck(getattr(torch.ops.bigkernels, op).default, args, kw)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compiles_fullgraph(device):
+    require_kernel("fused_adamw_", device)
+    torch._dynamo.reset()
+    (args, kw) = _small_adam_args(device)
+    eager = copy.deepcopy(args)
+
+    def step(*lists):
+        torch.ops.bigkernels.fused_adamw_(*lists, **kw)
+        return torch.ops.bigkernels.sum_of_squares(lists[0])
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    want = step(*eager)
+    assert_close(got, want, rtol=1e-6, atol=0, what="compiled sum_of_squares")
+    for a, b in zip(args[0], eager[0]):
+        assert_close(a, b, rtol=1e-6, atol=1e-7, what="compiled params")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bad_input_is_rejected_and_nothing_changes(device):
+    require_kernel("fused_adamw_", device)
+    lists, kw = _adam_case(device, torch.float32, 4, amsgrad=False)
+    before = copy.deepcopy(lists)
+    op = torch.ops.bigkernels.fused_adamw_
+    cases = [
+        (dict(lists, grads=lists["grads"][:-1]), kw, "grads"),
+        (dict(lists, grads=[g.to(torch.float16) for g in lists["grads"]]), kw, "Half"),
+        (dict(lists, state_steps=[s.double() for s in lists["state_steps"]]), kw, "state_steps"),
+        (dict(lists, exp_avgs=[torch.zeros(2, device=device)] * len(SHAPES)), kw, "shape"),
+        (lists, dict(kw, lr=-1.0), "learning rate"),
+        (lists, dict(kw, beta1=1.0), "beta"),
+        (lists, dict(kw, grad_scale=torch.ones(2, device=device)), "grad_scale"),
+    ]
+    for bad_lists, bad_kw, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*bad_lists.values(), **bad_kw)
+    for name in lists:
+        for a, b in zip(lists[name], before[name]):
+            assert torch.equal(a, b), f"{name} changed by a rejected call"
