@@ -50,9 +50,12 @@ def _sources(cuda: bool):
 def _extension():
     cuda = _build_cuda()
     # torch adds -DPy_LIMITED_API for py_limited_api=True; no FMA contraction: results track torch to the ulp
-    cxx = ["-O3", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is OpenMP pragmas inlined from ATen's headers; without it they
+    # compile to a serial loop. libgomp resolves to the copy torch has already loaded.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    kwargs = dict(name="bigkernels._C", sources=_sources(cuda), include_dirs=include_dirs, py_limited_api=True)
+    kwargs = dict(name="bigkernels._C", sources=_sources(cuda), include_dirs=include_dirs, py_limited_api=True,
+                  extra_link_args=["-fopenmp"])
     if not cuda:
         return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

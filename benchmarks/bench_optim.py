@@ -1,0 +1,172 @@
+"""Fused optimizer step time: bigkernels vs torch.optim (fused, foreach, for-loop), one process,
+same parameters and gradients for every provider.
+
+    python benchmarks/bench_optim.py            # full grid for this device
+    python benchmarks/bench_optim.py --quick    # small sizes (CI, README command)
+    python benchmarks/bench_optim.py --device cuda --out results.json
+
+Effective bandwidth counts the bytes a step must move: AdamW reads param, grad, exp_avg,
+exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 accesses: 28 bytes/param in fp32); SGD with
+momentum reads param, grad, buffer and writes param, buffer (5 accesses). GPU times are
+triton.testing.do_bench medians (20th/80th percentiles beside them); CPU times are medians of
+repeated wall-clock steps.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import bigkernels as bk
+
+ACCESSES = {"adamw": 7, "sgd": 5}
+
+
+def providers(kind: str) -> Dict[str, Callable]:
+    """name -> factory(params) for the optimizers compared for ``kind``."""
+    if kind == "adamw":
+        return {
+            "bigkernels FusedAdamW": lambda ps: bk.optim.FusedAdamW(ps, lr=1e-3),
+            "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+            "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+            "torch AdamW for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
+        }
+    return {
+        "bigkernels FusedSGD": lambda ps: bk.optim.FusedSGD(ps, lr=1e-3, momentum=0.9),
+        "torch SGD fused": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True),
+        "torch SGD foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
+        "torch SGD for-loop": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False),
+    }
+
+
+def cases(device: str, quick: bool) -> List[dict]:
+    """(kind, number of tensors, elements per tensor, dtype) per case."""
+    if device == "cuda":
+        if quick:
+            return [dict(kind=k, n=256, numel=1 << 18, dtype=torch.float32) for k in ACCESSES] + [
+                dict(kind="adamw", n=2000, numel=4096, dtype=torch.float32)]
+        big = 1_000_000_000 // 256
+        return [
+            dict(kind="adamw", n=256, numel=big, dtype=torch.float32),
+            dict(kind="adamw", n=2000, numel=4096, dtype=torch.float32),
+            dict(kind="adamw", n=256, numel=big, dtype=torch.bfloat16),
+            dict(kind="sgd", n=256, numel=big, dtype=torch.float32),
+            dict(kind="sgd", n=2000, numel=4096, dtype=torch.float32),
+        ]
+    if quick:
+        return [dict(kind="adamw", n=16, numel=1 << 18, dtype=torch.float32),
+                dict(kind="adamw", n=500, numel=4096, dtype=torch.float32),
+                dict(kind="sgd", n=16, numel=1 << 18, dtype=torch.float32)]
+    return [
+        dict(kind="adamw", n=64, numel=50_000_000 // 64, dtype=torch.float32),
+        dict(kind="adamw", n=2000, numel=4096, dtype=torch.float32),
+        dict(kind="adamw", n=64, numel=50_000_000 // 64, dtype=torch.bfloat16),
+        dict(kind="sgd", n=64, numel=50_000_000 // 64, dtype=torch.float32),
+    ]
+
+
+def time_step(step: Callable, device: str, quick: bool):
+    """(median, p20, p80) milliseconds per call."""
+    if device == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(step, warmup=50 if quick else 200, rep=200 if quick else 1000,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return tuple(q)
+    step()
+    times = []
+    budget = time.perf_counter() + (1.0 if quick else 5.0)
+    while len(times) < 5 or (time.perf_counter() < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=10)
+    return statistics.median(times), qs[1], qs[7]
+
+
+def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
+    torch.manual_seed(0)
+    params = [torch.randn(case["numel"], device=device).to(case["dtype"]).requires_grad_() for _ in range(case["n"])]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    total = case["n"] * case["numel"]
+    bytes_moved = ACCESSES[case["kind"]] * total * params[0].element_size()
+    rows = []
+    for name, make in providers(case["kind"]).items():
+        opt = make(params)
+        try:
+            med, lo, hi = time_step(opt.step, device, quick)
+        except (RuntimeError, ValueError) as exc:  # e.g. a torch path that does not take this dtype
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:80]})", file=sys.stderr)
+            continue
+        finally:
+            del opt
+            gc.collect()
+        rows.append(dict(meta, kernel=f"optim_{case['kind']}", provider=name,
+                         shape=f"{case['n']}x{case['numel']}", params=total, dtype=str(case["dtype"]).split(".")[1],
+                         ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
+                         effective_tb_per_s=bytes_moved / med / 1e9))
+    baseline = next((r["ms"] for r in rows if r["provider"].endswith("fused")), None)
+    for r in rows:
+        r["speedup_vs_torch_fused"] = (baseline / r["ms"]) if baseline else None
+    return rows
+
+
+def metadata(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return dict(device=device, device_name=name, cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+                triton=triton_version, bigkernels=bk.__version__, backend=bk.ops._registry.choose("fused_adamw_", device),
+                date=datetime.date.today().isoformat())
+
+
+def print_table(rows: List[dict]) -> None:
+    header = f"{'case':<28} {'provider':<26} {'ms/step':>9} {'Gparam/s':>9} {'eff TB/s':>9} {'vs torch fused':>15}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        case = f"{r['kernel'][6:]} {r['shape']} {r['dtype']}"
+        sp = f"{r['speedup_vs_torch_fused']:.2f}x" if r["speedup_vs_torch_fused"] else "-"
+        print(f"{case:<28} {r['provider']:<26} {r['ms']:>9.3f} {r['gparams_per_s']:>9.2f} "
+              f"{r['effective_tb_per_s']:>9.3f} {sp:>15}")
+
+
+def main(argv=None) -> List[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="small sizes, short timing (CI, README)")
+    ap.add_argument("--out", default=None, help="JSON file for the rows (default: print only)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
+    meta = metadata(args.device)
+    print(f"# {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | bigkernels {meta['bigkernels']} "
+          f"| backend {meta['backend']} | threads {meta['cpu_threads']} | {meta['date']}")
+    rows = []
+    for case in cases(args.device, args.quick):
+        rows += run_case(case, args.device, args.quick, meta)
+    print_table(rows)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

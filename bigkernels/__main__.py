@@ -1,0 +1,5 @@
+import sys
+
+from bigkernels.cli import main
+
+sys.exit(main())

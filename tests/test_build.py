@@ -1,0 +1,95 @@
+"""The package around the kernels: import without the extension, info(), the CLI, backend choice."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bigkernels as bk
+from bigkernels.ops import _registry
+from conftest import has_kernel
+
+OPTIM_OPS = ["fused_adam_", "fused_adamw_", "fused_sgd_", "sum_of_squares"]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_import_without_extension_warns_once_and_falls_back_to_reference():
+    code = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import bigkernels as bk
+    import bigkernels.ops._extension as e
+    e.load_extension(); e.load_extension()
+msgs = [str(x.message) for x in w if "compiled extension not loaded" in str(x.message)]
+assert len(msgs) == 1, msgs
+assert "pip install --no-build-isolation -e ." in msgs[0]
+info = bk.info()
+assert not info["extension_loaded"] and "BIGKERNELS_DISABLE_EXTENSION" in info["extension_error"]
+assert all(o["uses"]["cpu"] == "reference" for o in info["ops"].values()), info["ops"]
+torch.manual_seed(0)
+a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+oa, ob = bk.optim.FusedAdamW(a, lr=0.1), torch.optim.AdamW(b, lr=0.1)
+for _ in range(3):
+    for x, y in zip(a, b):
+        x.grad = torch.randn_like(x); y.grad = x.grad.clone()
+    oa.step(); ob.step()
+assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a, b))
+print("ok")
+"""
+    out = _run(code, BIGKERNELS_DISABLE_EXTENSION="1")
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_info_reports_versions_features_and_backends():
+    info = bk.info()
+    for key in ("bigkernels", "torch", "python", "cpu_features", "cpu_kernel_isa", "extension_loaded", "ops"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    for op in OPTIM_OPS:
+        entry = info["ops"][op]
+        assert "reference" in entry["available"]
+        assert entry["uses"]["cpu"] in entry["available"]
+        assert ("cpu-c++" in entry["available"]) == has_kernel(op, "CPU")
+    if info["extension_loaded"]:
+        assert info["ops"]["fused_adamw_"]["uses"]["cpu"] == "cpu-c++"
+
+
+def test_cli_info_prints_table_and_json():
+    table = subprocess.run([sys.executable, "-m", "bigkernels", "info"], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert "fused_adamw_" in table.stdout and "cpu uses" in table.stdout
+    js = subprocess.run([sys.executable, "-m", "bigkernels", "info", "--json"], capture_output=True, text=True,
+                        timeout=300)
+    assert js.returncode == 0 and json.loads(js.stdout)["ops"]["fused_sgd_"]["available"]
+
+
+def test_impl_override_picks_the_named_backend(monkeypatch):
+    monkeypatch.setenv("BIGKERNELS_IMPL", "fused_adamw_=reference")
+    _registry.clear_choice_cache()
+    try:
+        assert _registry.choose("fused_adamw_", "cpu") == "reference"
+        assert _registry.choose("fused_sgd_", "cpu") == ("cpu-c++" if has_kernel("fused_sgd_", "CPU") else "reference")
+        monkeypatch.setenv("BIGKERNELS_IMPL", "no-such-backend")
+        _registry.clear_choice_cache()
+        with pytest.raises(ValueError, match="BIGKERNELS_IMPL"):
+            _registry.choose("fused_adamw_", "cpu")
+    finally:
+        monkeypatch.delenv("BIGKERNELS_IMPL")
+        _registry.clear_choice_cache()
+
+
+@pytest.mark.skipif(os.environ.get("BIGKERNELS_EXPECT_CUDA_KERNELS") != "1",
+                    reason="only where the build was asked to include the CUDA kernels (CI sets this)")
+def test_cuda_kernels_were_built_and_registered():
+    missing = [op for op in OPTIM_OPS if not has_kernel(op, "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing}"
