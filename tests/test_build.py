@@ -93,3 +93,17 @@ def test_impl_override_picks_the_named_backend(monkeypatch):
 def test_cuda_kernels_were_built_and_registered():
     missing = [op for op in OPTIM_OPS if not has_kernel(op, "CUDA")]
     assert not missing, f"no CUDA kernel registered for {missing}"
+
+
+@pytest.mark.slow
+def test_cmake_build_for_libtorch_users(tmp_path):
+    """CMakeLists.txt builds csrc/ against libtorch and the C++ test calls the ops with no Python."""
+    import shutil
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["bash", os.path.join(root, "scripts", "cmake_build.sh"), str(tmp_path / "build")],
+                         capture_output=True, text=True, timeout=1200, cwd=root)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "100% tests passed" in out.stdout

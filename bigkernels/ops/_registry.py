@@ -34,6 +34,7 @@ DEFAULT_PREFERENCE: Dict[str, tuple] = {
 @dataclass
 class OpInfo:
     name: str  # without namespace, e.g. "fused_adam_"
+    schema: str  # "(Tensor x, ...) -> Tensor", as given to torch.library.define
     reference: Callable
     triton_name: Optional[str] = None  # op name of the Triton version, when one exists
     preference: Dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
@@ -49,6 +50,15 @@ OPS: Dict[str, OpInfo] = {}
 def register(info: OpInfo) -> OpInfo:
     OPS[info.name] = info
     return info
+
+
+def cpp_schema_registrations() -> str:
+    """C++ source defining every op's schema with TORCH_LIBRARY, for libtorch users of the CMake
+    build (Python users get the schemas from torch.library.define on import)."""
+    lines = ["// Generated from bigkernels/ops by CMake; do not edit.", "#include <torch/library.h>", "",
+             f"TORCH_LIBRARY({NAMESPACE}, m) {{"]
+    lines += [f'  m.def("{info.name}{info.schema}");' for info in OPS.values()]
+    return "\n".join(lines + ["}", ""])
 
 
 def has_kernel(qualname: str, dispatch_key: str) -> bool:

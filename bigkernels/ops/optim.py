@@ -71,7 +71,7 @@ for _name, _schema, _reference, _fake, _triton_name in _DEFS:
     torch.library.register_fake(_qual)(_fake)
     # The reference is the kernel of last resort for any device without a compiled one.
     torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
-    _registry.register(_registry.OpInfo(_name, _reference, triton_name=_triton_name))
+    _registry.register(_registry.OpInfo(_name, _schema, _reference, triton_name=_triton_name))
 
 
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,

@@ -1,0 +1,200 @@
+// CUDA binding of the fused optimizer ops: validates the torch arguments, builds the metadata
+// table of raw pointers (pinned host memory -> one asynchronous copy to the device on the current
+// stream) and calls the launchers of optim_cuda_kernels.cu. Nothing here touches the tensors' data, and
+// every check runs before the first launch, so a rejected call modifies nothing. No host
+// synchronisation: found_inf, grad_scale and grad_norm are read by the kernels on the device.
+// Narrow headers only: <ATen/ATen.h> needs C++20 with this torch and <ATen/cuda/CUDAContext.h>
+// pulls in cuBLAS/cuSPARSE headers; c10::cuda::getCurrentCUDAStream is at::cuda's.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "optim/checks.h"
+#include "optim/optim_cuda.h"
+
+namespace bigkernels::optim {
+namespace {
+
+namespace kc = bigkernels::optim::cuda;
+
+kc::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kc::DType::kFloat;
+    case at::kHalf: return kc::DType::kHalf;
+    case at::kBFloat16: return kc::DType::kBFloat16;
+    default: TORCH_CHECK(false, "bigkernels CUDA optimizers: unsupported dtype ", t.scalar_type());
+  }
+  return kc::DType::kFloat;  // unreachable
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+const float* scalar_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// The metadata table on the device. `device_buffer` must stay referenced until the launches are
+// enqueued; the caching allocator then keeps it valid for the work queued on the stream.
+struct DeviceTable {
+  at::Tensor device_buffer;
+  kc::TableRef ref;
+};
+
+DeviceTable upload_table(const std::vector<kc::TensorPtrs>& tensors, int num_lists, const at::Device& device) {
+  TORCH_CHECK(tensors.size() <= static_cast<size_t>(INT32_MAX), "bigkernels: too many tensors in one call");
+  const int n = static_cast<int>(tensors.size());
+  const auto bytes = static_cast<int64_t>(kc::table_bytes(n));
+  // Pinned staging memory from torch's caching host allocator: the non_blocking copy below records
+  // an event on the stream, and the block is not handed out again before the copy has finished.
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  const int64_t total_chunks = kc::fill_table(host.data_ptr(), tensors.data(), n, num_lists);
+  at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  dev.copy_(host, /*non_blocking=*/true);
+  return DeviceTable{dev, kc::TableRef{dev.data_ptr(), n, total_chunks}};
+}
+
+void check_control(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm) {
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op, "found_inf", found_inf, device);
+  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+}
+
+kc::GradControl control_of(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  return kc::GradControl{scalar_ptr(grad_scale), scalar_ptr(found_inf), scalar_ptr(grad_norm), max_grad_norm};
+}
+
+cudaStream_t current_stream(const at::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+void* ptr_of(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; }
+
+template <bool kDecoupled>
+void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+                     double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, eps >= 0, "epsilon value", eps);
+  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
+  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  check_lists(op, params, &grads,
+              {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
+               {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
+              &state_steps);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
+  check_control(op, device, grad_scale, found_inf, grad_norm);
+
+  c10::cuda::CUDAGuard guard(device);
+  const std::vector<at::Tensor> g = contiguous_list(grads);
+  std::vector<kc::TensorPtrs> tensors(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    kc::TensorPtrs& t = tensors[i];
+    t.ptr[0] = ptr_of(params[i]);
+    t.ptr[1] = ptr_of(g[i]);
+    t.ptr[2] = ptr_of(exp_avgs[i]);
+    t.ptr[3] = ptr_of(exp_avg_sqs[i]);
+    t.ptr[4] = amsgrad ? ptr_of(max_exp_avg_sqs[i]) : nullptr;
+    t.numel = params[i].numel();
+    t.step = state_steps[i].data_ptr<float>();  // zero-numel params still count their steps
+  }
+  const DeviceTable table = upload_table(tensors, amsgrad ? 5 : 4, device);
+  const kc::AdamHyper hyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, kDecoupled};
+  check_launch(op, kc::launch_adam(table.ref, dtype_of(params[0]), hyper,
+                                   control_of(grad_scale, found_inf, grad_norm, max_grad_norm),
+                                   current_stream(device)));
+}
+
+void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                    bool is_first_step, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                    double max_grad_norm) {
+  const char* op = "fused_sgd_";
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, momentum >= 0, "momentum value", momentum);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
+              ": Nesterov momentum requires a momentum and zero dampening");
+  const bool has_momentum = momentum != 0;
+  check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, !has_momentum}}, nullptr);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
+  check_control(op, device, grad_scale, found_inf, grad_norm);
+
+  c10::cuda::CUDAGuard guard(device);
+  const std::vector<at::Tensor> g = contiguous_list(grads);
+  std::vector<kc::TensorPtrs> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;  // no step counters here: empty tensors need no entry
+    kc::TensorPtrs t{};
+    t.ptr[0] = params[i].data_ptr();
+    t.ptr[1] = g[i].data_ptr();
+    t.ptr[2] = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
+    t.numel = params[i].numel();
+    t.step = nullptr;
+    tensors.push_back(t);
+  }
+  if (tensors.empty()) return;
+  const DeviceTable table = upload_table(tensors, has_momentum ? 3 : 2, device);
+  const kc::SgdHyper hyper{lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step};
+  check_launch(op, kc::launch_sgd(table.ref, dtype_of(params[0]), hyper,
+                                  control_of(grad_scale, found_inf, grad_norm, max_grad_norm),
+                                  current_stream(device)));
+}
+
+at::Tensor sum_of_squares_cuda(at::TensorList tensors) {
+  const char* op = "sum_of_squares";
+  TORCH_CHECK(!tensors.empty(), "sum_of_squares: tensors must not be empty");
+  check_lists(op, tensors, nullptr, {}, nullptr, /*params_contiguous=*/false);
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": expected CUDA tensors, got ", device);
+
+  c10::cuda::CUDAGuard guard(device);
+  const std::vector<at::Tensor> x = contiguous_list(tensors);
+  std::vector<kc::TensorPtrs> ptrs;
+  ptrs.reserve(x.size());
+  for (const at::Tensor& t : x) {
+    if (t.numel() == 0) continue;
+    kc::TensorPtrs p{};
+    p.ptr[0] = t.data_ptr();
+    p.numel = t.numel();
+    ptrs.push_back(p);
+  }
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  if (ptrs.empty()) return out.zero_();
+  const DeviceTable table = upload_table(ptrs, 1, device);
+  const int num_partials = kc::sum_of_squares_partials(table.ref.total_chunks);
+  at::Tensor partials = at::empty({num_partials}, at::TensorOptions().dtype(at::kDouble).device(device));
+  check_launch(op, kc::launch_sum_of_squares(table.ref, dtype_of(x[0]), partials.data_ptr<double>(), num_partials,
+                                             out.data_ptr<float>(),
+                                             current_stream(device)));
+  return out;
+}
+
+}  // namespace
+}  // namespace bigkernels::optim
+
+TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
+  m.impl("fused_adam_", &bigkernels::optim::fused_adam_cuda<false>);
+  m.impl("fused_adamw_", &bigkernels::optim::fused_adam_cuda<true>);
+  m.impl("fused_sgd_", &bigkernels::optim::fused_sgd_cuda);
+  m.impl("sum_of_squares", &bigkernels::optim::sum_of_squares_cuda);
+}
