@@ -222,9 +222,23 @@ struct Elem<float> {
   }
 };
 
-template <>
-struct Elem<__half> {
+// 16-bit storage types: eight values per 16-byte vector. `Bits` (the Elem specialisation itself)
+// supplies lo/hi (the low/high half of a 32-bit word as fp32) and bits (fp32 -> 16 bits, RNE).
+template <typename Bits>
+struct Elem16 {
   static constexpr int kVec = 8;
+  __device__ static __forceinline__ uint32_t two(float a, float b) { return Bits::bits(a) | (Bits::bits(b) << 16); }
+  __device__ static __forceinline__ void unpack(const uint4& r, float (&v)[kVec]) {
+    v[0] = Bits::lo(r.x), v[1] = Bits::hi(r.x), v[2] = Bits::lo(r.y), v[3] = Bits::hi(r.y);
+    v[4] = Bits::lo(r.z), v[5] = Bits::hi(r.z), v[6] = Bits::lo(r.w), v[7] = Bits::hi(r.w);
+  }
+  __device__ static __forceinline__ uint4 pack(const float (&v)[kVec]) {
+    return make_uint4(two(v[0], v[1]), two(v[2], v[3]), two(v[4], v[5]), two(v[6], v[7]));
+  }
+};
+
+template <>
+struct Elem<__half> : Elem16<Elem<__half>> {
   __device__ static __forceinline__ float to_float(__half x) { return __half2float(x); }
   __device__ static __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   __device__ static __forceinline__ float lo(uint32_t w) {
@@ -234,33 +248,16 @@ struct Elem<__half> {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
   }
   __device__ static __forceinline__ uint32_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
-  __device__ static __forceinline__ uint32_t two(float a, float b) { return bits(a) | (bits(b) << 16); }
-  __device__ static __forceinline__ void unpack(const uint4& r, float (&v)[kVec]) {
-    v[0] = lo(r.x), v[1] = hi(r.x), v[2] = lo(r.y), v[3] = hi(r.y);
-    v[4] = lo(r.z), v[5] = hi(r.z), v[6] = lo(r.w), v[7] = hi(r.w);
-  }
-  __device__ static __forceinline__ uint4 pack(const float (&v)[kVec]) {
-    return make_uint4(two(v[0], v[1]), two(v[2], v[3]), two(v[4], v[5]), two(v[6], v[7]));
-  }
 };
 
 template <>
-struct Elem<__nv_bfloat16> {
-  static constexpr int kVec = 8;
+struct Elem<__nv_bfloat16> : Elem16<Elem<__nv_bfloat16>> {
   __device__ static __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   // bf16 -> fp32 is exact: the bf16 bits are the top half of the fp32 bits.
   __device__ static __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
   __device__ static __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
   __device__ static __forceinline__ uint32_t bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-  __device__ static __forceinline__ uint32_t two(float a, float b) { return bits(a) | (bits(b) << 16); }
-  __device__ static __forceinline__ void unpack(const uint4& r, float (&v)[kVec]) {
-    v[0] = lo(r.x), v[1] = hi(r.x), v[2] = lo(r.y), v[3] = hi(r.y);
-    v[4] = lo(r.z), v[5] = hi(r.z), v[6] = lo(r.w), v[7] = hi(r.w);
-  }
-  __device__ static __forceinline__ uint4 pack(const float (&v)[kVec]) {
-    return make_uint4(two(v[0], v[1]), two(v[2], v[3]), two(v[4], v[5]), two(v[6], v[7]));
-  }
 };
 
 // The elementwise multi-tensor kernel.

@@ -88,6 +88,46 @@ inline void check_hyper(const char* op, bool ok, const char* what, double value)
   TORCH_CHECK(ok, op, ": invalid ", what, ": ", value);
 }
 
+// GradScaler's grad_scale / found_inf and the clipping norm: one-element fp32 tensors on `device`.
+inline void check_grad_control(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm) {
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op, "found_inf", found_inf, device);
+  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+}
+
+// Everything a fused_adam_/fused_adamw_ call takes, checked before any kernel runs.
+inline void check_adam_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                            double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            const std::optional<at::Tensor>& grad_norm) {
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, eps >= 0, "epsilon value", eps);
+  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
+  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  check_lists(op, params, &grads,
+              {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
+               {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
+              &state_steps);
+  if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
+}
+
+// Everything a fused_sgd_ call takes, checked before any kernel runs.
+inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& grad_norm) {
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, momentum >= 0, "momentum value", momentum);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
+              ": Nesterov momentum requires a momentum and zero dampening");
+  check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, momentum == 0}}, nullptr);
+  if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
+}
+
 // Grads are read only; a non-contiguous one is read through a contiguous copy.
 inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
   std::vector<at::Tensor> out;

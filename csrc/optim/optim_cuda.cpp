@@ -61,13 +61,6 @@ DeviceTable upload_table(const std::vector<kc::TensorPtrs>& tensors, int num_lis
   return DeviceTable{dev, kc::TableRef{dev.data_ptr(), n, total_chunks}};
 }
 
-void check_control(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm) {
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
-  check_scalar_tensor(op, "grad_norm", grad_norm, device);
-}
-
 kc::GradControl control_of(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                            const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
   return kc::GradControl{scalar_ptr(grad_scale), scalar_ptr(found_inf), scalar_ptr(grad_norm), max_grad_norm};
@@ -86,19 +79,11 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
-  check_hyper(op, lr >= 0, "learning rate", lr);
-  check_hyper(op, eps >= 0, "epsilon value", eps);
-  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
-  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
-  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
-  check_lists(op, params, &grads,
-              {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
-               {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
-              &state_steps);
+  check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
-  check_control(op, device, grad_scale, found_inf, grad_norm);
 
   c10::cuda::CUDAGuard guard(device);
   const std::vector<at::Tensor> g = contiguous_list(grads);
@@ -126,17 +111,12 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                     double max_grad_norm) {
   const char* op = "fused_sgd_";
-  check_hyper(op, lr >= 0, "learning rate", lr);
-  check_hyper(op, momentum >= 0, "momentum value", momentum);
-  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
-  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
-              ": Nesterov momentum requires a momentum and zero dampening");
-  const bool has_momentum = momentum != 0;
-  check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, !has_momentum}}, nullptr);
+  check_sgd_call(op, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
+                 found_inf, grad_norm);
   if (params.empty()) return;
+  const bool has_momentum = momentum != 0;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
-  check_control(op, device, grad_scale, found_inf, grad_norm);
 
   c10::cuda::CUDAGuard guard(device);
   const std::vector<at::Tensor> g = contiguous_list(grads);
