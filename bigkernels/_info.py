@@ -8,7 +8,8 @@ from typing import Any, Dict, List
 
 def cpu_features() -> List[str]:
     """The CPU features bigkernels' kernels care about, as the OS reports them."""
-    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+              "avx512_vnni", "avx_vnni", "amx_tile")
     flags: set = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -21,12 +22,24 @@ def cpu_features() -> List[str]:
     return [w for w in wanted if w in flags]
 
 
+_ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")  # narrowest first, as best_kernels() in optim_cpu.cpp
+_ISA_NAMES = {"scalar": "scalar", "avx2": "avx2+fma+f16c", "avx512": "avx512f/bw/vl/dq+fma+f16c",
+              "avx512_bf16": "avx512f/bw/vl/dq+avx512_bf16+fma+f16c"}
+
+
 def cpu_kernel_isa() -> str:
-    """The instruction set the C++ CPU kernels pick at run time (same rule as csrc/common/cpu_features.h)."""
-    if os.environ.get("BIGKERNELS_CPU_ISA") == "scalar":
-        return "scalar (forced by BIGKERNELS_CPU_ISA)"
+    """The instruction set the C++ CPU kernels pick at run time (same rule as best_kernels() in
+    csrc/optim/optim_cpu.cpp): the widest the CPU has, capped by BIGKERNELS_CPU_ISA=scalar|avx2|avx512|avx512_bf16."""
     feats = set(cpu_features())
-    return "avx2+fma+f16c" if {"avx2", "fma", "f16c"} <= feats else "scalar"
+    level = 0
+    if {"avx2", "fma", "f16c"} <= feats:
+        level = 1
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= feats:
+            level = 3 if "avx512_bf16" in feats else 2
+    forced = os.environ.get("BIGKERNELS_CPU_ISA")
+    if forced in _ISA_LEVELS and _ISA_LEVELS.index(forced) < level:
+        return f"{_ISA_NAMES[forced]} (capped by BIGKERNELS_CPU_ISA)"
+    return _ISA_NAMES[_ISA_LEVELS[level]]
 
 
 def info() -> Dict[str, Any]:

@@ -72,6 +72,7 @@ struct Vec1 {
   friend Vec1 operator-(Vec1 a) { return Vec1(-a.x); }
   friend Vec1 vmax(Vec1 a, Vec1 b) { return Vec1(a.x != a.x || a.x > b.x ? a.x : b.x); }  // NaN propagates
   friend Vec1 vsqrt(Vec1 a) { return Vec1(__builtin_sqrtf(a.x)); }
+  friend Vec1 vrcp(Vec1 a) { return Vec1(1.0f / a.x); }
   double sum_lanes() const { return double(x); }
 };
 

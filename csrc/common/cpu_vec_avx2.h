@@ -58,5 +58,14 @@ inline Vec8 vmax(Vec8 a, Vec8 b) {  // NaN in either propagates, like torch.maxi
   return Vec8(_mm256_blendv_ps(m, _mm256_add_ps(a.x, b.x), nan));
 }
 inline Vec8 vsqrt(Vec8 a) { return Vec8(_mm256_sqrt_ps(a.x)); }
+// 1/a to within 2 ulp: the 12-bit hardware estimate plus one Newton step, ~4x the throughput of
+// a division. 1/inf stays 0 (the Newton step alone would make it NaN); 1/0 stays inf.
+inline Vec8 vrcp(Vec8 a) {
+  const __m256 r = _mm256_rcp_ps(a.x);
+  const __m256 refined = _mm256_mul_ps(r, _mm256_sub_ps(_mm256_set1_ps(2.0f), _mm256_mul_ps(a.x, r)));
+  const __m256 keep = _mm256_or_ps(_mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_EQ_OQ),
+                                   _mm256_cmp_ps(a.x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  return Vec8(_mm256_blendv_ps(refined, r, keep));
+}
 
 }  // namespace

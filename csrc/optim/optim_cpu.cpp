@@ -19,10 +19,23 @@
 namespace bigkernels::optim::cpu {
 
 const Kernels& best_kernels() {
-  const char* forced = std::getenv("BIGKERNELS_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "scalar") == 0) return scalar_kernels();
-  static const bool avx2 = bigkernels::cpu_has_avx2_fma_f16c();
-  return avx2 ? avx2_kernels() : scalar_kernels();
+  // Levels, narrowest first; the CPU's own is found once, the environment read on every call.
+  static const int cpu_level = bigkernels::cpu_has_avx512_bf16() ? 3
+                               : bigkernels::cpu_has_avx512()    ? 2
+                               : bigkernels::cpu_has_avx2_fma_f16c() ? 1
+                                                                     : 0;
+  int level = cpu_level;
+  if (const char* forced = std::getenv("BIGKERNELS_CPU_ISA")) {
+    static const char* const names[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+    for (int l = 0; l < 4; ++l)
+      if (std::strcmp(forced, names[l]) == 0) level = std::min(level, l);
+  }
+  switch (level) {
+    case 3: return avx512_bf16_kernels();
+    case 2: return avx512_kernels();
+    case 1: return avx2_kernels();
+    default: return scalar_kernels();
+  }
 }
 
 namespace {
@@ -74,14 +87,6 @@ char* at_elem(const at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.element_size();
 }
 
-void check_adam_hyper(const char* op, double lr, double beta1, double beta2, double weight_decay, double eps) {
-  check_hyper(op, lr >= 0, "learning rate", lr);
-  check_hyper(op, eps >= 0, "epsilon value", eps);
-  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
-  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
-  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
-}
-
 template <bool kDecoupled>
 void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
@@ -89,16 +94,9 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
-  check_adam_hyper(op, lr, beta1, beta2, weight_decay, eps);
-  check_lists(op, params, &grads,
-              {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
-               {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
-              &state_steps);
+  check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm);
   if (params.empty()) return;
-  const auto device = params[0].device();
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
-  check_scalar_tensor(op, "grad_norm", grad_norm, device);
   if (skip_step(found_inf)) return;
 
   const auto g = contiguous_list(grads);
@@ -128,18 +126,10 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                    double max_grad_norm) {
   const char* op = "fused_sgd_";
-  check_hyper(op, lr >= 0, "learning rate", lr);
-  check_hyper(op, momentum >= 0, "momentum value", momentum);
-  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
-  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
-              ": Nesterov momentum requires a momentum and zero dampening");
-  const bool has_momentum = momentum != 0;
-  check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, !has_momentum}}, nullptr);
+  check_sgd_call(op, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
+                 found_inf, grad_norm);
   if (params.empty()) return;
-  const auto device = params[0].device();
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
-  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+  const bool has_momentum = momentum != 0;
   if (skip_step(found_inf)) return;
 
   const auto g = contiguous_list(grads);

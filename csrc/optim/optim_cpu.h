@@ -35,7 +35,11 @@ struct Kernels {
 
 const Kernels& scalar_kernels();
 const Kernels& avx2_kernels();
-// avx2 when the CPU has AVX2+FMA+F16C, else scalar; BIGKERNELS_CPU_ISA=scalar forces the fallback.
+const Kernels& avx512_kernels();
+const Kernels& avx512_bf16_kernels();
+// The widest the CPU has: avx512_bf16, avx512, avx2 (AVX2+FMA+F16C), scalar.
+// BIGKERNELS_CPU_ISA=scalar|avx2|avx512|avx512_bf16 caps the choice at that level (a level the CPU
+// lacks falls to the best one below it).
 const Kernels& best_kernels();
 
 }  // namespace bigkernels::optim::cpu

@@ -1,6 +1,6 @@
-// The CPU optimizer maths, written once over a lane type V (Vec1 scalar, Vec8 AVX2) and a
-// storage type T (float, fp16_t, bf16_t). Included by optim_cpu_scalar.cpp and
-// optim_cpu_avx2.cpp, which instantiate it for their instruction set via BIGKERNELS_ISA_KERNELS.
+// The CPU optimizer maths, written once over a lane type V (Vec1 scalar, Vec8 AVX2, Vec16
+// AVX-512) and a storage type T (float, fp16_t, bf16_t). Included by optim_cpu_{scalar,avx2,
+// avx512,avx512bf16}.cpp, each of which instantiates it for its own instruction set.
 #pragma once
 
 #include "common/cpu_vec.h"
@@ -14,15 +14,17 @@ using bigkernels::optim::cpu::SgdArgs;
 // Adam's per-tensor constants broadcast to lanes once per range, not once per vector.
 template <class V>
 struct AdamConsts {
-  V mult, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, wd, bc2_sqrt, eps, step_size;
+  V mult, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, wd, inv_bc2_sqrt, eps, step_size;
   explicit AdamConsts(const AdamArgs& a)
       : mult(a.maximize ? -a.grad_mult : a.grad_mult), beta1(a.beta1), one_minus_beta1(a.one_minus_beta1),
         beta2(a.beta2), one_minus_beta2(a.one_minus_beta2), decay(a.decay), wd(a.weight_decay),
-        bc2_sqrt(a.bc2_sqrt), eps(a.eps), step_size(a.step_size) {}
+        inv_bc2_sqrt(1.0f / a.bc2_sqrt), eps(a.eps), step_size(a.step_size) {}
 };
 
-// Adam / AdamW on lanes [i, i + V::W): torch.optim's fused formula, operation for operation
-// (the step is memory-bound: the two divisions cost nothing, and keep results within ulps of torch).
+// Adam / AdamW on lanes [i, i + V::W): torch.optim's fused formula with its two divisions
+// replaced by a multiplication by 1/sqrt(bc2) and a refined reciprocal (within 2 ulp). In cache,
+// divisions and square roots bound the step (AVX2: with them it ran at torch's speed); with
+// AVX-512 and the reciprocal, 50M fp32 params on 2 cores run at the DRAM's streaming speed.
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
 inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamConsts<V>& c) {
   V grad = V::load(g + i) * c.mult;
@@ -39,8 +41,8 @@ inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const 
     second = vmax(V::load(vmax_ + i), exp_avg_sq);
     second.store(vmax_ + i);
   }
-  const V denom = vsqrt(second) / c.bc2_sqrt + c.eps;
-  param = param - c.step_size * exp_avg / denom;
+  const V denom = vsqrt(second) * c.inv_bc2_sqrt + c.eps;
+  param = param - c.step_size * exp_avg * vrcp(denom);
   param.store(p + i);
   exp_avg.store(m + i);
   exp_avg_sq.store(v + i);
