@@ -9,7 +9,7 @@ Effective bandwidth counts the bytes a step must move: AdamW reads param, grad, 
 exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 accesses: 28 bytes/param in fp32); SGD with
 momentum reads param, grad, buffer and writes param, buffer (5 accesses). GPU times are
 triton.testing.do_bench medians (20th/80th percentiles beside them); CPU times are medians of
-repeated wall-clock steps.
+wall-clock steps taken in alternating rounds across the providers.
 """
 from __future__ import annotations
 
@@ -74,23 +74,32 @@ def cases(device: str, quick: bool) -> List[dict]:
     ]
 
 
-def time_step(step: Callable, device: str, quick: bool):
-    """(median, p20, p80) milliseconds per call."""
-    if device == "cuda":
-        import triton.testing
+def time_gpu(step: Callable, quick: bool):
+    """(median, p20, p80) ms per call: triton.testing.do_bench (CUDA events, cache flushed)."""
+    import triton.testing
 
-        q = triton.testing.do_bench(step, warmup=50 if quick else 200, rep=200 if quick else 1000,
-                                    quantiles=[0.5, 0.2, 0.8])
-        return tuple(q)
-    step()
-    times = []
-    budget = time.perf_counter() + (1.0 if quick else 5.0)
-    while len(times) < 5 or (time.perf_counter() < budget and len(times) < 200):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(times, n=10)
-    return statistics.median(times), qs[1], qs[7]
+    return tuple(triton.testing.do_bench(step, warmup=50 if quick else 200, rep=200 if quick else 1000,
+                                         quantiles=[0.5, 0.2, 0.8]))
+
+
+def time_cpu_interleaved(steps: Dict[str, Callable], quick: bool) -> Dict[str, tuple]:
+    """(median, p20, p80) ms per call for each provider, timed in alternating rounds: this VM's
+    memory bandwidth switches between ~100 and ~64 GB/s every second or two, so timing providers
+    one after another would compare the machine's states, not the kernels."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    budget = time.perf_counter() + (1.5 if quick else 10.0)
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() < budget and rounds < 200):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        qs = statistics.quantiles(ts, n=10)
+        out[name] = (statistics.median(ts), qs[1], qs[7])
+    return out
 
 
 def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
@@ -100,17 +109,23 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
         p.grad = torch.randn_like(p)
     total = case["n"] * case["numel"]
     bytes_moved = ACCESSES[case["kind"]] * total * params[0].element_size()
-    rows = []
-    for name, make in providers(case["kind"]).items():
-        opt = make(params)
-        try:
-            med, lo, hi = time_step(opt.step, device, quick)
-        except (RuntimeError, ValueError) as exc:  # e.g. a torch path that does not take this dtype
-            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:80]})", file=sys.stderr)
-            continue
-        finally:
+    results: Dict[str, tuple] = {}
+    if device == "cuda":  # one optimizer's state at a time (1B params: 8 GB each)
+        for name, make in providers(case["kind"]).items():
+            opt = make(params)
+            results[name] = time_gpu(opt.step, quick)
             del opt
             gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        opts = {name: make(params) for name, make in providers(case["kind"]).items()}
+        for opt in opts.values():
+            opt.step()  # state created, first-step work out of the timing
+        results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick)
+        del opts
+        gc.collect()
+    rows = []
+    for name, (med, lo, hi) in results.items():
         rows.append(dict(meta, kernel=f"optim_{case['kind']}", provider=name,
                          shape=f"{case['n']}x{case['numel']}", params=total, dtype=str(case["dtype"]).split(".")[1],
                          ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
