@@ -103,7 +103,9 @@ def test_cmake_build_for_libtorch_users(tmp_path):
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the script's `python` must be this interpreter (with torch), whether or not a venv is active
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     out = subprocess.run(["bash", os.path.join(root, "scripts", "cmake_build.sh"), str(tmp_path / "build")],
-                         capture_output=True, text=True, timeout=1200, cwd=root)
+                         capture_output=True, text=True, timeout=1200, cwd=root, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "100% tests passed" in out.stdout
