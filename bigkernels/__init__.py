@@ -2,11 +2,13 @@
 
     import bigkernels as bk
     opt = bk.optim.FusedAdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
+    bk.quantize_(model, mode="w8a8")                         # nn.Linear -> int8 QuantLinear
     bk.info()                                                # versions, CPU features, kernels per op
 """
 from bigkernels import ops  # noqa: F401  (defines every torch.ops.bigkernels.* op, loads _C)
-from bigkernels import optim
+from bigkernels import nn, optim, quant
 from bigkernels._info import info
+from bigkernels.quant import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["info", "optim", "ops", "__version__"]
+__all__ = ["info", "nn", "optim", "ops", "quant", "quantize_", "__version__"]

@@ -94,16 +94,18 @@ def _w8a16_linear_impl(x, w_int8, w_scale, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    _, w_int8, w_scale, _ = inputs
+    _, w_int8, w_scale, bias = inputs
     ctx.save_for_backward(w_int8, w_scale)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     # d(x W^T)/dx = grad @ W with W the dequantised weight (straight-through for the activation
-    # rounding of w8a8). Frozen int8 weights and their scales get no gradient.
+    # rounding of w8a8); the bias gets the column sums. Frozen int8 weights get no gradient.
     w_int8, w_scale = ctx.saved_tensors
     grad_x = grad @ ref.dequantize_weight(w_int8, w_scale, grad.dtype)
-    return grad_x, None, None, None
+    grad_bias = None if ctx.bias_dtype is None else grad.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias
 
 
 for _name, _impl in (("w8a8_linear", _w8a8_linear_impl), ("w8a16_linear", _w8a16_linear_impl)):
