@@ -120,6 +120,11 @@ def _overrides() -> Dict[str, str]:
     return out
 
 
+def forced_backend(op: str) -> Optional[str]:
+    """The backend BIGKERNELS_IMPL names for ``op``, if any."""
+    return _overrides().get(op) or _overrides().get("*")
+
+
 def _device_type(device) -> str:
     return torch.device(device).type
 
@@ -129,15 +134,14 @@ def choose(op: str, device_type: str) -> str:
     """The backend ``op`` runs with on ``device_type`` (cached: the set of kernels is fixed after import)."""
     info = OPS[op]
     prefs = list(info.preference.get(device_type, ("reference",)))
-    forced = _overrides().get(op) or _overrides().get("*")
+    forced = forced_backend(op)
     if forced is not None:
-        # Triton runs CPU tensors only under its interpreter; never pick it there unasked.
-        if forced == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            warnings.warn(f"bigkernels: BIGKERNELS_IMPL asks triton for {op} on cpu, which needs TRITON_INTERPRET=1")
-        elif available(op, forced) and (forced in prefs or forced in ("reference", "triton")):
+        # Triton runs CPU tensors only under its interpreter; C++ backends only on their device.
+        usable = forced == "reference" or forced in prefs or (
+            forced == "triton" and (device_type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"))
+        if usable and available(op, forced):
             return forced
-        else:
-            warnings.warn(f"bigkernels: BIGKERNELS_IMPL asks {forced} for {op} on {device_type}; not available here")
+        warnings.warn(f"bigkernels: BIGKERNELS_IMPL asks {forced} for {op} on {device_type}; not available here")
     for backend in prefs:
         if available(op, backend):
             return backend
@@ -146,8 +150,12 @@ def choose(op: str, device_type: str) -> str:
 
 def call(op: str, device, *args, **kwargs):
     """Run ``op`` on the backend chosen for ``device``."""
+    return call_backend(op, choose(op, _device_type(device)), *args, **kwargs)
+
+
+def call_backend(op: str, backend: str, *args, **kwargs):
+    """Run ``op`` on a given backend (callers that choose by shape use this)."""
     info = OPS[op]
-    backend = choose(op, _device_type(device))
     if backend == "reference":
         return info.reference(*args, **kwargs)
     if backend == "triton":

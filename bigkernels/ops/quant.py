@@ -79,12 +79,29 @@ def int8_scaled_mm(a, a_scale, b, b_scale, bias, out_dtype):
     return _registry.call("int8_scaled_mm", a.device, a, a_scale, b, b_scale, bias, out_dtype)
 
 
+# Up to this many rows a linear layer is memory-bound on its weight (decode, small batches): the
+# CUDA C++ weight-only GEMV reads each int8 weight once, and a Python-launched Triton kernel's
+# launch cost would dominate. Above it, the Triton tensor-core GEMMs.
+SMALL_M = 16
+
+
+def _w8a16_backend(x: Tensor) -> str:
+    if (x.device.type == "cuda" and x.shape[0] <= SMALL_M and _registry.forced_backend("w8a16_mm") is None
+            and _registry.available("w8a16_mm", "cuda-c++")):
+        return "cuda-c++"
+    return _registry.choose("w8a16_mm", x.device.type)
+
+
 def w8a16_mm(x, w_int8, w_scale, bias):
-    return _registry.call("w8a16_mm", x.device, x, w_int8, w_scale, bias)
+    return _registry.call_backend("w8a16_mm", _w8a16_backend(x), x, w_int8, w_scale, bias)
 
 
 # ----- differentiable linear ops ---------------------------------------------------------------
 def _w8a8_linear_impl(x, w_int8, w_scale, bias):
+    # At small M on CUDA the layer is bound by reading its int8 weight: the weight-only GEMV is
+    # faster than quantising the activations and running an int8 GEMM, and more accurate.
+    if _w8a16_backend(x) == "cuda-c++" and _registry.forced_backend("int8_scaled_mm") is None:
+        return w8a16_mm(x, w_int8, w_scale, bias)
     xq, xs = quantize_per_token(x)
     return int8_scaled_mm(xq, xs, w_int8, w_scale, bias, x.dtype)
 
