@@ -14,19 +14,17 @@ wall-clock steps taken in alternating rounds across the providers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 import bigkernels as bk
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header, metadata, time_cpu_interleaved, time_gpu, write_json  # noqa: E402
 
 ACCESSES = {"adamw": 7, "sgd": 5}
 
@@ -74,34 +72,6 @@ def cases(device: str, quick: bool) -> List[dict]:
     ]
 
 
-def time_gpu(step: Callable, quick: bool):
-    """(median, p20, p80) ms per call: triton.testing.do_bench (CUDA events, cache flushed)."""
-    import triton.testing
-
-    return tuple(triton.testing.do_bench(step, warmup=50 if quick else 200, rep=200 if quick else 1000,
-                                         quantiles=[0.5, 0.2, 0.8]))
-
-
-def time_cpu_interleaved(steps: Dict[str, Callable], quick: bool) -> Dict[str, tuple]:
-    """(median, p20, p80) ms per call for each provider, timed in alternating rounds: this VM's
-    memory bandwidth switches between ~100 and ~64 GB/s every second or two, so timing providers
-    one after another would compare the machine's states, not the kernels."""
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    budget = time.perf_counter() + (1.5 if quick else 10.0)
-    rounds = 0
-    while rounds < 5 or (time.perf_counter() < budget and rounds < 200):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    out = {}
-    for name, ts in times.items():
-        qs = statistics.quantiles(ts, n=10)
-        out[name] = (statistics.median(ts), qs[1], qs[7])
-    return out
-
-
 def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     torch.manual_seed(0)
     params = [torch.randn(case["numel"], device=device).to(case["dtype"]).requires_grad_() for _ in range(case["n"])]
@@ -136,19 +106,6 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     return rows
 
 
-def metadata(device: str) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=device, device_name=name, cpu_threads=torch.get_num_threads(), torch=torch.__version__,
-                triton=triton_version, bigkernels=bk.__version__, backend=bk.ops._registry.choose("fused_adamw_", device),
-                date=datetime.date.today().isoformat())
-
-
 def print_table(rows: List[dict]) -> None:
     header = f"{'case':<28} {'provider':<26} {'ms/step':>9} {'Gparam/s':>9} {'eff TB/s':>9} {'vs torch fused':>15}"
     print(header)
@@ -168,18 +125,14 @@ def main(argv=None) -> List[dict]:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
-    meta = metadata(args.device)
-    print(f"# {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | bigkernels {meta['bigkernels']} "
-          f"| backend {meta['backend']} | threads {meta['cpu_threads']} | {meta['date']}")
+    meta = metadata(args.device, "fused_adamw_")
+    print(header(meta) + f" | backend {meta['backend']}")
     rows = []
     for case in cases(args.device, args.quick):
         rows += run_case(case, args.device, args.quick, meta)
     print_table(rows)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(rows, args.out)
     return rows
 
 

@@ -79,6 +79,7 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def available(op: str, backend: str) -> bool:
     info = OPS[op]
     if backend == "reference":
@@ -178,4 +179,5 @@ def backend_table() -> Dict[str, Dict[str, object]]:
 def clear_choice_cache() -> None:
     """Forget cached choices (tests that change BIGKERNELS_IMPL call this)."""
     choose.cache_clear()
+    available.cache_clear()
     _overrides.cache_clear()
