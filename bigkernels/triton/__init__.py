@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-_MODULES = ("bigkernels.triton.optim",)
+_MODULES = ("bigkernels.triton.optim", "bigkernels.triton.quant")
 
 
 @functools.lru_cache(maxsize=None)
