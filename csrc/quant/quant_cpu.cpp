@@ -1,0 +1,186 @@
+// CPU binding of the int8 quantisation ops: validates every argument before any work, picks the
+// instruction set at run time and splits the output into blocks run with at::parallel_for.
+// Kernels live in quant_cpu_{scalar,avx2,avx512vnni}.cpp behind the pointer-level quant_cpu.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common/cpu_features.h"
+#include "quant/quant_cpu.h"
+
+namespace bigkernels::quant::cpu {
+
+const Kernels& best_kernels() {
+  // Levels as in optim_cpu.cpp's best_kernels (scalar 0, avx2 1, avx512 2); here level 2 also
+  // needs AVX512_VNNI. The CPU's level is found once, the BIGKERNELS_CPU_ISA cap on every call.
+  static const int cpu_level = bigkernels::cpu_has_avx512_vnni()     ? 2
+                               : bigkernels::cpu_has_avx2_fma_f16c() ? 1
+                                                                     : 0;
+  switch (std::min(cpu_level, bigkernels::cpu_isa_level_cap())) {
+    case 2: return avx512vnni_kernels();
+    case 1: return avx2_kernels();
+    default: return scalar_kernels();
+  }
+}
+
+namespace {
+
+DType float_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: return DType::i32;
+  }
+}
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
+}
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t, bool want_int8) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.dim() == 2, op, ": expected ", name, " to be 2-D, got ", t.dim(), "-D with shape ", t.sizes());
+  if (want_int8) {
+    TORCH_CHECK(t.scalar_type() == at::kChar, op, ": expected ", name, " of dtype torch.int8, got ",
+                t.scalar_type());
+  } else {
+    TORCH_CHECK(is_float(t.scalar_type()), op, ": expected ", name,
+                " of dtype float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// A 1-D floating vector of n elements (scales, bias).
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n, const char* what) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(is_float(t.scalar_type()), op, ": expected ", name, " of dtype float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": expected ", name, " of shape [", n, "] (", what,
+              "), got shape ", t.sizes());
+}
+
+// Row-major with unit stride along K (a row stride is fine); otherwise a contiguous copy.
+at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= std::max<int64_t>(t.size(1), 1) ? t
+                                                                                               : t.contiguous();
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds
+// up to 256 rows of a and ~256 KiB of b (nb rows of b_row_bytes each), so those b rows stay in L2
+// while the kernel's row tiles pass over them; blocks shrink (columns first: M = 1 splits N) until
+// every thread gets about four.
+template <class Fn>
+void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
+  if (M == 0 || N == 0) return;
+  constexpr int64_t kRowsPerBlock = 256, kBBlockBytes = 256 << 10, kN = 6, kM = 4;  // kN, kM: tile sizes
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  int64_t nb = std::max<int64_t>(kN, kBBlockBytes / std::max<int64_t>(b_row_bytes, 1) / kN * kN);
+  int64_t mb = std::min<int64_t>(M, kRowsPerBlock);
+  auto blocks = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  while (blocks() < want && nb > kN) nb = std::max<int64_t>(kN, nb / 2 / kN * kN);
+  while (blocks() < want && mb > kM) mb = std::max<int64_t>(kM, mb / 2 / kM * kM);
+  const int64_t mblocks = (M + mb - 1) / mb;
+  // Consecutive blocks share their b rows (column-block major), so a thread reuses them in L2.
+  at::parallel_for(0, blocks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t mi = blk % mblocks, ni = blk / mblocks;
+      fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in) {
+  const char* op = "quantize_per_token";
+  check_matrix(op, "x", x_in, /*want_int8=*/false);
+  const at::Tensor x = rows_unit_stride(x_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  const Kernels& k = best_kernels();
+  const DType dt = float_dtype(x);
+  const void* xp = x.data_ptr();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    k.quantize_rows(dt, xp, ldx, K, r0, r1, qp, sp);
+  });
+  return {q, scale};
+}
+
+void check_ab(const char* op, const at::Tensor& a, const at::Tensor& b, const char* a_name, bool a_int8) {
+  check_matrix(op, a_name, a, a_int8);
+  check_matrix(op, a_int8 ? "b" : "w_int8", b, /*want_int8=*/true);
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": expected ", a_name, " [M, K] and ", a_int8 ? "b" : "w_int8",
+              " [N, K] with the same K, got ", a.sizes(), " and ", b.sizes());
+}
+
+at::Tensor int8_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const float* a_scale, const float* b_scale,
+                     const float* bias, at::ScalarType out_dtype) {
+  const at::Tensor a = rows_unit_stride(a_in), b = rows_unit_stride(b_in);
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  GemmArgs g{a.data_ptr(), a.stride(0), b.data_ptr<int8_t>(), b.stride(0), K, out.data_ptr(), N,
+             out_dtype == at::kInt ? DType::i32 : float_dtype(out), a_scale, b_scale, bias};
+  const Kernels& k = best_kernels();
+  for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_gemm(g, m0, m1, n0, n1); });
+  return out;
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_ab("int8_mm", a, b, "a", true);
+  return int8_gemm(a, b, nullptr, nullptr, nullptr, at::kInt);
+}
+
+at::Tensor int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                              const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype) {
+  const char* op = "int8_scaled_mm";
+  check_ab(op, a, b, "a", true);
+  check_vector(op, "a_scale", a_scale, a.size(0), "one per row of a");
+  check_vector(op, "b_scale", b_scale, b.size(0), "one per row of b");
+  if (bias.has_value()) check_vector(op, "bias", *bias, b.size(0), "one per row of b");
+  TORCH_CHECK(is_float(out_dtype), op, ": expected out_dtype float32, bfloat16 or float16, got ", out_dtype);
+  const at::Tensor as = as_f32(a_scale), bs = as_f32(b_scale);
+  const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
+  return int8_gemm(a, b, as.data_ptr<float>(), bs.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr,
+                   out_dtype);
+}
+
+at::Tensor w8a16_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& w_scale,
+                        const std::optional<at::Tensor>& bias) {
+  const char* op = "w8a16_mm";
+  check_ab(op, x_in, w_in, "x", false);
+  check_vector(op, "w_scale", w_scale, w_in.size(0), "one per row of w_int8");
+  if (bias.has_value()) check_vector(op, "bias", *bias, w_in.size(0), "one per row of w_int8");
+  const at::Tensor x = x_in.scalar_type() == at::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
+  const at::Tensor w = rows_unit_stride(w_in), ws = as_f32(w_scale);
+  const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  GemmArgs g{x.data_ptr(), x.stride(0), w.data_ptr<int8_t>(), w.stride(0), K, out.data_ptr(), N, float_dtype(out),
+             nullptr, ws.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr};
+  const Kernels& k = best_kernels();
+  for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_gemm(g, m0, m1, n0, n1); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
+  m.impl("int8_scaled_mm", &int8_scaled_mm_cpu);
+  m.impl("w8a16_mm", &w8a16_mm_cpu);
+}
+
+}  // namespace bigkernels::quant::cpu

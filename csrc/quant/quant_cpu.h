@@ -1,0 +1,47 @@
+// Pointer-level interface of the CPU int8 quantisation kernels (no torch headers): one instance
+// per instruction set, chosen at run time by the binding in quant_cpu.cpp. Each entry works on one
+// block of rows / columns; the binding splits the problem into blocks and runs them in parallel.
+#pragma once
+
+#include <cstdint>
+
+namespace bigkernels::quant::cpu {
+
+enum class DType { f32, f16, bf16, i32 };
+
+// out[m, n] for m in [m0, m1), n in [n0, n1) of the NT GEMM a [M, K] . b [N, K]^T (row strides
+// lda, ldb, ldo in elements; K contiguous). int8 GEMM: exact int32 sum, then either stored as
+// int32 (out_dtype i32) or dequantised in fp32: acc * a_scale[m] * b_scale[n] + bias[n] (bias may
+// be null) and stored as out_dtype. w8a16: x is fp32, the weight int8; fp32 sum of x * w, then
+// acc * b_scale[n] + bias[n] stored as out_dtype.
+struct GemmArgs {
+  const void* a;  // int8 (int8 GEMM) or fp32 (w8a16)
+  int64_t lda;
+  const int8_t* b;
+  int64_t ldb;
+  int64_t K;
+  void* out;
+  int64_t ldo;
+  DType out_dtype;
+  const float* a_scale;  // int8 GEMM with a float out_dtype only
+  const float* b_scale;  // null: int32 output (int8 GEMM)
+  const float* bias;     // may be null
+};
+
+struct Kernels {
+  const char* isa;
+  // Rows [r0, r1) of x [*, K] (row stride ldx, dtype f32/f16/bf16) -> q rows (stride K), scale[r].
+  void (*quantize_rows)(DType, const void* x, int64_t ldx, int64_t K, int64_t r0, int64_t r1, int8_t* q,
+                        float* scale);
+  void (*int8_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*w8a16_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+};
+
+const Kernels& scalar_kernels();
+const Kernels& avx2_kernels();        // AVX2 + FMA + F16C: int8 products as int16 pairs (vpmaddwd)
+const Kernels& avx512vnni_kernels();  // AVX-512 F/BW/VL/DQ + AVX512_VNNI (vpdpbusd)
+// The widest the CPU has; BIGKERNELS_CPU_ISA=scalar|avx2|avx512 caps it (avx512 here means
+// AVX-512 with VNNI; a CPU with AVX-512 but no VNNI runs the AVX2 kernels).
+const Kernels& best_kernels();
+
+}  // namespace bigkernels::quant::cpu
