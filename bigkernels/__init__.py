@@ -6,9 +6,10 @@
     bk.info()                                                # versions, CPU features, kernels per op
 """
 from bigkernels import ops  # noqa: F401  (defines every torch.ops.bigkernels.* op, loads _C)
-from bigkernels import nn, optim, quant
+from bigkernels import nn, optim, quant, sparse
 from bigkernels._info import info
 from bigkernels.quant import quantize_
+from bigkernels.sparse import prune_
 
 __version__ = "0.1.0"
-__all__ = ["info", "nn", "optim", "ops", "quant", "quantize_", "__version__"]
+__all__ = ["info", "nn", "optim", "ops", "prune_", "quant", "quantize_", "sparse", "__version__"]

@@ -1,0 +1,113 @@
+"""SparseLinear: a pruned nn.Linear stored compressed, computing x Wᵀ + b without the zeros."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from bigkernels.reference import sparse as ref
+
+PATTERNS = ("2:4", "block", "unstructured")
+# Format tensors per pattern: (trainable non-zeros, index buffers...), in op-argument order.
+_FORMAT = {
+    "unstructured": ("crow", "col", "values"),
+    "block": ("crow", "col", "blocks"),
+    "2:4": ("values", "meta"),
+}
+_VALUES = {"unstructured": "values", "block": "blocks", "2:4": "values"}
+_OPS = {"unstructured": "csr_linear", "block": "bsr_linear", "2:4": "sparse24_linear"}
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` for a pruned weight kept in a compressed format:
+
+    - ``"2:4"``: ``values [out, in/2]`` + ``meta [out, in/4]`` (two 2-bit positions per group of 4);
+    - ``"block"``: BSR of ``block_size`` x ``block_size`` blocks (``crow``, ``col``, ``blocks``);
+    - ``"unstructured"``: CSR (``crow``, ``col``, ``values``).
+
+    The stored non-zeros are a parameter: fine-tuning updates them and keeps the pattern. ``weight``
+    reads back the dense weight. Inputs of any leading shape; output in x's dtype. Build with
+    :meth:`from_linear` from a (pruned) ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True):
+        super().__init__()
+        if pattern not in PATTERNS:
+            raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
+        self.in_features, self.out_features, self.pattern, self.block_size = in_features, out_features, pattern, block_size
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pattern: str = "2:4", block_size: int = 64) -> "SparseLinear":
+        """Compress ``linear``'s weight, whose zeros must already follow ``pattern`` (use
+        ``bigkernels.prune_`` first); 2:4 needs at most 2 non-zeros in every group of 4 inputs,
+        block needs ``block_size`` to divide both dimensions."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        q = cls(linear.in_features, linear.out_features, pattern, block_size, bias=linear.bias is not None)
+        q._set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return q
+
+    def _set_weight(self, w: Tensor) -> None:
+        if self.pattern == "2:4":
+            tensors = ref.to_sparse24(w)
+        elif self.pattern == "block":
+            tensors = ref.to_bsr(w, self.block_size)
+        else:
+            tensors = ref.to_csr(w)
+        for name, t in zip(_FORMAT[self.pattern], tensors):
+            if name == _VALUES[self.pattern]:
+                setattr(self, name, nn.Parameter(t.clone()))
+            else:
+                self.register_buffer(name, t.clone())
+
+    def _format(self):
+        return [getattr(self, n) for n in _FORMAT[self.pattern]]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [out, in] (a new tensor on every read)."""
+        f = [t.detach() for t in self._format()]
+        if self.pattern == "2:4":
+            return ref.from_sparse24(*f)
+        if self.pattern == "block":
+            return ref.from_bsr(*f, self.in_features)
+        return ref.from_csr(*f, self.in_features)
+
+    @property
+    def density(self) -> float:
+        return float(getattr(self, _VALUES[self.pattern]).numel()) / (self.in_features * self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of stored non-zeros is data: take the checkpoint's sizes.
+        for name in _FORMAT[self.pattern]:
+            key = prefix + name
+            if key in state_dict and getattr(self, name, None) is not None:
+                current = getattr(self, name)
+                empty = torch.empty_like(state_dict[key], dtype=current.dtype, device=current.device)
+                if isinstance(current, nn.Parameter):
+                    setattr(self, name, nn.Parameter(empty, requires_grad=current.requires_grad))
+                else:
+                    setattr(self, name, empty)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"SparseLinear: expected a floating-point input tensor, got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: expected input with last dimension in_features={self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        op = getattr(torch.ops.bigkernels, _OPS[self.pattern])
+        out = op(x2, *self._format(), self.bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        block = f", block_size={self.block_size}" if self.pattern == "block" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={self.pattern!r}{block}, density={self.density:.3f}")
