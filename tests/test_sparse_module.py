@@ -1,0 +1,143 @@
+"""Masks, prune_(), GradualPruner and SparseLinear: exact patterns, zeros kept through training,
+the schedule, bad input, and SparseLinear against the dense masked layer (values, gradients,
+serialisation, torch.compile)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import bigkernels as bk
+from bigkernels.nn import SparseLinear
+from bigkernels.sparse import masks as M
+from conftest import assert_close
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+
+
+def _zeros(model):
+    return [float((m.weight == 0).float().mean()) for m in model if isinstance(m, nn.Linear)]
+
+
+def test_mask_patterns_are_exact():
+    torch.manual_seed(0)
+    s = torch.rand(64, 128)
+    m24 = M.nm_mask(s, 2, 4)
+    assert (m24.reshape(64, 32, 4).sum(-1) == 2).all()
+    mu = M.unstructured_mask(s, 0.37)
+    assert int((~mu).sum()) == round(0.37 * s.numel())
+    mb = M.block_mask(s, 0.75, 16)
+    blocks = mb.reshape(4, 16, 8, 16).transpose(1, 2).flatten(2)
+    assert ((blocks.all(-1)) | (~blocks).all(-1)).all() and int((~blocks.all(-1)).sum()) == round(0.75 * 32)
+    g = M.global_unstructured_masks({"a": torch.rand(10, 10), "b": torch.rand(5, 4) * 0.1}, 0.5)
+    assert int(sum((~v).sum() for v in g.values())) == 60 and int((~g["b"]).sum()) > 10
+
+
+def test_wanda_uses_activation_norms():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    x = torch.tensor([[10.0, 10.0, 10.0, 0.0]])  # feature 3 is never active: its large weight goes first
+    bk.prune_(lin, sparsity=0.25, method="wanda", calibration_data=[x])
+    assert lin.weight[0, 3] == 0 and (lin.weight[0, :3] != 0).all()
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, bk.optim.FusedAdamW], ids=["torch_adamw", "fused_adamw"])
+@pytest.mark.parametrize("pattern,kw", [("unstructured", dict(sparsity=0.9)), ("2:4", {}),
+                                        ("block", dict(sparsity=0.5, block_size=16))])
+def test_pruned_weights_stay_zero_through_training(opt_cls, pattern, kw):
+    model = bk.prune_(_model(1), pattern=pattern, **kw)
+    masks = [m.weight_mask.clone() for m in model if isinstance(m, nn.Linear)]
+    opt = opt_cls(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        model(torch.randn(8, 128)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for m, mask in zip([m for m in model if isinstance(m, nn.Linear)], masks):
+        assert (m.weight[~mask] == 0).all() and (m.weight[mask] != 0).float().mean() > 0.99
+
+
+def test_gradual_pruner_follows_the_cubic_schedule():
+    model = _model(2)
+    gp = bk.sparse.GradualPruner(model, final_sparsity=0.8, start_step=10, end_step=50, every=10)
+    seen = {}
+    for t in range(60):
+        gp.step()
+        seen[t] = _zeros(model)[0]
+    for t, want in ((9, 0.0), (20, 0.8 * (1 - (1 - 10 / 40) ** 3)), (40, 0.8 * (1 - (1 - 30 / 40) ** 3)), (59, 0.8)):
+        assert abs(seen[t] - want) < 1e-3, (t, seen[t], want)
+
+
+def test_bad_input_raises_and_changes_nothing():
+    model = _model(3)
+    before = copy.deepcopy(model.state_dict())
+    for kw, msg in ((dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
+                    (dict(pattern="3:2"), "0 < N < M"), (dict(pattern="diagonal"), "pattern"),
+                    (dict(pattern="block", block_size=48), "block_size"), (dict(method="wanda"), "calibration_data"),
+                    (dict(method="random"), "method")):
+        with pytest.raises(ValueError, match=msg):
+            bk.prune_(model, **kw)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        bk.prune_(nn.Linear(6, 4), pattern="2:4")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(hasattr(m, "weight_mask") for m in model)
+
+
+PATTERNS = [("unstructured", dict(sparsity=0.9)), ("2:4", {}), ("block", dict(sparsity=0.75, block_size=16))]
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128), (1, 128), (0, 128)])
+def test_sparse_linear_matches_the_masked_dense_layer(pattern, kw, shape):
+    lin = bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw)
+    sl = SparseLinear.from_linear(lin, pattern=pattern, block_size=kw.get("block_size", 64))
+    x = torch.randn(shape)
+    assert_close(sl(x), lin(x), rtol=1e-5, atol=1e-5, what=f"{pattern} output")
+    assert torch.equal(sl.weight, lin.weight.detach())
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+def test_sparse_linear_gradients_and_round_trip(pattern, kw):
+    lin = bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw)
+    sl = SparseLinear.from_linear(lin, pattern=pattern, block_size=kw.get("block_size", 64))
+    x = torch.randn(6, 128, requires_grad=True)
+    g = torch.randn(6, 64)
+    sl(x).backward(g)
+    xd = x.detach().clone().requires_grad_()
+    w = lin.weight.detach().clone().requires_grad_()
+    torch.nn.functional.linear(xd, w, lin.bias.detach()).backward(g)
+    assert_close(x.grad, xd.grad, rtol=1e-5, atol=1e-5, what="grad x")
+    values = {"unstructured": "values", "block": "blocks", "2:4": "values"}[pattern]
+    stored = getattr(sl, values).grad
+    assert stored is not None and stored.shape == getattr(sl, values).shape
+    # the stored non-zeros' gradient is the dense gradient at their positions
+    probe = copy.deepcopy(sl)
+    with torch.no_grad():
+        getattr(probe, values).copy_(stored)
+    assert_close(probe.weight * lin.weight_mask, w.grad * lin.weight_mask, rtol=1e-5, atol=1e-5, what="grad W")
+    buf = io.BytesIO()
+    torch.save(sl.state_dict(), buf)
+    buf.seek(0)
+    fresh = SparseLinear.from_linear(bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw), pattern=pattern,
+                                     block_size=kw.get("block_size", 64))
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x.detach()), sl(x.detach()))
+    torch._dynamo.reset()
+    compiled = torch.compile(sl, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x.detach()), sl(x.detach()), rtol=1e-6, atol=1e-6, what="compiled")
+
+
+def test_sparse_linear_rejects_bad_input():
+    with pytest.raises(ValueError, match="more than 2"):
+        SparseLinear.from_linear(nn.Linear(8, 4), pattern="2:4")
+    with pytest.raises(ValueError, match="pattern"):
+        SparseLinear.from_linear(nn.Linear(8, 4), pattern="4:8")
+    sl = SparseLinear.from_linear(bk.prune_(nn.Linear(8, 4), pattern="2:4"), pattern="2:4")
+    with pytest.raises(ValueError, match="in_features=8"):
+        sl(torch.randn(2, 6))
