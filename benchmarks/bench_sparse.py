@@ -1,0 +1,106 @@
+"""SparseLinear (2:4, block, unstructured) vs the dense nn.Linear it replaces, one process, same data.
+
+    python benchmarks/bench_sparse.py [--quick] [--device cpu|cuda] [--out FILE.json]
+
+Baselines: dense ``F.linear`` (bf16 cuBLAS on CUDA, fp32 on CPU) and PyTorch's own sparse
+formats on the same pruned weight: ``to_sparse_semi_structured`` (CUDA, 2:4), ``to_sparse_bsr``
+(block) and ``to_sparse_csr`` (unstructured).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import bigkernels as bk
+from bigkernels.nn import SparseLinear
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header, metadata, time_cpu_interleaved, time_gpu, write_json  # noqa: E402
+
+KN = [(4096, 4096), (4096, 14336)]
+CASES = [("2:4", 0.5), ("block", 0.5), ("block", 0.9), ("unstructured", 0.5), ("unstructured", 0.9)]
+
+
+def grid(device: str, quick: bool):
+    ms = ([1, 2048] if quick else [1, 16, 2048, 8192]) if device == "cuda" else ([1] if quick else [1, 16, 128])
+    kns = KN[:1] if quick else KN
+    return [(m, k, n, pat, sp) for m in ms for k, n in kns for pat, sp in CASES]
+
+
+def torch_sparse(pattern: str, w: torch.Tensor, device: str):
+    """PyTorch's own format for this pattern, as a function of x (or None where it has none)."""
+    try:
+        if pattern == "2:4" and device == "cuda":
+            from torch.sparse import to_sparse_semi_structured
+
+            ws = to_sparse_semi_structured(w)
+            return lambda x, b: F.linear(x, ws, b)
+        if pattern == "block":
+            ws = w.to_sparse_bsr((64, 64))  # torch warns that BSR support is in beta
+            return lambda x, b: (ws @ x.T).T + b
+        if pattern == "unstructured":
+            ws = w.to_sparse_csr()
+            return lambda x, b: (ws @ x.T).T + b
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None
+    return None
+
+
+def run(device: str, quick: bool) -> List[dict]:
+    meta = metadata(device, "csr_mm")
+    print(header(meta))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for m, k, n, pattern, sparsity in grid(device, quick):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
+        bk.prune_(lin, sparsity=sparsity, pattern=pattern, block_size=64)
+        sl = SparseLinear.from_linear(lin, pattern=pattern, block_size=64)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        fns: Dict[str, Callable] = {"dense F.linear": lambda: F.linear(x, lin.weight, lin.bias),
+                                    f"bigkernels SparseLinear {pattern}": lambda: sl(x)}
+        theirs = torch_sparse(pattern, lin.weight.detach(), device)
+        if theirs is not None:
+            fns[f"torch sparse {pattern}"] = lambda: theirs(x, lin.bias)
+        res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
+            time_cpu_interleaved(fns, quick, budget_s=3.0)
+        base = res["dense F.linear"][0]
+        for name, (med, lo, hi) in res.items():
+            rows.append(dict(meta, kernel="sparse_linear", provider=name, shape=f"{m}x{k}x{n}", pattern=pattern,
+                             sparsity=sparsity, dtype=str(dtype).split(".")[1], ms=med, ms_p20=lo, ms_p80=hi,
+                             speedup=base / med))
+    return rows
+
+
+def print_table(rows: List[dict]) -> None:
+    head = f"{'M x K x N':<18} {'pattern':<14} {'provider':<36} {'ms':>9} {'vs dense':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        pat = f"{r['pattern']} {int(r['sparsity'] * 100)}%"
+        print(f"{r['shape']:<18} {pat:<14} {r['provider']:<36} {r['ms']:>9.4f} {r['speedup']:>8.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
+    with torch.no_grad():
+        rows = run(args.device, args.quick)
+    print_table(rows)
+    if args.out:
+        write_json(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
