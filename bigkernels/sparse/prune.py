@@ -154,3 +154,17 @@ class GradualPruner:
                 prune_(self.model, target, self.pattern, self.block_size, self.method, self.filter_fn)
                 self.current_sparsity = target
         self.step_count += 1
+
+
+def sparsify_(model: nn.Module, pattern: str = "2:4", block_size: int = 64,
+              filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Replace, in place, the pruned ``nn.Linear`` layers of ``model`` (those with a
+    ``weight_mask``, and accepted by ``filter_fn``) by :class:`bigkernels.nn.SparseLinear` in
+    ``pattern``'s compressed format; returns ``model``."""
+    from bigkernels.nn.sparse_linear import SparseLinear
+    from bigkernels.quant.quantize import _set_submodule
+
+    for fqn, linear in list(_targets(model, filter_fn).items()):
+        if getattr(linear, "weight_mask", None) is not None:
+            _set_submodule(model, fqn, SparseLinear.from_linear(linear, pattern=pattern, block_size=block_size))
+    return model

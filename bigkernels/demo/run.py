@@ -1,0 +1,221 @@
+"""``bigkernels demo``: train a small GPT on Python's own sources, compress it four ways, and show
+what each variant costs in perplexity and gains in memory and speed on this machine."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bigkernels as bk
+from bigkernels.demo.data import batches, load_corpus
+from bigkernels.demo.model import TinyGPT, perplexity
+
+SIZES = {
+    "tiny": dict(d=64, layers=2, heads=4, seq=64, batch=16, steps=150, corpus=600_000),
+    "small": dict(d=128, layers=2, heads=4, seq=64, batch=32, steps=300, corpus=1_200_000),
+    "base": dict(d=384, layers=6, heads=6, seq=128, batch=64, steps=1500, corpus=8_000_000),
+}
+
+
+def _not_head(module: nn.Module, fqn: str) -> bool:
+    return fqn != "head"  # the output projection stays dense
+
+
+@dataclass
+class Row:
+    variant: str
+    perplexity: float
+    weight_mb: float
+    generate_tok_s: float
+    score_tok_s: float
+    speedup_vs_dense: float = 1.0
+
+
+def _progress(iterable, total, desc, enabled=True):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    except ImportError:  # tqdm is optional: plain iteration
+        return iterable
+
+
+def weight_megabytes(model: nn.Module) -> float:
+    """Bytes of every parameter and buffer (int8, compressed and dense alike), in MB."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def train(model, stream, cfg, steps, device, progress, pruner=None, lr=3e-3, desc="train"):
+    opt = bk.optim.FusedAdamW(model.parameters(), lr=lr, weight_decay=0.01, max_grad_norm=1.0)
+    gen = torch.Generator().manual_seed(1234)
+    it = batches(stream, cfg["batch"], cfg["seq"], gen)
+    bar = _progress(range(steps), steps, desc, progress)
+    model.train()
+    for _ in bar:
+        x, y = (t.to(device) for t in next(it))
+        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if pruner is not None:
+            pruner.step()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def optimizer_step_ms(model, device, steps=10) -> Dict[str, float]:
+    """Step time of FusedAdamW and torch.optim.AdamW on this model's parameters (same grads)."""
+    out = {}
+    for name, cls in (("bigkernels FusedAdamW", bk.optim.FusedAdamW), ("torch AdamW", torch.optim.AdamW)):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = cls(params, lr=1e-4)
+        opt.step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        _sync(device)
+        out[name] = (time.perf_counter() - t0) / steps * 1e3
+    return out
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def throughput(model, cfg, device, gen_tokens=32, score_batch=64, repeats=3):
+    """(generation tokens/s at batch 1, scoring tokens/s at batch 64)."""
+    seq = cfg["seq"]
+    ctx = torch.randint(0, 256, (1, seq // 2), device=device)
+    score_x = torch.randint(0, 256, (score_batch, seq), device=device)
+    model(score_x)  # warm-up
+    best_gen, best_score = math.inf, math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        idx = ctx
+        for _ in range(gen_tokens):
+            nxt = model(idx[:, -seq:])[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], dim=1)
+        _sync(device)
+        best_gen = min(best_gen, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model(score_x)
+        _sync(device)
+        best_score = min(best_score, time.perf_counter() - t0)
+    return gen_tokens / best_gen, score_batch * seq / best_score
+
+
+def run(device: str = "cpu", size: Optional[str] = None, steps: Optional[int] = None, out: Optional[str] = None,
+        seed: int = 0, progress: bool = True, log=print) -> Dict:
+    """Run the demo; returns (and writes to ``out``, if given) the results as a dict."""
+    size = size or ("base" if device == "cuda" else "small")
+    cfg = dict(SIZES[size])
+    steps = steps if steps is not None else cfg["steps"]
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    train_stream, heldout = load_corpus(max_bytes=cfg["corpus"])
+    log(f"bigkernels demo: {size} GPT (d={cfg['d']}, layers={cfg['layers']}) on {device}, "
+        f"{train_stream.numel() / 1e6:.1f} MB of Python stdlib sources, {steps} steps")
+    dense = TinyGPT(d=cfg["d"], layers=cfg["layers"], heads=cfg["heads"], seq=cfg["seq"]).to(device)
+    train(dense, train_stream, cfg, steps, device, progress, desc="train dense")
+    held = heldout.to(device)
+    opt_ms = optimizer_step_ms(dense, device)
+    calib_it = batches(train_stream, cfg["batch"], cfg["seq"], torch.Generator().manual_seed(99))
+    calibration = [next(calib_it)[0].to(device) for _ in range(8)]
+    fine_tune = max(1, steps // 4)
+
+    variants = {"dense": lambda: dense}
+    variants["int8 w8a16"] = lambda: bk.quantize_(copy.deepcopy(dense), mode="w8a16")
+    variants["int8 w8a8 + SmoothQuant"] = lambda: bk.quantize_(copy.deepcopy(dense), mode="w8a8",
+                                                               calibration_data=calibration)
+
+    def two_four():
+        m = bk.prune_(copy.deepcopy(dense), pattern="2:4", filter_fn=_not_head)
+        train(m, train_stream, cfg, fine_tune, device, progress, lr=1e-3, desc="fine-tune 2:4")
+        return bk.sparse.sparsify_(m, pattern="2:4", filter_fn=_not_head)
+
+    def block75():
+        m = copy.deepcopy(dense)
+        pruner = bk.sparse.GradualPruner(m, final_sparsity=0.75, start_step=0, end_step=max(1, fine_tune * 2 // 3),
+                                         every=max(1, fine_tune // 10), pattern="block", block_size=32,
+                                         filter_fn=_not_head)
+        train(m, train_stream, cfg, fine_tune, device, progress, pruner=pruner, lr=1e-3, desc="gradual block 75%")
+        return bk.sparse.sparsify_(m, pattern="block", block_size=32, filter_fn=_not_head)
+
+    variants["2:4 sparse (fine-tuned)"] = two_four
+    variants["block 75% sparse (gradual)"] = block75
+
+    rows: List[Row] = []
+    for name, make in _progress(variants.items(), len(variants), "variants", progress):
+        model = make()
+        ppl = perplexity(model, held, cfg["seq"])
+        gen, score = throughput(model, cfg, device)
+        rows.append(Row(name, ppl, weight_megabytes(model), gen, score))
+    for r in rows:
+        r.speedup_vs_dense = r.score_tok_s / rows[0].score_tok_s
+    result = dict(device=device, size=size, steps=steps, seed=seed, config=cfg, optimizer_step_ms=opt_ms,
+                  seconds=time.perf_counter() - t_start, info={k: v for k, v in bk.info().items() if k != "ops"},
+                  variants=[asdict(r) for r in rows])
+    log(format_table(result))
+    if out:
+        write_outputs(result, out)
+        log(f"wrote {os.path.join(out, 'demo.json')} and {os.path.join(out, 'demo.png')}")
+    dense_ppl = rows[0].perplexity
+    best = max(rows[1:], key=lambda r: r.speedup_vs_dense)
+    log(f"summary: {len(rows) - 1} compressed variants in {result['seconds']:.0f} s; best scoring speed "
+        f"{best.variant} at {best.speedup_vs_dense:.2f}x dense with perplexity {best.perplexity:.3f} "
+        f"(dense {dense_ppl:.3f}); FusedAdamW step {opt_ms['bigkernels FusedAdamW']:.2f} ms vs torch AdamW "
+        f"{opt_ms['torch AdamW']:.2f} ms")
+    return result
+
+
+def format_table(result: Dict) -> str:
+    head = (f"{'variant':<28} {'perplexity':>10} {'weights MB':>10} {'gen tok/s (b=1)':>16} "
+            f"{'score tok/s (b=64)':>19} {'vs dense':>9}")
+    lines = [head, "-" * len(head)]
+    for r in result["variants"]:
+        lines.append(f"{r['variant']:<28} {r['perplexity']:>10.3f} {r['weight_mb']:>10.2f} {r['generate_tok_s']:>16.1f} "
+                     f"{r['score_tok_s']:>19.0f} {r['speedup_vs_dense']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def write_outputs(result: Dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in result["variants"]:
+        ax.scatter(r["speedup_vs_dense"], r["perplexity"], s=40 + 20 * r["weight_mb"] / max(
+            v["weight_mb"] for v in result["variants"]))
+        ax.annotate(r["variant"], (r["speedup_vs_dense"], r["perplexity"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("scoring speed vs dense (x)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title(f"bigkernels demo: {result['size']} GPT on {result['device']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "demo.png"), dpi=120)
+    plt.close(fig)
