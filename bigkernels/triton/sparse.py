@@ -11,8 +11,10 @@ Ops (``bigkernels`` namespace; same schemas and semantics as the kernel ops of
     each block column and the block (K-major), and ``tl.dot``-s them into an fp32 accumulator; the
     epilogue adds the bias and casts. Programs are visited in grouped order (GROUP_M M tiles sweep
     the block rows together) so x tiles and blocks are reused from L2. Empty block rows give the
-    bias (or 0). Autotuned on GPU per M bucket / N / K / density bucket. For M <= 16 (decode) a
-    variant with BLOCK_M = 16 splits every block row over N (BLOCK_N in 16, 32, 64 dividing B), so
+    bias (or 0). Autotuned on GPU per M bucket / N / density bucket; some large-M configs take two
+    stored blocks per step (PAIR: one dot of depth 2B over an x tile gathered from both block
+    columns). For M <= 16 (decode) a variant with BLOCK_M = 16 splits every block row over N
+    (BLOCK_N in 16..128, at most B), so
     each block row's weights are streamed by several programs and the GPU is filled; no reduction
     pass is needed since the split is over outputs.
 ``sparse24_mm_triton(x, values, meta, bias)``
@@ -62,12 +64,26 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _dot_acc(xt, wt, acc, TO_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + xt @ wt in fp32 (both tiles in fp32 with TO_FP32; IEEE fp32 products, no TF32)."""
+    if TO_FP32:
+        xt = xt.to(tl.float32)
+        wt = wt.to(tl.float32)
+    if IEEE:
+        return tl.dot(xt, wt, acc=acc, input_precision="ieee")
+    return tl.dot(xt, wt, acc=acc)
+
+
+@triton.jit
 def _bsr_kernel(x_ptr, crow_ptr, col_ptr, blk_ptr, bias_ptr, out_ptr,
                 M, N, M_BUCKET, DENSITY, stride_xm, stride_om,
                 HAS_BIAS: tl.constexpr, TO_FP32: tl.constexpr, IEEE: tl.constexpr, B: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PAIR: tl.constexpr):
     """out[:, n0:n0+BLOCK_N] for one M tile: sum over the stored blocks (r, c) of block row
-    r = n0 // B of x[:, c*B:(c+1)*B] @ block[p0:p0+BLOCK_N, :].T (p0 = n0 % B)."""
+    r = n0 // B of x[:, c*B:(c+1)*B] @ block[p0:p0+BLOCK_N, :].T (p0 = n0 % B).
+
+    With PAIR, two consecutive stored blocks go into one dot of depth 2B (the x tile gathered from
+    their two block columns; the blocks are adjacent in memory), then an odd last block alone."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n0 = pid_n * BLOCK_N
     r = n0 // B
@@ -79,23 +95,38 @@ def _bsr_kernel(x_ptr, crow_ptr, col_ptr, blk_ptr, bias_ptr, out_ptr,
     offs_xm = (offs_m % M).to(tl.int64)
     start = tl.load(crow_ptr + r).to(tl.int64)
     count = (tl.load(crow_ptr + r + 1).to(tl.int64) - start).to(tl.int32)
-    x_rows = x_ptr + offs_xm[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, B] at block column 0
-    w_ptrs = blk_ptr + start * (B * B) + offs_p[None, :] * B + offs_k[:, None]  # [B, BLOCK_N], K-major
     c_ptr = col_ptr + start
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, count):
-        c = tl.load(c_ptr).to(tl.int64)
-        xt = tl.load(x_rows + c * B)
-        wt = tl.load(w_ptrs)
-        if TO_FP32:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(xt, wt, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt, acc=acc)
-        c_ptr += 1
-        w_ptrs += B * B
+    if PAIR:
+        offs_k2 = tl.arange(0, 2 * B)
+        hi = offs_k2 >= B  # second block of the pair
+        kk = offs_k2 % B
+        x_rows = x_ptr + offs_xm[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, 2B] at block column 0
+        w_ptrs = (blk_ptr + start * (B * B) + offs_p[None, :] * B + kk[:, None]
+                  + hi.to(tl.int32)[:, None] * (B * B))  # [2B, BLOCK_N]: blocks i and i + 1, K-major
+        for _ in range(0, count // 2):
+            c0 = tl.load(c_ptr).to(tl.int64)
+            c1 = tl.load(c_ptr + 1).to(tl.int64)
+            xt = tl.load(x_rows + (tl.where(hi, c1, c0) * B)[None, :])
+            wt = tl.load(w_ptrs)
+            acc = _dot_acc(xt, wt, acc, TO_FP32, IEEE)
+            c_ptr += 2
+            w_ptrs += 2 * B * B
+        if count % 2 == 1:
+            c0 = tl.load(c_ptr).to(tl.int64)
+            xt = tl.load(x_rows + c0 * B, mask=(offs_k2 < B)[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=(offs_k2 < B)[:, None], other=0.0)
+            acc = _dot_acc(xt, wt, acc, TO_FP32, IEEE)
+    else:
+        x_rows = x_ptr + offs_xm[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, B] at block column 0
+        w_ptrs = blk_ptr + start * (B * B) + offs_p[None, :] * B + offs_k[:, None]  # [B, BLOCK_N], K-major
+        for _ in range(0, count):
+            c = tl.load(c_ptr).to(tl.int64)
+            xt = tl.load(x_rows + c * B)
+            wt = tl.load(w_ptrs)
+            acc = _dot_acc(xt, wt, acc, TO_FP32, IEEE)
+            c_ptr += 1
+            w_ptrs += B * B
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
@@ -135,13 +166,7 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, out_ptr,
             v0 = tl.load(v_ptrs, mask=k_mask[:, None], other=0.0)
             v1 = tl.load(v_ptrs + 1, mask=k_mask[:, None], other=0.0)
         wt = tl.where(pos == (mt & 3), v0, tl.where(pos == ((mt >> 2) & 3), v1, tl.zeros_like(v0)))
-        if TO_FP32:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(xt, wt, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt, acc=acc)
+        acc = _dot_acc(xt, wt, acc, TO_FP32, IEEE)
         x_ptrs += BLOCK_K
         m_ptrs += BLOCK_K // 4
         v_ptrs += BLOCK_K // 2
@@ -198,13 +223,17 @@ def _cfg(stages, warps, **meta):
     return triton.Config(meta, num_stages=stages, num_warps=warps)
 
 
-# bsr_mm, M > 16: BLOCK_N = B (one block row per program), (BLOCK_M, warps, stages, GROUP_M). The
-# 128/256-row tiles are the tensor-core ones for prefill; 32/64 rows for medium batches. Configs
-# that do not fit a device's shared memory (B = 128 with deep pipelines) are skipped by the autotuner.
-_BSR_LARGE_M = [(128, 4, 4, 8), (128, 8, 4, 8), (128, 4, 3, 8), (128, 8, 3, 8), (256, 8, 3, 8),
-                (256, 8, 4, 8), (64, 4, 4, 8), (64, 4, 6, 8), (32, 4, 4, 8)]
+# bsr_mm, M > 16: BLOCK_N = B (one block row per program), (BLOCK_M, warps, stages, GROUP_M, PAIR).
+# The 128/256-row tiles are the tensor-core ones for prefill, PAIR doubling the depth of each dot
+# (2 blocks); 32/64 rows for medium batches; 2 stages for fp32 / B = 128 (shared memory). Configs
+# that do not fit a device's shared memory are skipped by the autotuner.
+_BSR_LARGE_M = [(128, 4, 4, 8, False), (128, 8, 4, 8, False), (128, 4, 3, 8, False), (128, 8, 3, 8, False),
+                (256, 8, 3, 8, False), (128, 4, 3, 8, True), (128, 8, 3, 8, True), (256, 8, 3, 8, True),
+                (128, 8, 4, 8, True), (64, 4, 4, 8, False), (64, 4, 6, 8, False), (32, 4, 4, 8, False),
+                (64, 4, 2, 8, False), (32, 4, 2, 8, False)]
 # bsr_mm, M <= 16: (BLOCK_N, warps, stages); BLOCK_M = 16, BLOCK_N <= B.
-_BSR_SMALL_M = [(16, 4, 4), (16, 2, 6), (32, 4, 4), (32, 4, 6), (64, 4, 4), (64, 4, 6), (128, 4, 4), (128, 8, 4)]
+_BSR_SMALL_M = [(16, 4, 4), (16, 2, 6), (16, 4, 2), (32, 4, 4), (32, 4, 6), (64, 4, 4), (64, 4, 6),
+                (128, 4, 4), (128, 8, 4)]
 _BSR_KEY = ["M_BUCKET", "N", "DENSITY"]
 
 _SPARSE24_LARGE_M = [
@@ -240,9 +269,10 @@ else:
 def _bsr_autotuned(block: int, small: bool):
     """The autotuned bsr kernel for block size ``block`` (configs with BLOCK_N <= B only)."""
     if small:
-        configs = [_cfg(s, w, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1) for bn, w, s in _BSR_SMALL_M if bn <= block]
+        configs = [_cfg(s, w, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, PAIR=False) for bn, w, s in _BSR_SMALL_M
+                   if bn <= block]
     else:
-        configs = [_cfg(s, w, BLOCK_M=bm, BLOCK_N=block, GROUP_M=g) for bm, w, s, g in _BSR_LARGE_M]
+        configs = [_cfg(s, w, BLOCK_M=bm, BLOCK_N=block, GROUP_M=g, PAIR=pair) for bm, w, s, g, pair in _BSR_LARGE_M]
     return triton.autotune(configs=configs, key=_BSR_KEY)(_bsr_kernel)
 
 
@@ -329,7 +359,8 @@ def bsr_mm_triton(x: Tensor, crow: Tensor, col: Tensor, blocks: Tensor, bias: Op
     if _INTERPRET:
         block_n = min(b, _BSR_INTERP_SMALL_N) if small else b
         grid = (triton.cdiv(M, _BSR_INTERP["BLOCK_M"]) * (N // block_n),)
-        _launch(_bsr_kernel)[grid](*args, **flags, **_BSR_INTERP, BLOCK_N=block_n, num_warps=4)
+        # M > 16 takes the paired-blocks loop and M <= 16 the single-block one, so both are tested.
+        _launch(_bsr_kernel)[grid](*args, **flags, **_BSR_INTERP, BLOCK_N=block_n, PAIR=not small, num_warps=4)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * (N // meta["BLOCK_N"]),)
