@@ -74,22 +74,25 @@ def train(model, stream, cfg, steps, device, progress, pruner=None, lr=3e-3, des
     return model
 
 
-def optimizer_step_ms(model, device, steps=10) -> Dict[str, float]:
-    """Step time of FusedAdamW and torch.optim.AdamW on this model's parameters (same grads)."""
-    out = {}
+def optimizer_step_ms(model, device, rounds=30) -> Dict[str, float]:
+    """Median step time of FusedAdamW and torch.optim.AdamW on copies of this model's parameters
+    (same gradients), stepped in alternating rounds so both see the same machine state."""
+    opts = {}
     for name, cls in (("bigkernels FusedAdamW", bk.optim.FusedAdamW), ("torch AdamW", torch.optim.AdamW)):
         params = [p.detach().clone().requires_grad_() for p in model.parameters()]
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = cls(params, lr=1e-4)
-        opt.step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        opts[name] = cls(params, lr=1e-4)
+        opts[name].step()
+    times: Dict[str, List[float]] = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            _sync(device)
+            t0 = time.perf_counter()
             opt.step()
-        _sync(device)
-        out[name] = (time.perf_counter() - t0) / steps * 1e3
-    return out
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def _sync(device):
