@@ -1,0 +1,277 @@
+// CPU binding of the sparse linear kernel ops csr_mm, bsr_mm and sparse24_mm: validates every
+// argument before any work (CSR column indices, which would cost a pass over nnz, are range
+// checked by the kernels themselves, which read nothing out of range and report it), converts x
+// (and the bias) to fp32 once, picks the instruction set at run time and runs blocks of output
+// features (and of rows, for larger M) with at::parallel_for. Kernels live in
+// sparse_cpu_{scalar,avx2,avx512}.cpp behind the pointer-level sparse_cpu.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "sparse/sparse_cpu.h"
+
+namespace bigkernels::sparse::cpu {
+
+const Kernels& best_kernels() {
+  // Levels as in the other families: scalar 0, avx2 1, avx512 2 (capped by BIGKERNELS_CPU_ISA).
+  static const int cpu_level = bigkernels::cpu_has_avx512()          ? 2
+                               : bigkernels::cpu_has_avx2_fma_f16c() ? 1
+                                                                     : 0;
+  switch (std::min(cpu_level, bigkernels::cpu_isa_level_cap())) {
+    case 2: return avx512_kernels();
+    case 1: return avx2_kernels();
+    default: return scalar_kernels();
+  }
+}
+
+namespace {
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+DType dtype_of(at::ScalarType t) {
+  return t == at::kFloat ? DType::f32 : t == at::kBFloat16 ? DType::bf16 : DType::f16;
+}
+
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.dim() == dim, op, ": expected ", name, " to be ", dim, "-D, got ", t.dim(), "-D with shape ",
+              t.sizes());
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK(is_float(x.scalar_type()), op, ": expected x of dtype float32, bfloat16 or float16, got ",
+              x.scalar_type());
+}
+
+// The stored weights: x's dtype or float32.
+void check_weights(const char* op, const char* name, const at::Tensor& w, const at::Tensor& x) {
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat, op, ": expected ", name,
+              " of dtype ", x.scalar_type(), " (x's) or float32, got ", w.scalar_type());
+}
+
+void check_index(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  check_dim(op, name, t, 1);
+  TORCH_CHECK(t.scalar_type() == want, op, ": expected ", name, " of dtype ", want, ", got ", t.scalar_type());
+}
+
+// crow [rows + 1] int64: crow[0] = 0, non-decreasing, crow[rows] = nnz.
+void check_crow(const char* op, const at::Tensor& crow, int64_t nnz) {
+  const int64_t* c = crow.data_ptr<int64_t>();
+  const int64_t rows = crow.numel() - 1;
+  TORCH_CHECK(c[0] == 0, op, ": expected crow[0] == 0, got ", c[0]);
+  TORCH_CHECK(c[rows] == nnz, op, ": expected crow[-1] == ", nnz, " (the number of stored entries), got ",
+              c[rows]);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(c[r] <= c[r + 1], op, ": expected crow to be non-decreasing, got crow[", r, "] = ", c[r],
+                " > crow[", r + 1, "] = ", c[r + 1]);
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value()) return;
+  check_dim(op, "bias", *bias, 1);
+  TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == x.scalar_type(), op,
+              ": expected bias of dtype float32 or ", x.scalar_type(), " (x's), got ", bias->scalar_type());
+  TORCH_CHECK(bias->size(0) == N, op, ": expected bias of shape [", N, "] (one per output feature), got shape ",
+              bias->sizes());
+}
+
+// What every op shares once its format is checked: fp32 x and bias, the output, the arguments.
+struct Prepared {
+  at::Tensor x32, bias32, out;
+  SparseArgs a{};
+};
+
+Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& w) {
+  Prepared p;
+  p.x32 = x.to(at::kFloat).contiguous();
+  p.out = at::empty({x.size(0), N}, x.options());
+  if (bias.has_value()) p.bias32 = bias->to(at::kFloat).contiguous();
+  SparseArgs& a = p.a;
+  a.x = p.x32.data_ptr<float>();
+  a.M = x.size(0);
+  a.K = x.size(1);
+  a.N = N;
+  a.w = w.data_ptr();
+  a.w_dtype = dtype_of(w.scalar_type());
+  a.bias = bias.has_value() ? p.bias32.data_ptr<float>() : nullptr;
+  a.out = p.out.data_ptr();
+  a.out_dtype = dtype_of(x.scalar_type());
+  return p;
+}
+
+// Runs fn(m0, m1, n0, n1) over a grid of row blocks (multiples of m_step, at least m_min rows)
+// and feature blocks (at least n_min), small enough that every thread gets about four; blocks
+// are ordered row-block major so a thread's consecutive blocks share their rows of x.
+template <class Fn>
+void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, const Fn& fn) {
+  if (M == 0 || N == 0) return;
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  int64_t mb = std::max<int64_t>(m_step, std::min<int64_t>((M + m_step - 1) / m_step * m_step, m_max));
+  int64_t nb = std::max<int64_t>(n_min, (N + want - 1) / want);
+  const int64_t mblocks = (M + mb - 1) / mb, nblocks = (N + nb - 1) / nb;
+  at::parallel_for(0, mblocks * nblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t mi = blk / nblocks, ni = blk % nblocks;
+      fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
+    }
+  });
+}
+
+at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
+                      const at::Tensor& values_in, const std::optional<at::Tensor>& bias) {
+  const char* op = "csr_mm";
+  check_x(op, x);
+  check_index(op, "crow", crow_in, at::kLong);
+  check_index(op, "col", col_in, at::kInt);
+  check_dim(op, "values", values_in, 1);
+  check_weights(op, "values", values_in, x);
+  TORCH_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N + 1], got shape ", crow_in.sizes());
+  const int64_t N = crow_in.numel() - 1, nnz = values_in.numel();
+  TORCH_CHECK(col_in.numel() == nnz, op, ": expected col and values of the same length, got col of ",
+              col_in.numel(), " and values of ", nnz);
+  check_bias(op, bias, x, N);
+  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
+  check_crow(op, crow, nnz);
+  Prepared p = prepare(x, bias, N, values);
+  SparseArgs& a = p.a;
+  a.crow = crow.data_ptr<int64_t>();
+  a.col = col.data_ptr<int32_t>();
+  if (a.M == 0 || N == 0) return p.out;
+  const Kernels& k = best_kernels();
+  std::atomic<int64_t> bad{0};
+  if (a.M < kCsrTransposeM) {
+    // gathers: rows of x stay in L1/L2, blocks of output features in parallel
+    const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / (per_row * a.M));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
+  } else {
+    // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
+    const int64_t CH = k.csr_chunk(a.M), chunks = (a.M + CH - 1) / CH, K = a.K, M = a.M;
+    at::Tensor xt = at::empty({chunks * K * CH}, p.x32.options());
+    float* xtp = xt.data_ptr<float>();
+    const float* xp = a.x;
+    at::parallel_for(0, chunks * K, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i / K, kk = i % K;
+        for (int64_t l = 0; l < CH; ++l) {
+          const int64_t m = c * CH + l;
+          xtp[i * CH + l] = m < M ? xp[m * K + kk] : 0.0f;
+        }
+      }
+    });
+    a.xt = xtp;
+    for_each_block(M, N, CH, CH, 16, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      bad += k.csr_rows(a, m0, m1, n0, n1);
+    });
+  }
+  TORCH_CHECK(bad.load() == 0, op, ": expected every col entry in [0, ", a.K, ") (x has K = ", a.K,
+              " inputs), got entries outside it");
+  return p.out;
+}
+
+at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
+                      const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias) {
+  const char* op = "bsr_mm";
+  check_x(op, x);
+  check_index(op, "crow", crow_in, at::kLong);
+  check_index(op, "col", col_in, at::kInt);
+  check_dim(op, "blocks", blocks_in, 3);
+  check_weights(op, "blocks", blocks_in, x);
+  const int64_t B = blocks_in.size(2), nnzb = blocks_in.size(0);
+  TORCH_CHECK(B >= 1 && blocks_in.size(1) == B, op, ": expected blocks of shape [nnzb, B, B] (square), got ",
+              blocks_in.sizes());
+  TORCH_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N / B + 1], got shape ", crow_in.sizes());
+  const int64_t K = x.size(1), nbr = crow_in.numel() - 1, N = nbr * B, KB = K / B;
+  TORCH_CHECK(K % B == 0, op, ": expected x's K = ", K, " to be a multiple of the block size B = ", B);
+  TORCH_CHECK(col_in.numel() == nnzb, op, ": expected col of length ", nnzb, " (one per block), got ",
+              col_in.numel());
+  check_bias(op, bias, x, N);
+  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), blocks = blocks_in.contiguous();
+  check_crow(op, crow, nnzb);
+  const int32_t* cp = col.data_ptr<int32_t>();
+  for (int64_t j = 0; j < nnzb; ++j)
+    TORCH_CHECK(cp[j] >= 0 && cp[j] < KB, op, ": expected col entries in [0, K / B = ", KB, "), got col[", j,
+                "] = ", cp[j]);
+  Prepared p = prepare(x, bias, N, blocks);
+  SparseArgs& a = p.a;
+  a.crow = crow.data_ptr<int64_t>();
+  a.col = cp;
+  a.B = B;
+  const int64_t M = a.M;
+  if (M == 0 || N == 0) return p.out;
+  const Kernels& k = best_kernels();
+  if (M < kBsrTransposeM) {
+    at::parallel_for(0, nbr, 1, [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
+    return p.out;
+  }
+  // one scratch buffer per thread: the widest block row, transposed to fp32
+  const int64_t* c = a.crow;
+  int64_t widest = 0;
+  for (int64_t r = 0; r < nbr; ++r) widest = std::max(widest, c[r + 1] - c[r]);
+  const int64_t per_thread = std::max<int64_t>(1, widest * B * B);
+  std::vector<float> scratch(size_t(per_thread) * size_t(at::get_num_threads()));
+  // rows of x in blocks of 96..384 (each block re-transposes its block row), block rows in parallel
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  int64_t mb = std::max<int64_t>(96, std::min<int64_t>(384, (M * nbr + want - 1) / want));
+  const int64_t mblocks = (M + mb - 1) / mb;
+  at::parallel_for(0, mblocks * nbr, 1, [&](int64_t b, int64_t e) {
+    SparseArgs t = a;
+    t.scratch = scratch.data() + size_t(at::get_thread_num()) * size_t(per_thread);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t mi = i / nbr, r = i % nbr;
+      k.bsr_rows(t, mi * mb, std::min(M, (mi + 1) * mb), r, r + 1);
+    }
+  });
+  return p.out;
+}
+
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse24_mm";
+  check_x(op, x);
+  check_dim(op, "values", values_in, 2);
+  check_weights(op, "values", values_in, x);
+  check_dim(op, "meta", meta_in, 2);
+  TORCH_CHECK(meta_in.scalar_type() == at::kByte, op, ": expected meta of dtype torch.uint8, got ",
+              meta_in.scalar_type());
+  const int64_t K = x.size(1), N = values_in.size(0);
+  TORCH_CHECK(K % 4 == 0, op, ": expected x's K = ", K, " to be a multiple of 4 (groups of 4 inputs)");
+  TORCH_CHECK(values_in.size(1) * 2 == K, op, ": expected values of shape [N, K / 2 = ", K / 2, "], got ",
+              values_in.sizes());
+  TORCH_CHECK(meta_in.size(0) == N && meta_in.size(1) * 4 == K, op, ": expected meta of shape [", N,
+              ", K / 4 = ", K / 4, "], got ", meta_in.sizes());
+  check_bias(op, bias, x, N);
+  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
+  Prepared p = prepare(x, bias, N, values);
+  SparseArgs& a = p.a;
+  a.meta = meta.data_ptr<uint8_t>();
+  const Kernels& k = best_kernels();
+  // rows of x in blocks of 32 (their fp32 copy stays in L2 while the weights stream past)
+  for_each_block(a.M, N, 4, 32, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    k.sparse24_rows(a, m0, m1, n0, n1);
+  });
+  return p.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("csr_mm", &csr_mm_cpu);
+  m.impl("bsr_mm", &bsr_mm_cpu);
+  m.impl("sparse24_mm", &sparse24_mm_cpu);
+}
+
+}  // namespace bigkernels::sparse::cpu

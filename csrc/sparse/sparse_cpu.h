@@ -1,0 +1,51 @@
+// Pointer-level interface of the CPU sparse linear kernels (no torch headers): one instance per
+// instruction set, chosen at run time by the binding in sparse_cpu.cpp. Every kernel computes
+// out [M, N] = x [M, K] . W^T + bias for a block of output features [n0, n1) and rows [m0, m1);
+// the binding validates everything except what is noted, splits the work and runs it in parallel.
+#pragma once
+
+#include <cstdint>
+
+namespace bigkernels::sparse::cpu {
+
+enum class DType { f32, f16, bf16 };
+
+struct SparseArgs {
+  const float* x;     // fp32 [M, K], row stride K (the binding converts x once)
+  const float* xt;    // CSR, M >= kCsrTransposeM: x in column chunks (see csr_rows), else null
+  int64_t M, K, N;
+  const int64_t* crow;  // CSR: [N+1]; BSR: [N/B+1] (validated monotonic, crow[0] = 0, crow[-1] = nnz)
+  const int32_t* col;   // CSR: [nnz] (range checked in the kernel: see bad_col); BSR: [nnzb] (validated)
+  const void* w;        // values (CSR [nnz], 2:4 [N, K/2]) or blocks [nnzb, B, B]
+  DType w_dtype;
+  const uint8_t* meta;  // 2:4: [N, K/4]
+  int64_t B;            // BSR block size
+  const float* bias;    // fp32 [N] or null
+  void* out;            // [M, N], row stride N
+  DType out_dtype;
+  float* scratch;       // BSR, M >= kBsrTransposeM: one thread's buffer of crow-row-max * B * B floats
+};
+
+// x chunk width used by csr_rows for M >= kCsrTransposeM: xt holds ceil(M / chunk) chunks, each
+// [K][chunk] fp32 (rows beyond M zero). chunk = csr_chunk(M) of the chosen instance.
+struct Kernels {
+  const char* isa;
+  int lanes;  // fp32 lanes of one vector
+  int64_t (*csr_chunk)(int64_t M);
+  // Returns the number of col entries outside [0, K) met (they read nothing and add nothing).
+  int64_t (*csr_rows)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // Block rows [r0, r1) (outputs r0*B .. r1*B).
+  void (*bsr_rows)(const SparseArgs&, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+  void (*sparse24_rows)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+};
+
+constexpr int64_t kCsrTransposeM = 4;  // M at which CSR switches from gathers to x chunks
+constexpr int64_t kBsrTransposeM = 4;  // M at which BSR switches from dot products to broadcasts
+
+const Kernels& scalar_kernels();
+const Kernels& avx2_kernels();    // AVX2 + FMA + F16C
+const Kernels& avx512_kernels();  // AVX-512 F/BW/VL/DQ
+// The widest the CPU has, capped by BIGKERNELS_CPU_ISA=scalar|avx2|avx512.
+const Kernels& best_kernels();
+
+}  // namespace bigkernels::sparse::cpu

@@ -1,0 +1,67 @@
+// AVX2 + FMA + F16C instance of the CPU sparse kernels: 8 lanes; CSR gathers with vgatherdps,
+// 2:4 input selection with two in-lane-free permutes (vpermps) and a blend. The pragma must
+// precede every include; sparse_cpu.cpp calls this unit only after a CPU check.
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/cpu_vec_avx2.h"
+
+namespace {
+struct Isa {
+  using V = Vec8;
+  using Idx = __m256i;
+  using Msk = __m256i;  // all-ones lanes where the index is in range
+  using Sel = __m256i;
+  static V fma(V a, V b, V c) { return V(_mm256_fmadd_ps(a.x, b.x, c.x)); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v.x), _mm256_extractf128_ps(v.x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static Idx load_idx(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static Msk all_true() { return _mm256_set1_epi32(-1); }
+  static Msk in_range(Idx i, uint32_t K) {
+    return _mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(_mm256_set1_epi32(int(K)), i));
+  }
+  static Msk mand(Msk a, Msk b) { return _mm256_and_si256(a, b); }
+  static bool all(Msk m) { return _mm256_movemask_epi8(m) == -1; }
+  static V gather(const float* base, Idx i, Msk m) {
+    return V(_mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, i, _mm256_castsi256_ps(m), 4));
+  }
+  // 4 meta bytes -> positions 4g + p (0..15) of 8 kept inputs
+  static Sel sel_idx(const uint8_t* meta) {
+    int32_t word;
+    std::memcpy(&word, meta, 4);
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m256i e = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+    const __m256i p = _mm256_and_si256(_mm256_srlv_epi32(e, _mm256_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2)),
+                                       _mm256_set1_epi32(3));
+    return _mm256_add_epi32(p, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12));
+  }
+  static V sel(Sel s, const float* x) {
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), s);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), s);
+    return V(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(s, _mm256_set1_epi32(7)))));
+  }
+};
+}  // namespace
+
+#include "sparse/sparse_cpu_kernels.h"
+
+namespace bigkernels::sparse::cpu {
+const Kernels& avx2_kernels() {
+  static const Kernels k = make_kernels<Isa>("avx2");
+  return k;
+}
+}  // namespace bigkernels::sparse::cpu
+#else
+#include "sparse/sparse_cpu.h"
+namespace bigkernels::sparse::cpu {
+const Kernels& avx2_kernels() { return scalar_kernels(); }  // not an x86 CPU: never chosen
+}  // namespace bigkernels::sparse::cpu
+#endif
