@@ -63,6 +63,14 @@ def _extension():
     wheel_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
     if os.path.isdir(wheel_inc):
         include_dirs.append(os.path.abspath(wheel_inc))
+    # cuSPARSELt (2:4 sparse tensor cores) from the nvidia-cusparselt wheel torch loads at run time; without
+    # it csrc/sparse/sparse24_cuda.cpp compiles to nothing. rpath: next to us in site-packages, or as built.
+    cslt = os.path.abspath(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cusparselt"))
+    if os.path.exists(os.path.join(cslt, "lib", "libcusparseLt.so.0")):
+        include_dirs.append(os.path.join(cslt, "include"))
+        cxx.append("-DBIGKERNELS_CUSPARSELT")
+        kwargs["extra_link_args"] += [f"-L{cslt}/lib", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{cslt}/lib",
+                                      "-Wl,-rpath,$ORIGIN/../nvidia/cusparselt/lib"]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(extra_compile_args={"cxx": cxx + ["-DBIGKERNELS_CUDA"], "nvcc": nvcc}, **kwargs)
 

@@ -42,6 +42,22 @@ def cpu_kernel_isa() -> str:
     return _ISA_NAMES[_ISA_LEVELS[level]]
 
 
+def _sparse24_status() -> str:
+    """How SparseLinear(pattern="2:4") runs on this machine's GPU."""
+    import torch
+
+    from bigkernels.ops import _registry, sparse_cuda
+
+    if not torch.cuda.is_available():
+        return "no GPU: 2:4 runs on the CPU kernels"
+    if not _registry.has_kernel(sparse_cuda.CSLT_MM, "CUDA"):
+        return "extension built without cuSPARSELt: 2:4 falls back to the Triton/dense-math kernel"
+    if not sparse_cuda.sparse24_supported():
+        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        return f"GPU sm_{cap.replace('.', '')} has no sparse tensor cores (needs sm_80+): 2:4 falls back"
+    return "cuSPARSELt on the sparse tensor cores (fp16/bf16 inference)"
+
+
 def info() -> Dict[str, Any]:
     """Versions, CPU features, the extension's state, and per op the backends available here and
     the backend each device uses."""
@@ -70,6 +86,7 @@ def info() -> Dict[str, Any]:
         "cpu_features": cpu_features(),
         "cpu_kernel_isa": cpu_kernel_isa(),
         "gpus": gpus,
+        "sparse24_tensor_cores": _sparse24_status(),
         "extension_loaded": extension_error() is None,
         "extension_error": extension_error(),
         "ops": _registry.backend_table(),

@@ -1,11 +1,13 @@
 """SparseLinear: a pruned nn.Linear stored compressed, computing x Wᵀ + b without the zeros."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from bigkernels.ops import sparse_cuda
 from bigkernels.reference import sparse as ref
 
 PATTERNS = ("2:4", "block", "unstructured")
@@ -94,6 +96,25 @@ class SparseLinear(nn.Module):
                     setattr(self, name, empty)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _use_sparse_tensor_cores(self, x2: Tensor) -> bool:
+        """2:4 inference on an sm_80+ GPU in fp16/bf16 goes through cuSPARSELt (the sparse tensor
+        cores); training (gradients wanted) and torch.compile use the differentiable op."""
+        return (self.pattern == "2:4" and x2.is_cuda and x2.dtype in sparse_cuda.DTYPES
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x2.requires_grad or self.values.requires_grad))
+                and _sparse24_supported(x2.device))
+
+    def _cslt_forward(self, x2: Tensor) -> Tensor:
+        # Compressed once per (dtype, storage, in-place version) of the stored values; fine-tuning
+        # steps bump the version, so the next inference call recompresses.
+        key = (x2.dtype, self.values.data_ptr(), self.values._version)
+        if getattr(self, "_cslt_key", None) != key:
+            self._cslt = sparse_cuda.compress(self.weight.to(device=x2.device, dtype=x2.dtype))
+            self._cslt_key = key
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        return sparse_cuda.cslt_mm(x2, self._cslt, self.out_features, bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"SparseLinear: expected a floating-point input tensor, got "
@@ -103,11 +124,18 @@ class SparseLinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        op = getattr(torch.ops.bigkernels, _OPS[self.pattern])
-        out = op(x2, *self._format(), self.bias)
+        if self._use_sparse_tensor_cores(x2):
+            out = self._cslt_forward(x2)
+        else:
+            out = getattr(torch.ops.bigkernels, _OPS[self.pattern])(x2, *self._format(), self.bias)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.pattern == "block" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"pattern={self.pattern!r}{block}, density={self.density:.3f}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse24_supported(device: torch.device) -> bool:
+    return sparse_cuda.sparse24_supported(device)
