@@ -1,4 +1,4 @@
-"""The ``bigkernels`` command (also ``python -m bigkernels``): ``info``, ``demo``."""
+"""The ``bigkernels`` command (also ``python -m bigkernels``): ``info``, ``demo``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,29 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import torch
+
+    from bigkernels import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bigkernels bench: --device cuda, but torch sees no CUDA GPU here; run with --device cpu.", file=sys.stderr)
+        return 2
+    problem = _writable_dir(args.out)
+    if problem:
+        print(f"bigkernels bench: cannot write to --out {os.path.abspath(args.out)} ({problem}); "
+              "choose a writable folder with --out DIR", file=sys.stderr)
+        return 2
+    try:
+        bench.benchmarks_dir()
+    except FileNotFoundError as exc:
+        print(f"bigkernels bench: {exc}", file=sys.stderr)
+        return 2
+    bench.run(device, args.full, args.out)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bigkernels", description="bigkernels: fast kernels for big PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,7 +109,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo.add_argument("--out", default="bigkernels_demo", help="folder for demo.json and demo.png")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_bench = sub.add_parser("bench", help="the three benchmark families on this device: table, JSON, bar chart")
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p_bench.add_argument("--full", action="store_true", help="the full grids of benchmarks/ (slow on a CPU)")
+    p_bench.add_argument("--out", default="bigkernels_bench", help="folder for bench.json and bench.png")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "info":
         return _print_info(args.json)
     if args.command == "demo":

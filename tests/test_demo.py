@@ -53,3 +53,13 @@ def test_default_demo_meets_the_accuracy_bars(tmp_path):
     assert by["int8 w8a16"] <= dense * 1.01
     assert by["int8 w8a8 + SmoothQuant"] <= dense * 1.01
     assert by["2:4 sparse (fine-tuned)"] <= dense * 1.10
+
+
+def test_bench_cli_quick(tmp_path):
+    out = _cli("bench", "--device", "cpu", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    kernels = {s["case"].split()[0] for s in data["summary"]}
+    assert {"optim_adamw", "quant_linear", "sparse_linear"} <= kernels
+    assert all(math.isfinite(s["speedup"]) and s["speedup"] > 0 for s in data["summary"])
+    assert (tmp_path / "bench.png").stat().st_size > 1000
