@@ -141,3 +141,21 @@ def test_sparse_linear_rejects_bad_input():
     sl = SparseLinear.from_linear(bk.prune_(nn.Linear(8, 4), pattern="2:4"), pattern="2:4")
     with pytest.raises(ValueError, match="in_features=8"):
         sl(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+def test_sparse_linear_bf16_and_safetensors(pattern, kw):
+    lin = bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw).to(torch.bfloat16)
+    sl = SparseLinear.from_linear(lin, pattern=pattern, block_size=kw.get("block_size", 64))
+    x = torch.randn(7, 128)
+    ref32 = torch.nn.functional.linear(x, lin.weight.float(), lin.bias.float())
+    ref16 = lin(x.bfloat16()).float()
+    got = sl(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    own = (ref16 - ref32).abs().max().item()
+    assert (got.float() - ref32).abs().max().item() <= 2 * own + 1e-6
+    safetensors = pytest.importorskip("safetensors.torch")
+    fresh = SparseLinear.from_linear(bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw).to(torch.bfloat16),
+                                     pattern=pattern, block_size=kw.get("block_size", 64))
+    fresh.load_state_dict(safetensors.load(safetensors.save(sl.state_dict())))
+    assert torch.equal(fresh(x.bfloat16()), got)
