@@ -2,6 +2,7 @@
 that says where and by how much it failed."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -28,6 +29,33 @@ def require_kernel(op: str, device: str) -> None:
     key = "CUDA" if device == "cuda" else "CPU"
     if not has_kernel(op, key):
         pytest.skip(f"no {key} kernel registered for bigkernels::{op} (extension not built with it)")
+
+
+@pytest.fixture(params=["native", "avx512", "avx2", "scalar"])
+def cpu_isa(request, monkeypatch):
+    """CPU kernels with the best instruction set and with each narrower one forced through
+    BIGKERNELS_CPU_ISA (a level the CPU lacks runs the best one below it); other devices run once."""
+    if request.param != "native":
+        if request.node.callspec.params.get("device", "cpu") != "cpu":
+            pytest.skip("instruction sets are a CPU matter")
+        monkeypatch.setenv("BIGKERNELS_CPU_ISA", request.param)
+    return request.param
+
+
+# ----- Triton kernel tests: under the interpreter on CPU tensors, or on a GPU -------------------
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+# fp32 / fp16 everywhere; bf16 only on a GPU (the interpreter has no bf16).
+TRITON_FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def skip_module_without_triton_runtime() -> None:
+    """Call at the top of a Triton test module: skips it unless TRITON_INTERPRET=1 or a GPU."""
+    if not (TRITON_INTERPRET or HAS_CUDA):
+        pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    pytest.importorskip("triton")
+    # torch logs that it cannot read interpreted kernels' IR and assumes every argument is written
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
 
 
 def pytest_collection_modifyitems(config, items):

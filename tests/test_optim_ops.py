@@ -16,15 +16,6 @@ SHAPES = [(5, 123, 123), (1,), (3,), (0,), (4097,), (33, 65), ()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["native", "avx512", "avx2", "scalar"])
-def cpu_isa(request, monkeypatch):
-    """Run CPU kernels with the best instruction set and with each narrower one forced (a level the
-    CPU lacks runs the best one below it); "avx512" is AVX-512 without the AVX512_BF16 bf16 stores."""
-    if request.param != "native":
-        monkeypatch.setenv("BIGKERNELS_CPU_ISA", request.param)
-    return request.param
-
-
 def _rand(shape, dtype, device, positive=False, noncontig=False):
     t = torch.randn(shape, device=device, dtype=torch.float32)
     t = t.abs() if positive else t

@@ -5,15 +5,12 @@ set before triton is imported) or on a CUDA GPU; skipped otherwise.
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from conftest import TRITON_DEVICE, skip_module_without_triton_runtime
+
+skip_module_without_triton_runtime()
 
 import bigkernels.ops.optim  # noqa: E402,F401  (defines the main schemas)
 from bigkernels.reference import optim as ref  # noqa: E402
@@ -21,13 +18,9 @@ from bigkernels.triton import optim as tri  # noqa: E402
 
 pytestmark = pytest.mark.triton_interpret
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 OPS = torch.ops.bigkernels
 SHAPES = [(1,), (3,), (129,), (5, 7), (0,)]  # odd sizes; 129 spans several chunks under the interpreter
-
-# Under the interpreter torch cannot build TTIR to see which arguments a kernel writes and says so
-# at length while tracing (it then assumes every argument is written, which is safe).
-logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -16,17 +16,6 @@ SHAPES = [(5, 123, 77), (1, 4097, 33), (0, 64, 16), (1, 64, 6), (13, 200, 7), (3
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["native", "avx512", "avx2", "scalar"])
-def cpu_isa(request, monkeypatch):
-    """CPU kernels with the best instruction set and with each narrower one forced (a level the CPU
-    lacks runs the best one below it); other devices run once."""
-    if request.param != "native":
-        if request.node.callspec.params.get("device", "cpu") != "cpu":
-            pytest.skip("instruction sets are a CPU matter")
-        monkeypatch.setenv("BIGKERNELS_CPU_ISA", request.param)
-    return request.param
-
-
 def _float(shape, dtype, device, noncontig=False):
     t = torch.randn(shape, device=device) * torch.rand(shape[:-1] + (1,), device=device).add_(0.1) * 4
     if noncontig:  # every other column of a wider matrix

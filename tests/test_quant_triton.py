@@ -5,15 +5,13 @@ set before triton is imported) or on a CUDA GPU; skipped otherwise.
 """
 from __future__ import annotations
 
-import logging
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from conftest import DT_IDS, TRITON_DEVICE, TRITON_FLOAT_DTYPES, skip_module_without_triton_runtime
+
+skip_module_without_triton_runtime()
 
 import bigkernels.ops.quant as quant_ops  # noqa: E402  (defines the main schemas)
 from bigkernels.ops import _registry  # noqa: E402
@@ -26,13 +24,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
 ]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 OPS = torch.ops.bigkernels
-# fp32 / fp16 everywhere; bf16 only on a GPU (the interpreter has no bf16).
-FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOAT_DTYPES = TRITON_FLOAT_DTYPES
 
-logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
 
 
 def _gen(seed: int) -> torch.Generator:

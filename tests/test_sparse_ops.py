@@ -21,17 +21,6 @@ SPARSITY = [0.5, 0.9, 1.0]
 SHAPES = [(0, 124, 77), (1, 124, 77), (5, 124, 77), (3, 64, 9), (37, 200, 33)]
 
 
-@pytest.fixture(params=["native", "avx512", "avx2", "scalar"])
-def cpu_isa(request, monkeypatch):
-    """CPU kernels with the best instruction set and with each narrower one forced (a level the CPU
-    lacks runs the best one below it); other devices run once."""
-    if request.param != "native":
-        if request.node.callspec.params.get("device", "cpu") != "cpu":
-            pytest.skip("instruction sets are a CPU matter")
-        monkeypatch.setenv("BIGKERNELS_CPU_ISA", request.param)
-    return request.param
-
-
 def _x(M, K, dtype, device, noncontig):
     x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device).add_(0.1) * 3
     if noncontig:  # every other column of a wider matrix
