@@ -13,7 +13,6 @@ wall-clock steps taken in alternating rounds across the providers.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 import bigkernels as bk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, metadata, time_cpu_interleaved, time_gpu, write_json  # noqa: E402
+from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
 
 ACCESSES = {"adamw": 7, "sgd": 5}
 
@@ -117,23 +116,18 @@ def print_table(rows: List[dict]) -> None:
               f"{r['effective_tb_per_s']:>9.3f} {sp:>15}")
 
 
-def main(argv=None) -> List[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="small sizes, short timing (CI, README)")
-    ap.add_argument("--out", default=None, help="JSON file for the rows (default: print only)")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
-    meta = metadata(args.device, "fused_adamw_")
+def run(device: str, quick: bool) -> List[dict]:
+    meta = metadata(device, "fused_adamw_")
     print(header(meta) + f" | backend {meta['backend']}")
     rows = []
-    for case in cases(args.device, args.quick):
-        rows += run_case(case, args.device, args.quick, meta)
-    print_table(rows)
-    if args.out:
-        write_json(rows, args.out)
+    for case in cases(device, quick):
+        with torch.enable_grad():  # the optimizers' state and steps, as in training
+            rows += run_case(case, device, quick, meta)
     return rows
+
+
+def main(argv=None) -> List[dict]:
+    return bench_main(__doc__.split("\n")[0], run, print_table, argv)
 
 
 if __name__ == "__main__":

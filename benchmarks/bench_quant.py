@@ -9,7 +9,6 @@ when installed. Ours goes through the module (activation quantisation included f
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Dict, List
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from bigkernels.nn import QuantLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, metadata, time_cpu_interleaved, time_gpu, write_json  # noqa: E402
+from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
 
 KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
@@ -106,19 +105,7 @@ def print_table(rows: List[dict]) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
-    with torch.no_grad():
-        rows = run(args.device, args.quick)
-    print_table(rows)
-    if args.out:
-        write_json(rows, args.out)
-    return rows
+    return bench_main(__doc__.split("\n")[0], run, print_table, argv)
 
 
 if __name__ == "__main__":

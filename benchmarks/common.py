@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -68,3 +68,23 @@ def write_json(rows: List[dict], path: str) -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"wrote {path}")
+
+
+def bench_main(description: str, run: Callable[[str, bool], List[dict]], print_table: Callable[[List[dict]], None],
+               argv: Optional[List[str]] = None) -> List[dict]:
+    """The command line every bench_*.py shares: --device, --quick, --out; runs, prints, writes."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="small sizes, short timing (CI, README, bigkernels bench)")
+    ap.add_argument("--out", default=None, help="JSON file for the rows (default: print only)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible to torch; run with --device cpu")
+    with torch.no_grad():
+        rows = run(args.device, args.quick)
+    print_table(rows)
+    if args.out:
+        write_json(rows, args.out)
+    return rows

@@ -43,25 +43,33 @@ def _writable_dir(path: str) -> Optional[str]:
     return None
 
 
-def _demo(args) -> int:
+def _device_and_out(command: str, args) -> Optional[str]:
+    """The device to run on, or None after saying (on stderr) why --device or --out cannot be used."""
     import torch
-
-    import bigkernels
-    from bigkernels.ops._extension import BUILD_HINT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("bigkernels demo: --device cuda, but torch sees no CUDA GPU here "
+        print(f"bigkernels {command}: --device cuda, but torch sees no CUDA GPU here "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Run on the CPU with --device cpu.",
               file=sys.stderr)
-        return 2
+        return None
+    problem = _writable_dir(args.out)
+    if problem:
+        print(f"bigkernels {command}: cannot write to --out {os.path.abspath(args.out)} ({problem}); "
+              "choose a writable folder with --out DIR", file=sys.stderr)
+        return None
+    return device
+
+
+def _demo(args) -> int:
+    import bigkernels
+    from bigkernels.ops._extension import BUILD_HINT
+
     if args.steps is not None and args.steps <= 0:
         print(f"bigkernels demo: --steps must be positive, got {args.steps}", file=sys.stderr)
         return 2
-    problem = _writable_dir(args.out)
-    if problem:
-        print(f"bigkernels demo: cannot write to --out {os.path.abspath(args.out)} ({problem}); "
-              "choose a writable folder with --out DIR", file=sys.stderr)
+    device = _device_and_out("demo", args)
+    if device is None:
         return 2
     if not bigkernels.info()["extension_loaded"]:
         print(f"bigkernels demo: the compiled kernels are not built, so this runs on the slow reference "
@@ -74,18 +82,10 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    import torch
-
     from bigkernels import bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("bigkernels bench: --device cuda, but torch sees no CUDA GPU here; run with --device cpu.", file=sys.stderr)
-        return 2
-    problem = _writable_dir(args.out)
-    if problem:
-        print(f"bigkernels bench: cannot write to --out {os.path.abspath(args.out)} ({problem}); "
-              "choose a writable folder with --out DIR", file=sys.stderr)
+    device = _device_and_out("bench", args)
+    if device is None:
         return 2
     try:
         bench.benchmarks_dir()

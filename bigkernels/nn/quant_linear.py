@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from bigkernels.ops.quant import quant_linear
+from bigkernels.nn._checks import check_linear_input
 from bigkernels.reference import quant as ref
 
 MODES = ("w8a8", "w8a16")
@@ -86,12 +87,7 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"QuantLinear: expected a floating-point input tensor, got "
-                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear: expected input with last dimension in_features={self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
+        check_linear_input("QuantLinear", x, self.in_features)
         if self.smooth_scale is not None:
             x = x / self.smooth_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.float()

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from bigkernels.ops import sparse_cuda
+from bigkernels.nn._checks import check_linear_input
 from bigkernels.reference import sparse as ref
 
 PATTERNS = ("2:4", "block", "unstructured")
@@ -116,12 +116,7 @@ class SparseLinear(nn.Module):
         return sparse_cuda.cslt_mm(x2, self._cslt, self.out_features, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"SparseLinear: expected a floating-point input tensor, got "
-                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"SparseLinear: expected input with last dimension in_features={self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
+        check_linear_input("SparseLinear", x, self.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._use_sparse_tensor_cores(x2):
