@@ -55,7 +55,17 @@ def providers(x: torch.Tensor, lin: torch.nn.Linear, device: str) -> Dict[str, C
             ao = copy.deepcopy(torch.nn.Sequential(lin))
             quantize_(ao, Int8WeightOnlyConfig())
             out["torchao int8 weight-only"] = lambda: ao(x)
-        except Exception:
+        except Exception:  # torchao not installed (or its API moved): no row
+            pass
+        try:
+            import bitsandbytes as bnb
+
+            lt = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                     has_fp16_weights=False, threshold=6.0)
+            lt.load_state_dict(lin.state_dict())
+            lt = lt.to(device)
+            out["bitsandbytes Linear8bitLt"] = lambda: lt(x)
+        except Exception:  # bitsandbytes not installed: no row
             pass
     return out
 

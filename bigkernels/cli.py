@@ -19,7 +19,7 @@ def _print_info(as_json: bool) -> int:
     for key, value in data.items():
         if isinstance(value, list):
             value = ", ".join(value) if value else "none"
-        print(f"{key:<18} {value}")
+        print(f"{key:<22} {value}")
     print()
     devices = sorted({d for o in ops.values() for d in o["uses"]})
     header = f"{'op':<18} {'available backends':<40} " + " ".join(f"{d + ' uses':<12}" for d in devices)
