@@ -29,7 +29,6 @@ table's integer addresses, so the table path is exercised there too.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
@@ -41,8 +40,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from bigkernels.reference.optim import CLIP_EPS
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from bigkernels.triton._common import _INTERPRET, _traced
 
 # Elements per program (CHUNK) and per loop iteration (BLOCK). Read at call time, so tests may
 # change them. Small under the interpreter so tiny test tensors still span several chunks/blocks.
@@ -405,41 +403,6 @@ def _contiguous_rows(rows, mutated_rows):
                 next(w for w in write_back if w[1] is c)[2] = True
         new_rows.append(new_row)
     return new_rows, [(t, c) for t, c, mutated in write_back if mutated]
-
-
-def _traced(kernel):
-    """``wrap_triton(kernel)`` for the per-tensor (traced) path.
-
-    Under TRITON_INTERPRET=1, ``wrap_triton`` hands back the bare interpreted kernel, which
-    cannot see fake/functional tensors; the traceable wrapper it would build on a GPU works with
-    interpreted kernels too, so tests can trace (opcheck, torch.compile) the same code path.
-    """
-    if _INTERPRET:
-        from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
-
-        return TraceableTritonKernelWrapper(_interpreted_jit(kernel), None, None)
-    return wrap_triton(kernel)
-
-
-_INTERPRETED_JIT: dict = {}
-
-
-def _interpreted_jit(kernel):
-    """A JITFunction (what torch's tracing expects) whose launches run the interpreted kernel."""
-    if kernel not in _INTERPRETED_JIT:
-        from triton.runtime.jit import JITFunction
-
-        class _InterpretedJIT(JITFunction):
-            cache_key = f"bigkernels-interpreted-{kernel.fn.__qualname__}"
-
-            def __hash__(self):
-                return id(self)
-
-            def run(self, *args, grid, warmup, **kwargs):
-                return kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-        _INTERPRETED_JIT[kernel] = _InterpretedJIT(kernel.fn)
-    return _INTERPRETED_JIT[kernel]
 
 
 def _grid_1d(numel: int, chunk: int):

@@ -29,7 +29,6 @@ K remainders and the split-K path.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -40,9 +39,9 @@ from torch.library import triton_op
 
 # The interpreter-aware launcher shared with the optimizer kernels: wrap_triton on a GPU, a
 # traceable wrapper around the interpreted kernel under TRITON_INTERPRET=1.
-from bigkernels.triton.optim import _traced as _launch
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy,
+                                       _m_bucket, launch_tiled)
+from bigkernels.triton._common import _traced as _launch
 _QMAX = 127.0
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +318,6 @@ W8A16_SMALL_M = 16  # w8a16 with M <= this uses the split-K GEMV-like variant
 _EPILOGUE_BLOCK = 1024
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key of M: powers of two from 16 to 4096 (so decode and prefill tune apart)."""
-    return min(triton.next_power_of_2(max(int(m), 16)), 4096)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -335,44 +329,6 @@ def _num_sms(index: int) -> int:
 
 _FLOAT_IN = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _dummy(device: torch.device) -> Tensor:
-    """Stand-in for an absent pointer argument. Never an output: when traced under the interpreter
-    every kernel argument counts as written, and an output passed twice would be overwritten by
-    the copy of its other slot."""
-    return torch.empty(1, device=device, dtype=torch.float32)
-
-
-def _check_runnable(op: str, device: torch.device) -> None:
-    if device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-                           f"got tensors on {device}")
-
-
-def _check_tensor(op: str, name: str, t, dim: int, dtypes, device: Optional[torch.device] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        raise ValueError(f"{op}: {name} must be {dim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        want = dtypes[0] if len(dtypes) == 1 else f"one of {tuple(dtypes)}"
-        raise ValueError(f"{op}: {name} must have dtype {want}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the device of the first input)")
-
-
-def _check_vector(op: str, name: str, t, n: int, device: torch.device, what: str) -> Tensor:
-    """A floating 1-D tensor of n elements, made contiguous (the kernels read any float dtype as fp32)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{op}: {name} must have shape ({n},) ({what}), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the device of the first input)")
-    return t.contiguous()
 
 
 def _check_k(op: str, a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
@@ -392,17 +348,8 @@ def _int8_gemm(op: str, a: Tensor, b: Tensor, out: Tensor, a_scale: Optional[Ten
     args = (a, b, out, a_scale if scaled else dummy, b_scale if scaled else dummy,
             bias if bias is not None else dummy, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), out.stride(0))
     flags = dict(SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=K % _INT8_KDIV == 0)
-    if _INTERPRET:
-        meta = _INTERP_META
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _launch(_int8_gemm_kernel)[grid](*args, **flags, **meta, num_warps=4)
-    else:
-        kernel = _int8_gemm_small if M <= INT8_SMALL_M else _int8_gemm_large
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-        _launch(kernel)[grid](*args, **flags)
+    tuned = None if _INTERPRET else (_int8_gemm_small if M <= INT8_SMALL_M else _int8_gemm_large)
+    launch_tiled(_int8_gemm_kernel, tuned, _INTERP_META, M, N, args, flags)
     return out
 
 
@@ -506,17 +453,8 @@ def w8a16_mm_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
             k_per_split, x.stride(0), w_int8.stride(0), out.stride(0))
     flags = dict(SPLIT_K=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                  EVEN_K=K % kdiv == 0 and k_per_split % kdiv == 0)
-    if _INTERPRET:
-        meta = _INTERP_META
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-        _launch(_w8a16_kernel)[grid](*args, **flags, **meta, num_warps=4)
-    else:
-        kernel = _w8a16_small if small else _w8a16_large
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-
-        _launch(kernel)[grid](*args, **flags)
+    launch_tiled(_w8a16_kernel, None if _INTERPRET else (_w8a16_small if small else _w8a16_large),
+                 _INTERP_META, M, N, args, flags, splits=split)
     if split > 1:
         _launch(_splitk_epilogue_kernel)[(triton.cdiv(M * N, _EPILOGUE_BLOCK),)](
             ws, w_scale, bias if bias is not None else dummy, out, M * N, N, SPLIT_K=split,

@@ -42,7 +42,6 @@ autotuning) chosen so that tiny test shapes cover several tiles, K remainders an
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -52,11 +51,10 @@ from torch import Tensor
 from torch.library import triton_op
 
 # The interpreter-aware launcher (wrap_triton on a GPU) and helpers shared with the int8 kernels.
-from bigkernels.triton.optim import _traced as _launch
-from bigkernels.triton.quant import (_check_runnable, _check_tensor, _check_vector, _dummy, _m_bucket,
-                                     _tile_ids)
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy,
+                                       _m_bucket, launch_tiled)
+from bigkernels.triton._common import _traced as _launch
+from bigkernels.triton.quant import _tile_ids
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -399,17 +397,8 @@ def sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[T
     args = (x, values, meta, bias if bias is not None else dummy, out, M, N, K, _m_bucket(M),
             x.stride(0), values.stride(0), meta.stride(0), out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % _SPARSE24_KDIV == 0, **_compute_flags(x, values))
-    if _INTERPRET:
-        meta_ = _SPARSE24_INTERP
-        grid = (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)
-        _launch(_sparse24_kernel)[grid](*args, **flags, **meta_, num_warps=4)
-    else:
-        kernel = _sparse24_small if M <= SPARSE24_SMALL_M else _sparse24_large
-
-        def grid(meta_):
-            return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)
-
-        _launch(kernel)[grid](*args, **flags)
+    tuned = None if _INTERPRET else (_sparse24_small if M <= SPARSE24_SMALL_M else _sparse24_large)
+    launch_tiled(_sparse24_kernel, tuned, _SPARSE24_INTERP, M, N, args, flags)
     return out
 
 
