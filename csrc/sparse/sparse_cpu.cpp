@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -259,8 +260,33 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   SparseArgs& a = p.a;
   a.meta = meta.data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
-  // rows of x in blocks of 32 (their fp32 copy stays in L2 while the weights stream past)
-  for_each_block(a.M, N, 4, 32, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (a.M == 0 || N == 0) return p.out;
+  if (a.M == 1) {  // one dot product per feature, x read in place, blocks of features in parallel
+    for_each_block(a.M, N, 1, 1, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      k.sparse24_rows(a, m0, m1, n0, n1);
+    });
+    return p.out;
+  }
+  // x packed in groups of PR rows, each [ceil(K / PK)][PR][PK] (see SparseArgs::xt)
+  constexpr int64_t PR = kSparse24PackRows, PK = kSparse24PackK;
+  const int64_t steps = (K + PK - 1) / PK, groups = (a.M + PR - 1) / PR;
+  const at::Tensor xpack = at::zeros({groups * (steps * PR * PK + kSparse24PackPad)}, p.x32.options());
+  {
+    float* dst = xpack.data_ptr<float>();
+    const float* src = a.x;
+    at::parallel_for(0, a.M, 4, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        float* d = dst + m / PR * (steps * PR * PK + kSparse24PackPad) + m % PR * PK;
+        for (int64_t s = 0; s < steps; ++s)
+          std::memcpy(d + s * PR * PK, src + m * K + s * PK, sizeof(float) * std::min(PK, K - s * PK));
+      }
+    });
+  }
+  a.xt = xpack.data_ptr<float>();
+  // rows of x in blocks whose packed copy stays in L2 while each tile of features' weights, read
+  // once from memory, meets all of them
+  const int64_t mb = std::max<int64_t>(4, std::min<int64_t>(64, kSparse24PackedX / std::max<int64_t>(K, 1) / 4 * 4));
+  for_each_block(a.M, N, 4, mb, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     k.sparse24_rows(a, m0, m1, n0, n1);
   });
   return p.out;

@@ -12,7 +12,10 @@ enum class DType { f32, f16, bf16 };
 
 struct SparseArgs {
   const float* x;     // fp32 [M, K], row stride K (the binding converts x once)
-  const float* xt;    // CSR, M >= kCsrTransposeM: x in column chunks (see csr_rows), else null
+  const float* xt;    // CSR, M >= kCsrTransposeM: x in column chunks (see csr_rows), else null;
+                      // 2:4, M > 1 (else null): x fp32 packed: groups of PR = kSparse24PackRows rows (zero rows past M),
+                      // each [ceil(K / PK)][PR][PK] + kSparse24PackPad, PK = kSparse24PackK (zero
+                      // inputs past K), so a tile's rows of x are one contiguous read per step
   int64_t M, K, N;
   const int64_t* crow;  // CSR: [N+1]; BSR: [N/B+1] (validated monotonic, crow[0] = 0, crow[-1] = nnz)
   const int32_t* col;   // CSR: [nnz] (range checked in the kernel: see bad_col); BSR: [nnzb] (validated)
@@ -41,6 +44,11 @@ struct Kernels {
 
 constexpr int64_t kCsrTransposeM = 4;  // M at which CSR switches from gathers to x chunks
 constexpr int64_t kBsrTransposeM = 4;  // M at which BSR switches from dot products to broadcasts
+// 2:4: x packed in groups of kSparse24PackRows rows, each [ceil(K / PK)][rows][PK] plus
+// kSparse24PackPad floats (groups off 4 KB alignment; see xt); kSparse24PackedX: the most floats
+// of packed x a block of rows may take (its rows of x stay in L2 while the weights stream past)
+constexpr int64_t kSparse24PackRows = 4, kSparse24PackK = 32, kSparse24PackPad = 2064;
+constexpr int64_t kSparse24PackedX = 256 << 10;
 
 const Kernels& scalar_kernels();
 const Kernels& avx2_kernels();    // AVX2 + FMA + F16C

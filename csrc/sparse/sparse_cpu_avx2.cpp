@@ -43,9 +43,9 @@ struct Isa {
                                        _mm256_set1_epi32(3));
     return _mm256_add_epi32(p, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12));
   }
-  static V sel(Sel s, const float* x) {
-    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), s);
-    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), s);
+  static V sel2(Sel s, V lo_in, V hi_in) {
+    const __m256 lo = _mm256_permutevar8x32_ps(lo_in.x, s);
+    const __m256 hi = _mm256_permutevar8x32_ps(hi_in.x, s);
     return V(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(s, _mm256_set1_epi32(7)))));
   }
 };

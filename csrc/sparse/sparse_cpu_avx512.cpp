@@ -35,9 +35,7 @@ struct Isa {
         _mm512_srlv_epi32(e, _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2)), _mm512_set1_epi32(3));
     return _mm512_add_epi32(p, _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
   }
-  static V sel(Sel s, const float* x) {
-    return V(_mm512_permutex2var_ps(_mm512_loadu_ps(x), s, _mm512_loadu_ps(x + 16)));
-  }
+  static V sel2(Sel s, V lo, V hi) { return V(_mm512_permutex2var_ps(lo.x, s, hi.x)); }
 };
 }  // namespace
 

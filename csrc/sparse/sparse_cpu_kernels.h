@@ -4,8 +4,9 @@
 //   fma(a, b, c), hsum(v)    a * b + c; the sum of the lanes
 //   Idx, Msk                 CSR gathers: load_idx(W int32), in_range(idx, K) (0 <= idx < K),
 //                            mand(a, b), all(m), gather(base, idx, m) (lanes outside m read nothing, give 0)
-//   Sel, sel_idx, sel        2:4 (W > 1 only): sel_idx(W/2 meta bytes) -> the W positions 4g + p
-//                            of the kept inputs among 2W; sel(s, x) -> those W inputs of x[0, 2W)
+//   Sel, sel_idx, sel2       2:4 (W > 1 only): sel_idx(W/2 meta bytes) -> the W positions 4g + p
+//                            of the kept inputs among 2W; sel2(s, lo, hi) -> those W inputs of the
+//                            2W inputs lo (first W) and hi (next W)
 // Weights are read in their own dtype T (fp32 / bf16 / fp16) and converted in registers; x arrives
 // in fp32; sums are fp32; outputs are stored one element at a time in the output dtype (each is
 // the end of a whole dot product, so the conversion costs nothing next to it).
@@ -14,6 +15,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "common/cpu_vec.h"
 #include "sparse/sparse_cpu.h"
@@ -47,7 +50,7 @@ struct ScalarIsa {
   static bool all(Msk m) { return m; }
   static V gather(const float* base, Idx i, Msk m) { return V(m ? base[i] : 0.0f); }
   static Sel sel_idx(const uint8_t*) { return {}; }
-  static V sel(Sel, const float*) { return V(0.0f); }
+  static V sel2(Sel, V, V) { return V(0.0f); }
 };
 
 // ------------------------------------------------------------------ CSR, small M: gathers
@@ -281,9 +284,67 @@ void bsr_rows(const SparseArgs& a, int64_t m0, int64_t m1, int64_t r0, int64_t r
 
 // ------------------------------------------------------------------ 2:4
 // W kept weights (W/2 groups, 2W inputs) per step: their positions come from the meta bytes once
-// and select the inputs of MR rows of x by a permute.
-template <class I, class T, int MR>
-void sparse24_tile(const SparseArgs& a, int64_t m, int64_t n0, int64_t n1) {
+// per output feature and select the inputs of a row of x by a permute. A register tile of MR rows
+// of x by NR output features shares each pair of x vectors across NR features and each feature's
+// selection and values across MR rows. The weights of the NR features arrive as fp32 rows wv (ws
+// floats apart) and meta rows wm (ms bytes apart), copied by sparse24_pack_w.
+template <class I, int MR, int NR>
+void sparse24_tile(const SparseArgs& a, int64_t m, int64_t n, const float* wv, int64_t ws, const uint8_t* wm,
+                   int64_t ms) {
+  using V = typename I::V;
+  constexpr int W = V::W;
+  const int64_t K = a.K, jn = K / 2;
+  // x packed (see SparseArgs::xt): input k of row mm at xr[mm] + (k / PK) * PR * PK + k % PK
+  constexpr int64_t PR = bigkernels::sparse::cpu::kSparse24PackRows, PK = bigkernels::sparse::cpu::kSparse24PackK;
+  const int64_t stride = (K + PK - 1) / PK * PR * PK + bigkernels::sparse::cpu::kSparse24PackPad;
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = a.xt + (m + i) / PR * stride + (m + i) % PR * PK;
+  const float* vr[NR];
+  const uint8_t* mr[NR];
+  for (int r = 0; r < NR; ++r) {
+    vr[r] = wv + r * ws;
+    mr[r] = wm + r * ms;
+  }
+  V acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = V(0.0f);
+  int64_t j = 0;  // kept weight j: group j / 2, inputs 2j .. 2j + 3 of the step
+  if constexpr (W > 1) {
+    for (; j + W <= jn; j += W) {
+      V xa[MR], xb[MR];
+      const int64_t k = 2 * j;
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        const float* p = xr[i] + (k / PK) * PR * PK + k % PK;
+        xa[i] = V::load(p);
+        xb[i] = V::load(p + W);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) {
+        const typename I::Sel sel = I::sel_idx(mr[r] + j / 2);
+        const V v = V::load(vr[r] + j);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) acc[i][r] = I::fma(v, I::sel2(sel, xa[i], xb[i]), acc[i][r]);
+      }
+    }
+  }
+  float tail[MR][NR] = {};
+  for (; j < jn; ++j) {
+    for (int r = 0; r < NR; ++r) {
+      const int64_t k = 4 * (j / 2) + ((mr[r][j / 2] >> (2 * (j & 1))) & 3);
+      const float w = vr[r][j];
+      for (int i = 0; i < MR; ++i) tail[i][r] += w * xr[i][(k / PK) * PR * PK + k % PK];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r)
+      store_out(a.out_dtype, a.out, (m + i) * a.N + n + r, I::hsum(acc[i][r]) + tail[i][r] + bias_of(a, n + r));
+}
+
+// One row of x (M = 1: the weights stream from memory once, each feature's own dot product):
+// W kept weights per step, their inputs selected by a permute of 2W inputs of x.
+template <class I, class T>
+void sparse24_row(const SparseArgs& a, int64_t m, int64_t n0, int64_t n1) {
   using V = typename I::V;
   constexpr int W = V::W;
   const int64_t K = a.K, half = K / 2, quarter = K / 4;
@@ -292,34 +353,84 @@ void sparse24_tile(const SparseArgs& a, int64_t m, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* vr = values + n * half;
     const uint8_t* mr = a.meta + n * quarter;
-    V acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = V(0.0f);
+    V acc(0.0f), acc1(0.0f);  // two chains: even and odd steps
     int64_t j = 0;
     if constexpr (W > 1) {
-      for (; j + W <= half; j += W) {
-        const typename I::Sel sel = I::sel_idx(mr + j / 2);
-        const V v = V::load(vr + j);
-#pragma GCC unroll 4
-        for (int i = 0; i < MR; ++i) acc[i] = I::fma(v, I::sel(sel, x + i * K + 2 * j), acc[i]);
+      for (; j + 2 * W <= half; j += 2 * W) {
+        acc = I::fma(V::load(vr + j), I::sel2(I::sel_idx(mr + j / 2), V::load(x + 2 * j), V::load(x + 2 * j + W)), acc);
+        const int64_t j1 = j + W;
+        acc1 = I::fma(V::load(vr + j1), I::sel2(I::sel_idx(mr + j1 / 2), V::load(x + 2 * j1), V::load(x + 2 * j1 + W)),
+                      acc1);
       }
+      for (; j + W <= half; j += W)
+        acc = I::fma(V::load(vr + j), I::sel2(I::sel_idx(mr + j / 2), V::load(x + 2 * j), V::load(x + 2 * j + W)), acc);
+      acc = acc + acc1;
     }
-    float tail[MR] = {};
-    for (; j < half; ++j) {
-      const int64_t g = j / 2;
-      const int p = (mr[g] >> (2 * (j & 1))) & 3;
-      const float w = Vec1::load(vr + j).x;
-      for (int i = 0; i < MR; ++i) tail[i] += w * x[i * K + 4 * g + p];
-    }
-    for (int i = 0; i < MR; ++i)
-      store_out(a.out_dtype, a.out, (m + i) * a.N + n, I::hsum(acc[i]) + tail[i] + bias_of(a, n));
+    float tail = 0.0f;
+    for (; j < half; ++j) tail += Vec1::load(vr + j).x * x[4 * (j / 2) + ((mr[j / 2] >> (2 * (j & 1))) & 3)];
+    store_out(a.out_dtype, a.out, m * a.N + n, I::hsum(acc) + tail + bias_of(a, n));
   }
 }
 
+// The values (as fp32) and meta of rows [n, n + nr), copied contiguous (rows ws floats / ms bytes
+// apart): each row read once, in order, from memory; every tile of rows of x then finds them in
+// L1 / L2.
+template <class T>
+void sparse24_pack_w(const SparseArgs& a, int64_t n, int nr, float* wv, int64_t ws, uint8_t* wm, int64_t ms) {
+  const T* values = static_cast<const T*>(a.w);
+  const int64_t half = a.K / 2, quarter = a.K / 4;
+  for (int r = 0; r < nr; ++r) {
+    const T* src = values + (n + r) * half;
+    float* dst = wv + r * ws;
+    for (int64_t j = 0; j < half; ++j) dst[j] = Vec1::load(src + j).x;
+    std::memcpy(wm + r * ms, a.meta + (n + r) * quarter, size_t(quarter));
+  }
+}
+
+// Rows [m0, m1) by features [n0, n1): features in tiles of NR whose weights are first copied
+// (sparse24_pack_w), rows of x in tiles of MR meeting them over the whole of K (the binding sizes
+// the row block so that its packed x stays in L2).
 template <class I, class T>
 void sparse24_rows_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) sparse24_tile<I, T, 4>(a, m, n0, n1);
-  for (; m < m1; ++m) sparse24_tile<I, T, 1>(a, m, n0, n1);
+  constexpr int W = I::V::W;
+  constexpr int MR = W > 1 ? 4 : 1, NR = W >= 16 ? 4 : W > 1 ? 2 : 1;
+  if (!a.xt) {  // M = 1
+    for (int64_t m = m0; m < m1; ++m) sparse24_row<I, T>(a, m, n0, n1);
+    return;
+  }
+  const int64_t K = a.K, WS = K / 2 + 16, MS = K / 4 + 64;  // rows off 4 KB alignment
+  const bool copy = !std::is_same_v<T, float> || m1 - m0 >= MR;
+  std::vector<float> wbuf(copy ? size_t(NR * WS) : 0);
+  std::vector<uint8_t> mbuf(copy ? size_t(NR * MS) : 0);
+  float* wv = wbuf.data();
+  uint8_t* wm = mbuf.data();
+  // fewer rows than a tile: fp32 weights are read in place (a copy would not pay for itself)
+  const bool direct = !copy;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = int(std::min<int64_t>(NR, n1 - n));
+    const float* v = wv;
+    const uint8_t* mt = wm;
+    int64_t vs = WS, ms = MS;
+    if (direct) {
+      v = static_cast<const float*>(a.w) + n * (K / 2);
+      mt = a.meta + n * (K / 4);
+      vs = K / 2;
+      ms = K / 4;
+    } else {
+      sparse24_pack_w<T>(a, n, nr, wv, WS, wm, MS);
+    }
+    if (nr == NR) {
+      int64_t m = m0;
+      for (; m + MR <= m1; m += MR) sparse24_tile<I, MR, NR>(a, m, n, v, vs, mt, ms);
+      for (; m < m1; ++m) sparse24_tile<I, 1, NR>(a, m, n, v, vs, mt, ms);
+      continue;
+    }
+    for (int r = 0; r < nr; ++r) {
+      int64_t m = m0;
+      for (; m + MR <= m1; m += MR) sparse24_tile<I, MR, 1>(a, m, n + r, v + r * vs, vs, mt + r * ms, ms);
+      for (; m < m1; ++m) sparse24_tile<I, 1, 1>(a, m, n + r, v + r * vs, vs, mt + r * ms, ms);
+    }
+  }
 }
 
 template <class I>
