@@ -62,19 +62,26 @@ SUM_BLOCK = 1024  # partials per iteration of the final sum_of_squares reduction
 
 
 @triton.jit
-def _locate(table, n_tensors, NROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """(tensor index, first element, numel) of this program's chunk, from the table."""
-    entry = tl.load(table + (NROWS + 1) * n_tensors + tl.program_id(0))
-    tid = entry >> 32
-    chunk = entry & 0xFFFFFFFF
-    numel = tl.load(table + NROWS * n_tensors + tid)
-    return tid, chunk * CHUNK, numel
+def _locate(table, n_tensors, numel, NROWS: tl.constexpr, CHUNK: tl.constexpr, USE_TABLE: tl.constexpr):
+    """(tensor index, first element, numel) of this program's chunk: from the table, or (without
+    one: the per-tensor traced path) chunk ``program_id`` of the single tensor of ``numel``."""
+    if USE_TABLE:
+        entry = tl.load(table + (NROWS + 1) * n_tensors + tl.program_id(0))
+        tid = entry >> 32
+        chunk = entry & 0xFFFFFFFF
+        return tid, chunk * CHUNK, tl.load(table + NROWS * n_tensors + tid)
+    else:
+        return 0, tl.program_id(0).to(tl.int64) * CHUNK, numel
 
 
 @triton.jit
-def _row_ptr(table, n_tensors, tid, ROW: tl.constexpr, ref_ptr):
-    """Address of tensor ``tid`` in table row ``ROW``, typed like ``ref_ptr``."""
-    return tl.load(table + ROW * n_tensors + tid).to(ref_ptr.dtype)
+def _row_ptr(table, n_tensors, tid, ROW: tl.constexpr, ref_ptr, USE_TABLE: tl.constexpr):
+    """Address of tensor ``tid`` in table row ``ROW`` typed like ``ref_ptr``; ``ref_ptr`` itself
+    without a table."""
+    if USE_TABLE:
+        return tl.load(table + ROW * n_tensors + tid).to(ref_ptr.dtype)
+    else:
+        return ref_ptr
 
 
 @triton.jit
@@ -115,23 +122,13 @@ def _adam_kernel(
 ):
     # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 steps, 5 max_exp_avg_sqs.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
-        if USE_TABLE:
-            tid, start, n = _locate(table, n_tensors, 6, CHUNK)
-            p = _row_ptr(table, n_tensors, tid, 0, p_ptr)
-            g = _row_ptr(table, n_tensors, tid, 1, g_ptr)
-            m = _row_ptr(table, n_tensors, tid, 2, m_ptr)
-            v = _row_ptr(table, n_tensors, tid, 3, v_ptr)
-            s = _row_ptr(table, n_tensors, tid, 4, s_ptr)
-            vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr)
-        else:
-            start = tl.program_id(0).to(tl.int64) * CHUNK
-            n = numel
-            p = p_ptr
-            g = g_ptr
-            m = m_ptr
-            v = v_ptr
-            s = s_ptr
-            vmax = vmax_ptr
+        tid, start, n = _locate(table, n_tensors, numel, 6, CHUNK, USE_TABLE)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
+        m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE)
+        v = _row_ptr(table, n_tensors, tid, 3, v_ptr, USE_TABLE)
+        s = _row_ptr(table, n_tensors, tid, 4, s_ptr, USE_TABLE)
+        vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr, USE_TABLE)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         # Bias corrections in fp64 from the step read before the step kernel bumps it.
@@ -185,17 +182,10 @@ def _sgd_kernel(
 ):
     # Table rows: 0 params, 1 grads, 2 momentum_buffers.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
-        if USE_TABLE:
-            tid, start, n = _locate(table, n_tensors, 3, CHUNK)
-            p = _row_ptr(table, n_tensors, tid, 0, p_ptr)
-            g = _row_ptr(table, n_tensors, tid, 1, g_ptr)
-            buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr)
-        else:
-            start = tl.program_id(0).to(tl.int64) * CHUNK
-            n = numel
-            p = p_ptr
-            g = g_ptr
-            buf = buf_ptr
+        tid, start, n = _locate(table, n_tensors, numel, 3, CHUNK, USE_TABLE)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
+        buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr, USE_TABLE)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         end = tl.minimum(start + CHUNK, n)
@@ -244,13 +234,8 @@ def _sum_of_squares_kernel(
     USE_TABLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """partials[out_offset + program] = fp32 sum of squares of this program's chunk."""
-    if USE_TABLE:
-        tid, start, n = _locate(table, n_tensors, 1, CHUNK)
-        x = _row_ptr(table, n_tensors, tid, 0, x_ptr)
-    else:
-        start = tl.program_id(0).to(tl.int64) * CHUNK
-        n = numel
-        x = x_ptr
+    tid, start, n = _locate(table, n_tensors, numel, 1, CHUNK, USE_TABLE)
+    x = _row_ptr(table, n_tensors, tid, 0, x_ptr, USE_TABLE)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     end = tl.minimum(start + CHUNK, n)
     for off in range(start, end, BLOCK):
