@@ -4,6 +4,7 @@ and clipping inputs, opcheck, torch.compile(fullgraph=True), and rejected input.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 
 import pytest
@@ -163,6 +164,67 @@ def test_nan_grad_stays_in_its_element(device):
     assert nan[7] and int(nan.sum()) == 1
 
 
+def _masks_for(params, seed):
+    """About 40% of every param pruned (random, so vector lanes and tails mix kept and pruned)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(p.shape, generator=gen) > 0.4).to(p.device) for p in params]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["fused_adam_", "fused_adamw_", "fused_sgd_"])
+def test_masks_zero_pruned_params_in_the_step(device, dtype, op, cpu_isa):
+    """masks: pruned params stored as exactly 0 (a NaN update too), kept ones and every state as
+    without masks, all as the reference."""
+    require_kernel(op, device)
+    for seed in range(2):
+        if op == "fused_sgd_":
+            lists, kw = _sgd_case(device, dtype, seed + 40, first=False)
+            names = ["params"] + (["momentum_buffers"] if kw["momentum"] else [])
+            run_ref = ref.fused_sgd_
+        else:
+            lists, kw = _adam_case(device, dtype, seed + 40, amsgrad=bool(seed))
+            names = ["params", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if seed else [])
+            run_ref = functools.partial(ref.fused_adam_, decoupled_weight_decay=op == "fused_adamw_")
+        kw.pop("grad_norm", None)  # a NaN gradient below would make the global norm NaN
+        masks = _masks_for(lists["params"], seed)
+        pruned = (~masks[0]).view(-1).nonzero()
+        lists["grads"][0] = lists["grads"][0].contiguous()
+        lists["grads"][0].view(-1)[pruned[0]] = float("nan")  # pruned even though its update is NaN
+        unmasked = copy.deepcopy(lists)
+        ref_lists, ref32 = copy.deepcopy(lists), _upcast(lists)
+        getattr(torch.ops.bigkernels, op)(*lists.values(), **kw, masks=masks)
+        getattr(torch.ops.bigkernels, op)(*unmasked.values(), **kw)
+        run_ref(*ref_lists.values(), **kw, masks=masks)
+        run_ref(*ref32.values(), **kw, masks=masks)
+        _check_against_reference(lists, ref_lists, ref32, dtype, ["params"])  # states hold the NaN
+        for i, (p, m, free) in enumerate(zip(lists["params"], masks, unmasked["params"])):
+            assert (p[~m] == 0).all(), f"params[{i}]: a pruned element is not zero"
+            assert torch.equal(p[m], free[m]), f"params[{i}]: masks changed a kept element"
+        for name in names[1:]:
+            for i, (a, b) in enumerate(zip(lists[name], unmasked[name])):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"masks changed {name}[{i}]"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("op", ["fused_adamw_", "fused_sgd_"])
+def test_bad_masks_are_rejected_and_nothing_changes(device, op):
+    require_kernel(op, device)
+    if op == "fused_sgd_":
+        lists, kw = _sgd_case(device, torch.float32, 3, first=False)
+    else:
+        lists, kw = _adam_case(device, torch.float32, 3, amsgrad=False)
+    before = copy.deepcopy(lists)
+    good = _masks_for(lists["params"], 0)
+    for masks, message in ((good[:-1], "masks"), ([m.float() for m in good], "bool"),
+                           ([m.reshape(-1) if m.dim() > 1 else m for m in good], "shape")):
+        with pytest.raises(RuntimeError, match=message):
+            getattr(torch.ops.bigkernels, op)(*lists.values(), **kw, masks=masks)
+    for name in lists:
+        for a, b in zip(lists[name], before[name]):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} changed by a rejected call"
+
+
 def _small_adam_args(device):
     lists, kw = _adam_case(device, torch.float32, 9, amsgrad=True)
     lists = {k: v[1:4] for k, v in lists.items()}
@@ -171,15 +233,20 @@ def _small_adam_args(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("op", ["fused_adam_", "fused_adamw_", "fused_sgd_", "sum_of_squares"])
-def test_opcheck(device, op):
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masks"])
+def test_opcheck(device, op, masked):
     require_kernel(op, device)
     if op == "sum_of_squares":
+        if masked:
+            pytest.skip("sum_of_squares takes no masks")
         args, kw = ([torch.randn(5, device=device), torch.randn(3, 4, device=device)],), {}
     elif op == "fused_sgd_":
         lists, kw = _sgd_case(device, torch.float32, 2, first=False)
         args = tuple(v[1:4] for v in lists.values())
     else:
         args, kw = _small_adam_args(device)
+    if masked:
+        kw = dict(kw, masks=_masks_for(args[0], 1))
     torch.library.opcheck(getattr(torch.ops.bigkernels, op).default, args, kw)
 
 
@@ -188,6 +255,7 @@ def test_compiles_fullgraph(device):
     require_kernel("fused_adamw_", device)
     torch._dynamo.reset()
     (args, kw) = _small_adam_args(device)
+    kw = dict(kw, masks=_masks_for(args[0], 2))
     eager = copy.deepcopy(args)
 
     def step(*lists):

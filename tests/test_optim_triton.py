@@ -85,7 +85,7 @@ def _adam_kwargs(amsgrad, maximize, weight_decay, **extra):
 def _run_adam(decoupled, state, grads, kw):
     params, exp_avgs, exp_avg_sqs, max_sqs, steps = state
     op = OPS.fused_adamw_triton_ if decoupled else OPS.fused_adam_triton_
-    op(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **kw)
+    op(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **{"masks": [], **kw})
 
 
 def _run_adam_ref(decoupled, state, grads, kw):
@@ -204,10 +204,11 @@ def test_adam_rejects_bad_input_without_changes():
     kw = _adam_kwargs(False, False, 0.0)
     params, exp_avgs, exp_avg_sqs, max_sqs, steps = state
     with pytest.raises(ValueError, match="grads"):
-        OPS.fused_adam_triton_(params, [torch.randn(3, device=DEVICE)], exp_avgs, exp_avg_sqs, max_sqs, steps, **kw)
+        OPS.fused_adam_triton_(params, [torch.randn(3, device=DEVICE)], exp_avgs, exp_avg_sqs, max_sqs, steps,
+                               masks=[], **kw)
     with pytest.raises(ValueError, match=r"grads\[1\]"):
         bad = [torch.randn(3, device=DEVICE), torch.randn(5, device=DEVICE)]
-        OPS.fused_adam_triton_(params, bad, exp_avgs, exp_avg_sqs, max_sqs, steps, **kw)
+        OPS.fused_adam_triton_(params, bad, exp_avgs, exp_avg_sqs, max_sqs, steps, masks=[], **kw)
     for a, b in zip(state, before):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
@@ -234,7 +235,7 @@ def test_sgd_matches_reference(dtype, momentum, dampening, nesterov, maximize):
     for step in range(3):  # the first step must overwrite the (poisoned) buffers
         grads = _grads(gen, params)
         kw = dict(base, is_first_step=step == 0)
-        OPS.fused_sgd_triton_(mine[0], grads, mine[1], **kw)
+        OPS.fused_sgd_triton_(mine[0], grads, mine[1], masks=[], **kw)
         ref.fused_sgd_(expected[0], grads, expected[1], **kw)
     if dtype == torch.float32:
         for a, e in zip(mine, expected):
@@ -256,7 +257,7 @@ def test_sgd_grad_scale_and_clipping(kind):
               is_first_step=False, found_inf=torch.zeros(1, device=DEVICE), **extra)
     for _ in range(2):
         grads = _grads(gen, params, scale)
-        OPS.fused_sgd_triton_(mine[0], grads, mine[1], **kw)
+        OPS.fused_sgd_triton_(mine[0], grads, mine[1], masks=[], **kw)
         ref.fused_sgd_(expected[0], grads, expected[1], **kw)
     for a, e in zip(mine, expected):
         _assert_close_lists(a, e, rtol=1e-5, atol=1e-6)
@@ -267,7 +268,7 @@ def test_sgd_found_inf_changes_nothing():
     params = [_rand(s, torch.float32, gen) for s in SHAPES]
     bufs = [_rand(s, torch.float32, gen) for s in SHAPES]
     before = _clone([params, bufs])
-    OPS.fused_sgd_triton_(params, _grads(gen, params), bufs, lr=0.1, momentum=0.9, dampening=0.0,
+    OPS.fused_sgd_triton_(params, _grads(gen, params), bufs, masks=[], lr=0.1, momentum=0.9, dampening=0.0,
                           weight_decay=0.0, nesterov=False, maximize=False, is_first_step=False,
                           found_inf=torch.tensor([1.0], device=DEVICE))
     for a, b in zip([params, bufs], before):
@@ -306,7 +307,7 @@ def test_opcheck_adam(name):
     gen = _gen(11000)
     kw = _adam_kwargs(True, False, 0.1, grad_scale=torch.tensor(2.0, device=DEVICE),
                       found_inf=torch.zeros(1, device=DEVICE))
-    torch.library.opcheck(getattr(OPS, name).default, _small_adam_args(gen, True), kw)
+    torch.library.opcheck(getattr(OPS, name).default, _small_adam_args(gen, True), dict(kw, masks=[]))
 
 
 def test_opcheck_sgd():
@@ -314,7 +315,7 @@ def test_opcheck_sgd():
     params = [_rand(s, torch.float32, gen) for s in [(3,), (5,)]]
     args = (params, _grads(gen, params), [_rand(p.shape, torch.float32, gen) for p in params])
     kw = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False,
-              is_first_step=False, grad_norm=torch.tensor(5.0, device=DEVICE), max_grad_norm=1.0)
+              is_first_step=False, grad_norm=torch.tensor(5.0, device=DEVICE), max_grad_norm=1.0, masks=[])
     torch.library.opcheck(OPS.fused_sgd_triton_.default, args, kw)
 
 
@@ -331,7 +332,7 @@ def test_compiled_adamw_matches_eager(found_inf):
     args = _small_adam_args(gen, True)
     before = _clone(args)
     expected = _clone(args)
-    kw = _adam_kwargs(True, False, 0.1, found_inf=torch.full((1,), found_inf, device=DEVICE))
+    kw = _adam_kwargs(True, False, 0.1, found_inf=torch.full((1,), found_inf, device=DEVICE), masks=[])
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
 
     @torch.compile(backend=backend, fullgraph=True)
@@ -358,7 +359,7 @@ def test_non_contiguous_placeholders_keep_updates():
     grads = _grads(gen, params)
     kw = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
               is_first_step=True)
-    OPS.fused_sgd_triton_(params, grads, [], **kw)
+    OPS.fused_sgd_triton_(params, grads, [], masks=[], **kw)
     ref.fused_sgd_(expected, grads, [], **kw)
     _assert_close_lists(params, expected, rtol=1e-5, atol=1e-6)
     state = _adam_state(gen, torch.float32, shapes=[(3, 4)], amsgrad=False)
@@ -370,3 +371,56 @@ def test_non_contiguous_placeholders_keep_updates():
     _run_adam_ref(False, expected, grads, kw)
     for a, e in zip(state, expected):
         _assert_close_lists(a, e, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ masks
+
+
+def _masks(gen, params):
+    return [(torch.rand(p.shape, generator=gen) > 0.4).to(DEVICE) for p in params]
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["table", "traced"])
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_masks_zero_pruned_params(kind, traced):
+    """Pruned params stored as 0 in the same pass, kept ones as without masks; both launch paths."""
+    gen = _gen(16000 + traced)
+    if kind == "adamw":
+        state = _adam_state(gen, torch.float32, amsgrad=True)
+        args = [state[0], _grads(gen, state[0]), state[1], state[2], state[3], state[4]]
+        kw = _adam_kwargs(True, False, 0.1)
+        op, run_ref = OPS.fused_adamw_triton_, lambda *a, **k: ref.fused_adam_(*a, decoupled_weight_decay=True, **k)
+    else:
+        params = [_rand(s, torch.float32, gen) for s in SHAPES]
+        args = [params, _grads(gen, params), [_rand(p.shape, torch.float32, gen) for p in params]]
+        kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False,
+                  is_first_step=False)
+        op, run_ref = OPS.fused_sgd_triton_, ref.fused_sgd_
+    masks = _masks(gen, args[0])
+    expected, unmasked = _clone(args), _clone(args)
+    if traced:
+        torch._dynamo.reset()
+        torch.compile(lambda *a: op(*a, **kw, masks=masks), backend="aot_eager", fullgraph=True)(*args)
+    else:
+        op(*args, **kw, masks=masks)
+    run_ref(*expected, **kw, masks=masks)
+    op(*unmasked, **kw, masks=[])
+    for i, (p, e, free, m) in enumerate(zip(args[0], expected[0], unmasked[0], masks)):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+        assert (p[~m] == 0).all() and torch.equal(p[m], free[m]), f"params[{i}]"
+    for a, b in zip(args[2:], unmasked[2:]):
+        _assert_close_lists(a, b, rtol=0, atol=0, what="state")
+
+
+def test_masks_opcheck_and_rejected():
+    gen = _gen(17000)
+    args = _small_adam_args(gen, False)
+    masks = _masks(gen, args[0])
+    kw = _adam_kwargs(False, False, 0.0)
+    torch.library.opcheck(OPS.fused_adamw_triton_.default, args, dict(kw, masks=masks))
+    before = _clone(args)
+    for bad, msg in ((masks[:-1], "masks"), ([m.float() for m in masks], "bool")):
+        with pytest.raises(ValueError, match=msg):
+            OPS.fused_adamw_triton_(*args, **kw, masks=bad)
+    for a, b in zip(args, before):
+        _assert_close_lists(a, b, rtol=0, atol=0)

@@ -63,6 +63,69 @@ def test_pruned_weights_stay_zero_through_training(opt_cls, pattern, kw):
         assert (m.weight[~mask] == 0).all() and (m.weight[mask] != 0).float().mean() > 0.99
 
 
+@pytest.fixture
+def without_post_step_hook(monkeypatch):
+    """No global post-step hook re-applying masks (removed, and prune_ may not add it back), so
+    only in-step masking remains."""
+    from bigkernels.sparse import mask_registry
+
+    if mask_registry._HOOK is not None:
+        mask_registry._HOOK.remove()
+        mask_registry._HOOK = None
+    monkeypatch.setattr(mask_registry, "_ensure_hook", lambda: None)
+    yield
+    monkeypatch.undo()
+    mask_registry._ensure_hook()
+
+
+def _train(model, opt, steps, pruner=None, seed=0):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 128)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if pruner is not None:
+            pruner.step()
+
+
+@pytest.mark.parametrize("opt_cls", [bk.optim.FusedAdamW, bk.optim.FusedAdam, bk.optim.FusedSGD])
+def test_fused_optimizers_mask_inside_the_step(opt_cls, without_post_step_hook):
+    """No post-step pass at all: the fused kernels alone keep the zeros, with 2:4 and 90% masks."""
+    model = bk.prune_(_model(4), pattern="2:4", filter_fn=lambda m, fqn: fqn == "0")
+    bk.prune_(model, sparsity=0.9, filter_fn=lambda m, fqn: fqn == "2")
+    masks = [m.weight_mask.clone() for m in model if isinstance(m, nn.Linear)]
+    kw = dict(momentum=0.9) if opt_cls is bk.optim.FusedSGD else {}
+    opt = opt_cls(model.parameters(), lr=1e-2, **kw)
+    _train(model, opt, 100)
+    assert opt._masks_in_step == {id(model[0]), id(model[2])}
+    for m, mask in zip([m for m in model if isinstance(m, nn.Linear)], masks):
+        assert (m.weight[~mask] == 0).all() and (m.weight[mask] != 0).float().mean() > 0.99
+    # The same training with torch's AdamW and no hook revives the zeros: the test can fail.
+    model = bk.prune_(_model(4), pattern="2:4")
+    _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), 3)
+    assert (model[0].weight[~model[0].weight_mask] != 0).any()
+
+
+def test_gradual_pruning_with_fused_adamw_picks_up_new_masks(without_post_step_hook):
+    model = _model(5)
+    opt = bk.optim.FusedAdamW(model.parameters(), lr=1e-2)
+    gp = bk.sparse.GradualPruner(model, final_sparsity=0.75, start_step=5, end_step=45, every=10)
+    _train(model, opt, 60, pruner=gp)
+    for m in (model[0], model[2]):
+        assert (m.weight[~m.weight_mask] == 0).all()
+        assert abs(float((~m.weight_mask).float().mean()) - 0.75) < 1e-3
+
+
+def test_in_step_masks_match_torch_adamw_with_the_hook():
+    """FusedAdamW masking inside its kernel == torch.optim.AdamW followed by the post-step hook."""
+    ours = bk.prune_(_model(6), sparsity=0.5)
+    theirs = bk.prune_(_model(6), sparsity=0.5)
+    _train(ours, bk.optim.FusedAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1), 20)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1), 20)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, what="param after 20 steps")
+
+
 def test_gradual_pruner_follows_the_cubic_schedule():
     model = _model(2)
     gp = bk.sparse.GradualPruner(model, final_sparsity=0.8, start_step=10, end_step=50, every=10)

@@ -37,6 +37,9 @@ class OpInfo:
     schema: str  # "(Tensor x, ...) -> Tensor", as given to torch.library.define
     reference: Callable
     triton_name: Optional[str] = None  # op name of the Triton version, when one exists
+    # Maps the op's keyword arguments to the Triton op's, where their schemas must differ
+    # (triton_op infers its schema from Python types and cannot express e.g. ``Tensor[]? x=None``).
+    triton_kwargs: Optional[Callable[[dict], dict]] = None
     preference: Dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
 
     @property
@@ -160,6 +163,8 @@ def call_backend(op: str, backend: str, *args, **kwargs):
     if backend == "reference":
         return info.reference(*args, **kwargs)
     if backend == "triton":
+        if info.triton_kwargs is not None:
+            kwargs = info.triton_kwargs(kwargs)
         return _triton_op(info)(*args, **kwargs)
     return getattr(getattr(torch.ops, NAMESPACE), op)(*args, **kwargs)
 

@@ -15,7 +15,9 @@ Ops (all in the ``bigkernels`` namespace):
 
 Every update op takes ``grad_scale``/``found_inf`` (torch.amp.GradScaler's protocol) and
 ``grad_norm``/``max_grad_norm`` (clipping by global norm); see ``bigkernels.reference.optim``
-for the exact maths.
+for the exact maths. ``masks`` (optional, one bool tensor per param) keeps pruned weights at
+exactly zero inside the same pass (bigkernels.prune_ registers them; the fused optimizers pass
+them here).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from bigkernels.ops import _registry
 from bigkernels.reference import optim as ref
 
 _COMMON_TAIL = (
-    "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? grad_norm=None, float max_grad_norm=0.0"
+    "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? grad_norm=None, float max_grad_norm=0.0, "
+    "Tensor[]? masks=None"
 )
 ADAM_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -65,13 +68,20 @@ _DEFS = [
     ("sum_of_squares", SUM_OF_SQUARES_SCHEMA, ref.sum_of_squares, _sum_of_squares_fake, "sum_of_squares_triton"),
 ]
 
+def _masks_as_list(kwargs: dict) -> dict:
+    """The Triton ops take ``masks`` as a required list (empty: none): see bigkernels.triton.optim."""
+    masks = kwargs.get("masks")
+    return dict(kwargs, masks=[] if masks is None else masks)
+
+
 for _name, _schema, _reference, _fake, _triton_name in _DEFS:
     _qual = f"{_registry.NAMESPACE}::{_name}"
     torch.library.define(_qual, _schema)
     torch.library.register_fake(_qual)(_fake)
     # The reference is the kernel of last resort for any device without a compiled one.
     torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
-    _registry.register(_registry.OpInfo(_name, _schema, _reference, triton_name=_triton_name))
+    _registry.register(_registry.OpInfo(_name, _schema, _reference, triton_name=_triton_name,
+                                        triton_kwargs=_masks_as_list if "masks" in _schema else None))
 
 
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,

@@ -1,6 +1,7 @@
 """Machinery shared by the fused optimizers: buckets of same-device, same-dtype tensors that are
 built once and reused while the parameter set is unchanged, GradScaler's protocol, global-norm
-clipping inside the step, and validation before anything is modified.
+clipping inside the step, pruning masks applied inside the step, and validation before anything
+is modified.
 
 A step on an unchanged parameter set costs a constant number of Python statements per bucket:
 the gradients are gathered with C-level ``map`` calls, and the kernels take whole tensor lists.
@@ -16,20 +17,25 @@ import torch
 from torch import Tensor
 
 from bigkernels.ops import optim as optim_ops
+from bigkernels.sparse import mask_registry
 
 _GRAD = attrgetter("grad")
+_WEIGHT_MASK = attrgetter("weight_mask")
 _IS_SPARSE = attrgetter("is_sparse")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Bucket:
-    """Params of one group on one device with one dtype, plus their state lists (same order)."""
+    """Params of one group on one device with one dtype, plus their state lists (same order).
+    ``mask_owners`` (or None): the pruned module owning each param, whose ``weight_mask`` the
+    kernel applies; a bucket's params are either all pruned or none."""
 
-    __slots__ = ("group", "params", "state", "device", "dtype", "kernel_ok", "ready")
+    __slots__ = ("group", "params", "mask_owners", "state", "device", "dtype", "kernel_ok", "ready")
 
-    def __init__(self, group: dict, params: List[Tensor], kernel_ok: bool):
+    def __init__(self, group: dict, params: List[Tensor], kernel_ok: bool, mask_owners: Optional[list] = None):
         self.group = group
         self.params = params
+        self.mask_owners = mask_owners
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.kernel_ok = kernel_ok  # dense & contiguous: the kernels can take them
@@ -60,6 +66,7 @@ class FusedOptimizerMixin:
         self.last_grad_norm: Optional[Tensor] = None
         self._buckets: Optional[List[Bucket]] = None
         self._bucket_key = None
+        self._masks_in_step: frozenset = frozenset()  # ids of the pruned modules our kernels mask
 
     # ----- parameter set & state bookkeeping --------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -74,19 +81,23 @@ class FusedOptimizerMixin:
         self._buckets = None  # state tensors were replaced
 
     def _key(self):
-        return tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        # Masks registered or replaced by prune_ / GradualPruner change the buckets too.
+        return (mask_registry.version,) + tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
 
     def _get_buckets(self) -> List[Bucket]:
         key = self._key()
         if self._buckets is None or key != self._bucket_key:
+            owners = mask_registry.masked_modules()
             buckets = []
             for group in self.param_groups:
                 by_kind: Dict[tuple, List[Tensor]] = {}
                 for p in group["params"]:
                     dense = p.layout == torch.strided and p.is_contiguous()
-                    by_kind.setdefault((p.device, p.dtype, dense), []).append(p)
-                buckets += [Bucket(group, ps, dense) for (_, _, dense), ps in by_kind.items()]
+                    by_kind.setdefault((p.device, p.dtype, dense, id(p) in owners), []).append(p)
+                buckets += [Bucket(group, ps, dense, [owners[id(p)] for p in ps] if masked else None)
+                            for (_, _, dense, masked), ps in by_kind.items()]
             self._buckets, self._bucket_key = buckets, key
+            self._masks_in_step = frozenset(id(m) for b in buckets for m in (b.mask_owners or ()))
         return self._buckets
 
     def _refresh_state_lists(self, bucket: Bucket, params: List[Tensor]):
@@ -112,21 +123,25 @@ class FusedOptimizerMixin:
 
     # ----- the step -----------------------------------------------------------------------------
     def _gather(self, bucket: Bucket):
-        """(params, grads, state lists, fresh mask or None) of the bucket's params with a gradient."""
+        """(params, grads, state lists, fresh flags or None, pruning masks or None) of the bucket's
+        params with a gradient."""
         grads = list(map(_GRAD, bucket.params))
+        owners = bucket.mask_owners
         if any(map(is_, grads, repeat(None))):
-            mask = list(map(is_not, grads, repeat(None)))
-            params = list(compress(bucket.params, mask))
-            grads = list(compress(grads, mask))
+            has_grad = list(map(is_not, grads, repeat(None)))
+            params = list(compress(bucket.params, has_grad))
+            grads = list(compress(grads, has_grad))
+            masks = None if owners is None else list(map(_WEIGHT_MASK, compress(owners, has_grad)))
             bucket.ready = False
             if not params:
-                return params, grads, {}, None
-            return (params, grads) + self._refresh_state_lists(bucket, params)
+                return params, grads, {}, None, masks
+            return (params, grads) + self._refresh_state_lists(bucket, params) + (masks,)
         fresh = None
         if not bucket.ready:
             bucket.state, fresh = self._refresh_state_lists(bucket, bucket.params)
             bucket.ready = True
-        return bucket.params, grads, bucket.state, fresh
+        masks = None if owners is None else list(map(_WEIGHT_MASK, owners))
+        return bucket.params, grads, bucket.state, fresh, masks
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -137,20 +152,20 @@ class FusedOptimizerMixin:
                 loss = closure()
         work = []
         for bucket in self._get_buckets():
-            params, grads, state, fresh = self._gather(bucket)
+            params, grads, state, fresh, masks = self._gather(bucket)
             if params:
                 if any(map(_IS_SPARSE, grads)):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                work.append((bucket, params, grads, state, fresh))
+                work.append((bucket, params, grads, state, fresh, masks))
         if not work:
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         on_device = _PerDevice()
         grad_norm = self._global_grad_norm(work, grad_scale, found_inf, on_device)
-        for bucket, params, grads, state, fresh in work:
+        for bucket, params, grads, state, fresh, masks in work:
             dev = bucket.device
-            extra = dict(grad_scale=on_device(grad_scale, dev), found_inf=on_device(found_inf, dev))
+            extra = dict(grad_scale=on_device(grad_scale, dev), found_inf=on_device(found_inf, dev), masks=masks)
             if grad_norm is not None:
                 extra.update(grad_norm=on_device(grad_norm, dev), max_grad_norm=self.max_grad_norm)
             self._update(bucket, params, grads, state, fresh, extra)
@@ -162,7 +177,7 @@ class FusedOptimizerMixin:
             return None
         first = work[0][0].device
         total = None
-        for bucket, _, grads, _, _ in work:
+        for bucket, _, grads, _, _, _ in work:
             sq = optim_ops.sum_of_squares(grads) if bucket.kernel_ok else _ref_sum_of_squares(grads)
             total = sq.to(first) if total is None else total + sq.to(first)
         norm = total.sqrt()
@@ -178,7 +193,8 @@ class FusedOptimizerMixin:
         raise NotImplementedError
 
     def _update(self, bucket: Bucket, params, grads, state, fresh, extra) -> None:
-        """Run the fused op; ``fresh[i]`` is True when params[i]'s state was created this step."""
+        """Run the fused op; ``fresh[i]`` is True when params[i]'s state was created this step;
+        ``extra`` holds the GradScaler / clipping inputs and ``masks`` (None, or one per param)."""
         raise NotImplementedError
 
 

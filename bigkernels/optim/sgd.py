@@ -41,8 +41,9 @@ class FusedSGD(FusedOptimizerMixin, torch.optim.SGD):
         if momentum == 0 or fresh is None:
             run(params, grads, buffers, is_first_step=False, **kw)
             return
+        masks = kw.pop("masks")
         for first in (True, False):  # params that just got a buffer take torch's first-step branch
             idx = [i for i, f in enumerate(fresh) if f == first]
             if idx:
                 run([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-                    is_first_step=first, **kw)
+                    is_first_step=first, masks=None if masks is None else [masks[i] for i in idx], **kw)

@@ -9,6 +9,11 @@ Gradient multiplier, shared by every op (see :func:`grad_multiplier`):
 ``g_eff = g / grad_scale * clip`` where ``clip = min(1, max_grad_norm / (grad_norm / grad_scale + 1e-6))``
 when ``grad_norm`` is given and ``max_grad_norm > 0`` (torch.nn.utils.clip_grad_norm_'s rule);
 ``grad_norm`` is the global L2 norm of the (still scaled) gradients.
+
+Pruning masks: ``masks`` (optional) holds one bool tensor per param, shaped like it. After the
+update, every param element whose mask is False is set to exactly zero (a select, so even a
+NaN update leaves a pruned weight at zero); optimizer states are updated as without masks. This
+is what bigkernels.prune_'s post-step hook does for any optimizer, done inside the step.
 """
 from __future__ import annotations
 
@@ -38,6 +43,26 @@ def _skip(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
+def check_masks(op: str, params: Sequence[Tensor], masks: Optional[Sequence[Tensor]]) -> None:
+    """masks: None, or one bool tensor per param with its shape and device."""
+    if masks is None:
+        return
+    if len(masks) != len(params):
+        raise ValueError(f"{op}: expected {len(params)} masks (one per param), got {len(masks)}")
+    for i, (m, p) in enumerate(zip(masks, params)):
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            raise ValueError(f"{op}: expected masks[{i}] to be a bool tensor, got "
+                             f"{m.dtype if isinstance(m, Tensor) else type(m).__name__}")
+        if m.shape != p.shape or m.device != p.device:
+            raise ValueError(f"{op}: expected masks[{i}] of shape {tuple(p.shape)} on {p.device} like params[{i}], "
+                             f"got shape {tuple(m.shape)} on {m.device}")
+
+
+def _masked(pf: Tensor, masks: Optional[Sequence[Tensor]], i: int) -> Tensor:
+    """The updated fp32 param with its pruned elements (mask False) set to zero."""
+    return pf if masks is None else torch.where(masks[i], pf, 0.0)
+
+
 def fused_adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -58,8 +83,10 @@ def fused_adam_(
     found_inf: Optional[Tensor] = None,
     grad_norm: Optional[Tensor] = None,
     max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """Adam / AdamW step over lists of tensors (torch.optim.Adam(W) semantics)."""
+    check_masks("fused_adamw_" if decoupled_weight_decay else "fused_adam_", params, masks)
     if _skip(found_inf):
         return
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
@@ -86,7 +113,7 @@ def fused_adam_(
         else:
             denom = v.sqrt() / bias_correction2_sqrt + eps
         pf = pf - (lr / bias_correction1) * m / denom
-        p.copy_(pf)
+        p.copy_(_masked(pf, masks, i))
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
         state_steps[i].add_(1)
@@ -108,12 +135,14 @@ def fused_sgd_(
     found_inf: Optional[Tensor] = None,
     grad_norm: Optional[Tensor] = None,
     max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """SGD step over lists of tensors (torch.optim.SGD semantics).
 
     ``momentum_buffers`` is empty when ``momentum == 0``; with ``is_first_step`` the buffers are
     written with the (decayed) gradient instead of being blended, as torch does on the first step.
     """
+    check_masks("fused_sgd_", params, masks)
     if _skip(found_inf):
         return
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
@@ -131,7 +160,7 @@ def fused_sgd_(
                 buf = momentum_buffers[i].float() * momentum + (1.0 - dampening) * g
             momentum_buffers[i].copy_(buf)
             g = g + momentum * buf if nesterov else buf
-        p.copy_(pf - lr * g)
+        p.copy_(_masked(pf - lr * g, masks, i))
 
 
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:

@@ -1,34 +1,15 @@
 """prune_() and GradualPruner: zero a model's linear weights and keep them zero while training."""
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
-import torch.optim.optimizer as torch_optimizer
 from torch import Tensor, nn
 
 from bigkernels.sparse import masks as M
+from bigkernels.sparse import mask_registry
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-# Pruned linears whose masks are re-applied after every optimizer step (any torch.optim optimizer).
-_PRUNED: "weakref.WeakSet[nn.Linear]" = weakref.WeakSet()
-_HOOK = None
-
-
-def _reapply_masks(optimizer, args, kwargs) -> None:
-    """Global optimizer post-step hook: pruned weights stay exactly zero whatever the optimizer did."""
-    mods = [m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None]
-    if mods:
-        with torch.no_grad():
-            torch._foreach_mul_([m.weight for m in mods], [m.weight_mask for m in mods])
-
-
-def _ensure_hook() -> None:
-    global _HOOK
-    if _HOOK is None:
-        _HOOK = torch_optimizer.register_optimizer_step_post_hook(_reapply_masks)
 
 
 def _targets(model: nn.Module, filter_fn: Optional[FilterFn]) -> Dict[str, nn.Linear]:
@@ -64,15 +45,14 @@ def input_norms(model: nn.Module, linears: Dict[str, nn.Linear], calibration_dat
 
 def apply_mask_(linear: nn.Linear, mask: Tensor) -> None:
     """Zero the pruned weights in place and keep the mask as the ``weight_mask`` buffer."""
-    mask = mask.to(device=linear.weight.device, dtype=torch.bool)
+    mask = mask.to(device=linear.weight.device, dtype=torch.bool).contiguous()
     prev = getattr(linear, "weight_mask", None)
     if prev is not None:
         mask = mask & prev  # pruned weights never come back
     with torch.no_grad():
         linear.weight.mul_(mask)
     linear.register_buffer("weight_mask", mask)
-    _PRUNED.add(linear)
-    _ensure_hook()
+    mask_registry.register(linear)
 
 
 def compute_masks(model: nn.Module, linears: Dict[str, nn.Linear], sparsity: float, pattern: str, block_size: int,
@@ -103,8 +83,9 @@ def prune_(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstructured
     ``scope="global"``), ``"N:M"`` such as ``"2:4"`` (N of every M inputs kept; ``sparsity`` is
     implied) or ``"block"`` (exact fraction of ``block_size`` x ``block_size`` blocks).
     method: ``"magnitude"`` (|W|) or ``"wanda"`` (|W| * ||X_j||, needs ``calibration_data``).
-    Each pruned layer keeps a ``weight_mask`` buffer, re-applied after every optimizer step, so
-    training never revives a pruned weight. Invalid arguments raise before anything changes.
+    Each pruned layer keeps a ``weight_mask`` buffer, and training never revives a pruned weight:
+    bigkernels' fused optimizers apply it inside their step, any other torch optimizer
+    gets it re-applied by a post-step hook (see :mod:`bigkernels.sparse.mask_registry`). Invalid arguments raise before anything changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_: expected an nn.Module, got {type(model).__name__}")

@@ -1,6 +1,6 @@
 """Triton kernels of the fused optimizer ops, registered with ``torch.library.triton_op``.
 
-Ops (``bigkernels`` namespace; schemas identical to their namesakes in ``bigkernels.ops.optim``):
+Ops (``bigkernels`` namespace; schemas as their namesakes in ``bigkernels.ops.optim`` but for ``masks``):
 ``fused_adam_triton_``, ``fused_adamw_triton_``, ``fused_sgd_triton_``, ``sum_of_squares_triton``.
 The maths is exactly ``bigkernels.reference.optim`` (fp32 inside, fp64 for the bias corrections
 and the gradient multiplier, as the reference computes them in Python/double).
@@ -19,6 +19,12 @@ Two launch paths share each kernel body (``USE_TABLE`` constexpr):
   pointers do not exist): the same kernel launched once per tensor with real pointer arguments,
   so Inductor sees ordinary user-defined Triton kernels; steps are bumped with
   ``torch._foreach_add_``.
+
+Pruning masks (``masks``, one bool tensor per param, or an empty list for none) ride in one more
+table row (as uint8 views): pruned params are stored as 0 in the same pass. That argument is the
+one schema difference from the namesakes: their ``Tensor[]? masks=None`` cannot be written as a
+triton_op signature (no optional tensor lists, no keyword-only tensors), so here it is a required
+list right after the tensor lists; the dispatcher passes ``masks=[]`` for None.
 
 ``found_inf``, ``grad_scale`` and ``grad_norm`` are read inside the kernels from device tensors:
 no call synchronises with the host. A non-zero ``found_inf`` leaves every tensor and step as is.
@@ -39,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from bigkernels.reference.optim import CLIP_EPS
+from bigkernels.reference.optim import CLIP_EPS, check_masks
 from bigkernels.triton._common import _INTERPRET, _traced
 
 # Elements per program (CHUNK) and per loop iteration (BLOCK). Read at call time, so tests may
@@ -110,25 +116,36 @@ def _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm,
 
 
 @triton.jit
+def _keep(pf, keep, offs, mask, HAS_MASK: tl.constexpr):
+    """The updated params with pruned elements (mask byte 0) set to 0."""
+    if HAS_MASK:
+        k = tl.load(keep + offs, mask=mask, other=1)
+        pf = tl.where(k != 0, pf, 0.0)
+    return pf
+
+
+@triton.jit
 def _adam_kernel(
     table, n_tensors,
-    p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, vmax_ptr, numel,
+    p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, vmax_ptr, keep_ptr, numel,
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr_hi, lr_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, max_grad_norm,
     USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
-    HAS_WD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 steps, 5 max_exp_avg_sqs.
+    # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 steps, 5 max_exp_avg_sqs, 6 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
-        tid, start, n = _locate(table, n_tensors, numel, 6, CHUNK, USE_TABLE)
+        tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
         p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
         g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
         m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE)
         v = _row_ptr(table, n_tensors, tid, 3, v_ptr, USE_TABLE)
         s = _row_ptr(table, n_tensors, tid, 4, s_ptr, USE_TABLE)
         vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr, USE_TABLE)
+        keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         # Bias corrections in fp64 from the step read before the step kernel bumps it.
@@ -164,7 +181,7 @@ def _adam_kernel(
                 denom = tl.div_rn(tl.sqrt_rn(vmf), bias_correction2_sqrt) + eps
             else:
                 denom = tl.div_rn(tl.sqrt_rn(vf), bias_correction2_sqrt) + eps
-            pf = pf - tl.div_rn(step_size * mf, denom)
+            pf = _keep(pf - tl.div_rn(step_size * mf, denom), keep, offs, mask, HAS_MASK)
             tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
             tl.store(m + offs, mf.to(m.dtype.element_ty), mask=mask)
             tl.store(v + offs, vf.to(v.dtype.element_ty), mask=mask)
@@ -173,19 +190,21 @@ def _adam_kernel(
 @triton.jit
 def _sgd_kernel(
     table, n_tensors,
-    p_ptr, g_ptr, buf_ptr, numel,
+    p_ptr, g_ptr, buf_ptr, keep_ptr, numel,
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr, momentum, one_minus_dampening, weight_decay, max_grad_norm,
     USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Table rows: 0 params, 1 grads, 2 momentum_buffers.
+    # Table rows: 0 params, 1 grads, 2 momentum_buffers, 3 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
-        tid, start, n = _locate(table, n_tensors, numel, 3, CHUNK, USE_TABLE)
+        tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
         p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
         g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
         buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr, USE_TABLE)
+        keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         end = tl.minimum(start + CHUNK, n)
@@ -211,7 +230,7 @@ def _sgd_kernel(
                     gf = gf + momentum * bf
                 else:
                     gf = bf
-            pf = pf - lr * gf
+            pf = _keep(pf - lr * gf, keep, offs, mask, HAS_MASK)
             tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
 
 
@@ -314,7 +333,9 @@ def _validate_rows(op: str, rows: Sequence[Sequence[Tensor]], names: Sequence[st
     contiguous = True
     for r, (row, name) in enumerate(zip(rows, names)):
         dtype = row[0].dtype
-        if not dtype.is_floating_point:
+        if name == "masks":  # uint8 views of bool masks (checked by _mask_row)
+            pass
+        elif not dtype.is_floating_point:
             raise ValueError(f"{op}: {name} must be floating point, got {dtype}")
         for i, t in enumerate(row):
             if t.device != device:
@@ -390,24 +411,35 @@ def _contiguous_rows(rows, mutated_rows):
     return new_rows, [(t, c) for t, c, mutated in write_back if mutated]
 
 
+def _mask_row(op: str, params, masks: Sequence[Tensor]) -> Optional[List[Tensor]]:
+    """The masks as contiguous uint8 views (a table row), after checking them; None without masks
+    (an empty list: triton_op cannot express the main schema's ``Tensor[]? masks=None``)."""
+    if len(masks) == 0 and len(params) > 0:
+        return None
+    check_masks(op, params, masks)
+    return [m.contiguous().view(torch.uint8) for m in masks]
+
+
 def _grid_1d(numel: int, chunk: int):
     return (triton.cdiv(numel, chunk),)
 
 
 # ---------------------------------- Adam / AdamW ----------------------------------------------
 
-_ADAM_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "max_exp_avg_sqs")
+# Row names; the last ("masks") is only present when masks are given (zip stops at the rows).
+_ADAM_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "max_exp_avg_sqs", "masks")
 _ADAM_MUTATED_ROWS = (0, 2, 3, 4, 5)
 
 
 def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm,
-               decoupled: bool) -> None:
+               masks, decoupled: bool) -> None:
     op = "fused_adamw_triton_" if decoupled else "fused_adam_triton_"
     n = len(params)
     _check_lengths(op, n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
     if amsgrad:
         _check_lengths(op, n, max_exp_avg_sqs=max_exp_avg_sqs)
+    keep = _mask_row(op, params, masks)
     if n == 0:
         return
     device = params[0].device
@@ -417,7 +449,7 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
     # Rows; without amsgrad the max_exp_avg_sqs row repeats exp_avg_sqs (never touched).
     rows = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps),
-            list(max_exp_avg_sqs) if amsgrad else list(exp_avg_sqs)]
+            list(max_exp_avg_sqs) if amsgrad else list(exp_avg_sqs)] + ([keep] if keep is not None else [])
     lr_hi, lr_lo = _split(lr)
     lb1_hi, lb1_lo = _split(_log_beta(beta1))
     lb2_hi, lb2_lo = _split(_log_beta(beta2))
@@ -425,7 +457,7 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
              weight_decay, 1.0 - lr * weight_decay, max_grad_norm)
     flags = dict(HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, CLIP=clip,
                  AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled),
-                 HAS_WD=weight_decay != 0)
+                 HAS_WD=weight_decay != 0, HAS_MASK=keep is not None, NROWS=len(rows))
     chunk, block = CHUNK, BLOCK
 
     if _is_eager(params[0], grads[0], exp_avgs[0], state_steps[0]):
@@ -440,7 +472,7 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         dummy = refs[0]
         if total > 0:
             wrap_triton(_adam_kernel)[(total,)](
-                table, n, refs[0], refs[1], refs[2], refs[3], refs[4], refs[5], 0,
+                table, n, *refs[:6], refs[6] if keep is not None else dummy, 0,
                 found_inf if found_inf is not None else dummy,
                 grad_scale if grad_scale is not None else dummy,
                 grad_norm if grad_norm is not None else dummy,
@@ -457,14 +489,14 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     rows, write_back = _contiguous_rows(rows, _ADAM_MUTATED_ROWS)
     dummy = torch.empty(1, device=device, dtype=torch.float32)
     for i in range(n):
-        p, g, m, v, s, vmax = (row[i] for row in rows)
+        p, g, m, v, s, vmax = (row[i] for row in rows[:6])
         if not amsgrad:
             vmax = dummy
         numel = p.numel()
         if numel == 0:
             continue
         _traced(_adam_kernel)[_grid_1d(numel, chunk)](
-            dummy, 1, p, g, m, v, s, vmax, numel,
+            dummy, 1, p, g, m, v, s, vmax, keep[i] if keep is not None else dummy, numel,
             found_inf if found_inf is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             grad_norm if grad_norm is not None else dummy,
@@ -489,41 +521,43 @@ _ADAM_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_
 @triton_op("bigkernels::fused_adam_triton_", mutates_args=_ADAM_MUTATES)
 def fused_adam_triton_(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None, *, lr: float, beta1: float,
-    beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool, max_grad_norm: float = 0.0,
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], masks: List[Tensor],
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
+    *, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+    max_grad_norm: float = 0.0,
 ) -> None:
     """Adam step (L2 weight decay added to the gradient) with the Triton kernel."""
     _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
                grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
-               decoupled=False)
+               masks=masks, decoupled=False)
 
 
 @triton_op("bigkernels::fused_adamw_triton_", mutates_args=_ADAM_MUTATES)
 def fused_adamw_triton_(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None, *, lr: float, beta1: float,
-    beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool, max_grad_norm: float = 0.0,
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], masks: List[Tensor],
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
+    *, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+    max_grad_norm: float = 0.0,
 ) -> None:
     """AdamW step (decoupled weight decay) with the Triton kernel."""
     _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
                grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
-               decoupled=True)
+               masks=masks, decoupled=True)
 
 
 # ---------------------------------- SGD --------------------------------------------------------
 
-_SGD_NAMES = ("params", "grads", "momentum_buffers")
+_SGD_NAMES = ("params", "grads", "momentum_buffers", "masks")
 _SGD_MUTATED_ROWS = (0, 2)
 _SGD_MUTATES = ("params", "momentum_buffers")
 
 
 @triton_op("bigkernels::fused_sgd_triton_", mutates_args=_SGD_MUTATES)
 def fused_sgd_triton_(
-    params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+    params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], masks: List[Tensor],
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
     *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
     is_first_step: bool, max_grad_norm: float = 0.0,
@@ -535,6 +569,7 @@ def fused_sgd_triton_(
     has_momentum = momentum != 0
     if has_momentum:
         _check_lengths(op, n, momentum_buffers=momentum_buffers)
+    keep = _mask_row(op, params, masks)
     if n == 0:
         return
     device = params[0].device
@@ -544,10 +579,12 @@ def fused_sgd_triton_(
     grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
     # Without momentum the buffer row repeats params (never touched).
     rows = [list(params), list(grads), list(momentum_buffers) if has_momentum else list(params)]
+    rows += [keep] if keep is not None else []
     hyper = (lr, momentum, 1.0 - dampening, weight_decay, max_grad_norm)
     flags = dict(HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, CLIP=clip,
                  MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum,
-                 FIRST_STEP=bool(is_first_step), NESTEROV=bool(nesterov))
+                 FIRST_STEP=bool(is_first_step), NESTEROV=bool(nesterov), HAS_MASK=keep is not None,
+                 NROWS=len(rows))
     chunk, block = CHUNK, BLOCK
 
     if _is_eager(params[0], grads[0]):
@@ -560,7 +597,7 @@ def fused_sgd_triton_(
         dummy = rows[0][0]
         if total > 0:
             wrap_triton(_sgd_kernel)[(total,)](
-                table, n, rows[0][0], rows[1][0], rows[2][0], 0,
+                table, n, rows[0][0], rows[1][0], rows[2][0], rows[3][0] if keep is not None else dummy, 0,
                 found_inf if found_inf is not None else dummy,
                 grad_scale if grad_scale is not None else dummy,
                 grad_norm if grad_norm is not None else dummy,
@@ -573,14 +610,14 @@ def fused_sgd_triton_(
     rows, write_back = _contiguous_rows(rows, _SGD_MUTATED_ROWS)
     dummy = torch.empty(1, device=device, dtype=torch.float32)
     for i in range(n):
-        p, g, buf = (row[i] for row in rows)
+        p, g, buf = (row[i] for row in rows[:3])
         if not has_momentum:
             buf = dummy
         numel = p.numel()
         if numel == 0:
             continue
         _traced(_sgd_kernel)[_grid_1d(numel, chunk)](
-            dummy, 1, p, g, buf, numel,
+            dummy, 1, p, g, buf, keep[i] if keep is not None else dummy, numel,
             found_inf if found_inf is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             grad_norm if grad_norm is not None else dummy,

@@ -2,7 +2,7 @@
 //
 // The host describes every tensor in a metadata table (see TableLayout): for tensor t, its list
 // pointers (params, grads, states...), numel, optional step counter, and whether all of its
-// pointers are 16-byte aligned; plus the exclusive prefix sum of the tensors' chunk counts
+// pointers are 16-byte aligned, and an optional pruning mask; plus the exclusive prefix sum of the tensors' chunk counts
 // (chunk_start[0] = 0, chunk_start[n] = total chunks). The table is written into pinned host
 // memory and copied to the device with one asynchronous copy on the launch stream.
 //
@@ -35,15 +35,16 @@ constexpr int64_t kChunkSize = 32768; // elements per chunk; a power of two, so 
                                       // aligned tensor starts 16-byte aligned whatever the dtype
 static_assert(kChunkSize % kBlockSize == 0 && (kChunkSize & (kChunkSize - 1)) == 0, "chunk size");
 
-// One tensor of the table (64 bytes).
+// One tensor of the table (80 bytes).
 struct alignas(16) Entry {
   void* ptr[kMaxLists];  // data pointers, list by list (unused lists: nullptr)
   int64_t numel;         // elements of each of the tensors
   float* step;           // fp32 step counter, or nullptr
-  int32_t aligned;       // 1 when every used pointer is 16-byte aligned
+  const uint8_t* keep;   // pruning mask (one byte per element; 0 = pruned), or nullptr
+  int32_t aligned;       // 1 when every used pointer (keep included) is 16-byte aligned
   int32_t reserved;
 };
-static_assert(sizeof(Entry) == 64, "Entry layout");
+static_assert(sizeof(Entry) == 80, "Entry layout");
 
 // Where things are inside the table buffer: chunk_start[n + 1] (int64) then entries[n].
 struct TableLayout {
@@ -62,15 +63,16 @@ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kCh
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Builds the entry of one tensor; `num_lists` pointers are used, the rest are set to nullptr.
-inline Entry make_entry(void* const* ptrs, int num_lists, int64_t numel, float* step) {
+inline Entry make_entry(void* const* ptrs, int num_lists, int64_t numel, float* step, const uint8_t* keep) {
   Entry e{};
-  bool aligned = true;
+  bool aligned = keep == nullptr || is_aligned16(keep);
   for (int j = 0; j < kMaxLists; ++j) {
     e.ptr[j] = j < num_lists ? ptrs[j] : nullptr;
     if (e.ptr[j] != nullptr && !is_aligned16(e.ptr[j])) aligned = false;
   }
   e.numel = numel;
   e.step = step;
+  e.keep = keep;
   e.aligned = aligned ? 1 : 0;
   e.reserved = 0;
   return e;
@@ -260,6 +262,25 @@ struct Elem<__nv_bfloat16> : Elem16<Elem<__nv_bfloat16>> {
   __device__ static __forceinline__ uint32_t bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 };
 
+// x[k] = 0 where keep[k] == 0, for V consecutive mask bytes starting at an 8-byte aligned (V == 8)
+// or 4-byte aligned (V == 4) address.
+template <int V>
+__device__ __forceinline__ void zero_pruned(const uint8_t* keep, float (&x)[V]) {
+  static_assert(V == 4 || V == 8, "mask vector width");
+  uint32_t w[V / 4];
+  if constexpr (V == 4) {
+    w[0] = __ldg(reinterpret_cast<const unsigned int*>(keep));
+  } else {
+    const uint2 both = __ldg(reinterpret_cast<const uint2*>(keep));
+    w[0] = both.x;
+    w[1] = both.y;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (((w[k / 4] >> (8 * (k % 4))) & 0xffu) == 0) x[k] = 0.0f;
+  }
+}
+
 // The elementwise multi-tensor kernel.
 //
 // Op contract (a trivially copyable struct passed by value):
@@ -269,6 +290,8 @@ struct Elem<__nv_bfloat16> : Elem16<Elem<__nv_bfloat16>> {
 //   __device__ void begin_tensor(const Entry&);   per thread, when the tensor changes; all
 //                                                 threads of the block call it together
 //   __device__ void operator()(float (&x)[kLists]) const;   one element of every list, in place
+// When the tensor's entry has a `keep` mask, list 0 (the params) is stored as +0 wherever the mask
+// byte is 0, whatever the op computed (pruned weights stay exactly zero; NaN included).
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kBlockSize) apply_kernel(Table table, Op op) {
   constexpr int N = Op::kLists;
@@ -291,6 +314,7 @@ __global__ void __launch_bounds__(kBlockSize) apply_kernel(Table table, Op op) {
     T* p[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) p[j] = static_cast<T*>(e.ptr[j]) + first;
+    const uint8_t* keep = e.keep != nullptr ? e.keep + first : nullptr;  // uniform across the block
 
     int tail = 0;
     if (e.aligned) {
@@ -311,6 +335,7 @@ __global__ void __launch_bounds__(kBlockSize) apply_kernel(Table table, Op op) {
 #pragma unroll
           for (int j = 0; j < N; ++j) v[j][k] = x[j];
         }
+        if (keep != nullptr) zero_pruned<V>(keep + i * V, v[0]);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           if (Op::writes(j)) st16(p[j] + i * V, Elem<T>::pack(v[j]));
@@ -325,6 +350,7 @@ __global__ void __launch_bounds__(kBlockSize) apply_kernel(Table table, Op op) {
         x[j] = Elem<T>::to_float(Op::writes(j) ? ld_global<false>(p[j] + i) : ld_global<true>(p[j] + i));
       }
       op(x);
+      if (keep != nullptr && __ldg(keep + i) == 0) x[0] = 0.0f;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         if (Op::writes(j)) st_global(p[j] + i, Elem<T>::from_float(x[j]));

@@ -96,12 +96,29 @@ inline void check_grad_control(const char* op, const at::Device& device, const s
   check_scalar_tensor(op, "grad_norm", grad_norm, device);
 }
 
+// Pruning masks: absent, or one contiguous bool tensor per param with its shape and device.
+inline void check_masks(const char* op, at::TensorList params, const std::optional<at::TensorList>& masks) {
+  if (!masks.has_value()) return;
+  TORCH_CHECK(masks->size() == params.size(), op, ": expected ", params.size(), " masks (one per param), got ",
+              masks->size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& m = (*masks)[i];
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": expected masks[", i, "] to be a bool tensor, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.layout() == at::kStrided && m.is_contiguous(), op, ": masks[", i,
+                "] must be a dense contiguous tensor");
+    TORCH_CHECK(m.sizes().equals(params[i].sizes()) && m.device() == params[i].device(), op, ": expected masks[", i,
+                "] of shape ", params[i].sizes(), " on ", params[i].device(), " like params[", i, "], got ",
+                m.sizes(), " on ", m.device());
+  }
+}
+
 // Everything a fused_adam_/fused_adamw_ call takes, checked before any kernel runs.
 inline void check_adam_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                             double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& grad_norm) {
+                            const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, eps >= 0, "epsilon value", eps);
   check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
@@ -111,6 +128,7 @@ inline void check_adam_call(const char* op, at::TensorList params, at::TensorLis
               {{{"exp_avgs", exp_avgs}, false}, {{"exp_avg_sqs", exp_avg_sqs}, false},
                {{"max_exp_avg_sqs", max_exp_avg_sqs}, !amsgrad}},
               &state_steps);
+  check_masks(op, params, masks);
   if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }
 
@@ -118,13 +136,14 @@ inline void check_adam_call(const char* op, at::TensorList params, at::TensorLis
 inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::Tensor>& grad_norm) {
+                           const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, momentum >= 0, "momentum value", momentum);
   check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
               ": Nesterov momentum requires a momentum and zero dampening");
   check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, momentum == 0}}, nullptr);
+  check_masks(op, params, masks);
   if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }
 

@@ -87,15 +87,43 @@ char* at_elem(const at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.element_size();
 }
 
+// Pruning masks inside the step: the update runs on pieces small enough to stay in L1, and each
+// piece's pruned elements are zeroed right after (bit pattern 0 is +0.0 in every float dtype),
+// so the masks cost one read of the bool mask and no second pass over the params in memory.
+constexpr int64_t kMaskPiece = 2048;
+
+template <class Bits>
+void zero_pruned(void* p, const bool* keep, int64_t n) {
+  Bits* bits = static_cast<Bits*>(p);
+  for (int64_t i = 0; i < n; ++i) bits[i] &= Bits(0) - Bits(keep[i] ? 1 : 0);
+}
+
+// Runs update(begin, end) over [b, e) of tensor t, zeroing pruned params piece by piece when
+// `masks` is given.
+template <class Update>
+void update_range(const at::Tensor& param, const std::optional<at::TensorList>& masks, size_t t, int64_t b,
+                  int64_t e, const Update& update) {
+  if (!masks.has_value()) return update(b, e);
+  const bool* keep = (*masks)[t].data_ptr<bool>();
+  const bool wide = param.element_size() == 4;
+  for (int64_t s = b; s < e; s += kMaskPiece) {
+    const int64_t stop = std::min(e, s + kMaskPiece);
+    update(s, stop);
+    if (wide) zero_pruned<uint32_t>(at_elem(param, s), keep + s, stop - s);
+    else zero_pruned<uint16_t>(at_elem(param, s), keep + s, stop - s);
+  }
+}
+
 template <bool kDecoupled>
 void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
                     double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                    const std::optional<at::TensorList>& masks) {
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
   check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm);
+                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
   if (params.empty()) return;
   if (skip_step(found_inf)) return;
 
@@ -113,9 +141,10 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   const Kernels& k = best_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
-    k.adam(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(exp_avgs[t], b),
-           at_elem(exp_avg_sqs[t], b), amsgrad ? at_elem(max_exp_avg_sqs[t], b) : nullptr, e - b,
-           args[t]);
+    update_range(params[t], masks, t, b, e, [&](int64_t s, int64_t stop) {
+      k.adam(dt, at_elem(params[t], s), at_elem(g[t], s), at_elem(exp_avgs[t], s), at_elem(exp_avg_sqs[t], s),
+             amsgrad ? at_elem(max_exp_avg_sqs[t], s) : nullptr, stop - s, args[t]);
+    });
   });
   for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
 }
@@ -124,10 +153,10 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                   double max_grad_norm) {
+                   double max_grad_norm, const std::optional<at::TensorList>& masks) {
   const char* op = "fused_sgd_";
   check_sgd_call(op, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
-                 found_inf, grad_norm);
+                 found_inf, grad_norm, masks);
   if (params.empty()) return;
   const bool has_momentum = momentum != 0;
   if (skip_step(found_inf)) return;
@@ -139,8 +168,10 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                   has_momentum};
   const Kernels& k = best_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
-    k.sgd(dt, at_elem(params[t], b), at_elem(g[t], b),
-          has_momentum ? at_elem(momentum_buffers[t], b) : nullptr, e - b, a);
+    update_range(params[t], masks, t, b, e, [&](int64_t s, int64_t stop) {
+      k.sgd(dt, at_elem(params[t], s), at_elem(g[t], s), has_momentum ? at_elem(momentum_buffers[t], s) : nullptr,
+            stop - s, a);
+    });
   });
 }
 

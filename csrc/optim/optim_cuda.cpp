@@ -72,15 +72,22 @@ cudaStream_t current_stream(const at::Device& device) {
 
 void* ptr_of(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; }
 
+// The bytes of params[i]'s pruning mask (torch bools are one byte each), or nullptr.
+const uint8_t* keep_of(const std::optional<at::TensorList>& masks, size_t i) {
+  if (!masks.has_value() || (*masks)[i].numel() == 0) return nullptr;
+  return reinterpret_cast<const uint8_t*>((*masks)[i].data_ptr<bool>());
+}
+
 template <bool kDecoupled>
 void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                     const std::optional<at::TensorList>& masks) {
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
   check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm);
+                  weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
@@ -97,6 +104,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     t.ptr[4] = amsgrad ? ptr_of(max_exp_avg_sqs[i]) : nullptr;
     t.numel = params[i].numel();
     t.step = state_steps[i].data_ptr<float>();  // zero-numel params still count their steps
+    t.keep = keep_of(masks, i);
   }
   const DeviceTable table = upload_table(tensors, amsgrad ? 5 : 4, device);
   const kc::AdamHyper hyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, kDecoupled};
@@ -109,10 +117,10 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                     bool is_first_step, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                    double max_grad_norm) {
+                    double max_grad_norm, const std::optional<at::TensorList>& masks) {
   const char* op = "fused_sgd_";
   check_sgd_call(op, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
-                 found_inf, grad_norm);
+                 found_inf, grad_norm, masks);
   if (params.empty()) return;
   const bool has_momentum = momentum != 0;
   const at::Device device = params[0].device();
@@ -130,6 +138,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     t.ptr[2] = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     t.numel = params[i].numel();
     t.step = nullptr;
+    t.keep = keep_of(masks, i);
     tensors.push_back(t);
   }
   if (tensors.empty()) return;

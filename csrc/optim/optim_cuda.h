@@ -28,7 +28,8 @@ constexpr int kMaxLists = 5;
 struct TensorPtrs {
   void* ptr[kMaxLists];
   int64_t numel;
-  float* step;  // Adam's fp32 step counter; nullptr otherwise
+  float* step;          // Adam's fp32 step counter; nullptr otherwise
+  const uint8_t* keep;  // pruning mask of the params (bool bytes, 0 = pruned: stored as +0); nullptr if none
 };
 
 // Bytes of the metadata table for n tensors.

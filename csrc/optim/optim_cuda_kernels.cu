@@ -13,7 +13,8 @@
 //   p -= (lr / (1 - beta1^step)) * m / (sqrt(vhat) / sqrt(1 - beta2^step) + eps),  step = counter + 1
 // The bias corrections are computed in fp64 per tensor (as torch does), the step counters are
 // incremented afterwards by a separate launch, and found_inf != 0 makes every kernel return
-// before touching memory, so nothing changes at all.
+// before touching memory, so nothing changes at all. Params with a pruning mask are stored as +0
+// where the mask is false (done by mta::apply_kernel, in the same pass).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -296,7 +297,7 @@ int64_t fill_table(void* host, const TensorPtrs* tensors, int num_tensors, int n
   static_assert(kMaxLists == mta::kMaxLists, "list counts of optim_cuda.h and multi_tensor_apply.cuh differ");
   Entry* entries = mta::table_entries(host, num_tensors);
   for (int t = 0; t < num_tensors; ++t) {
-    entries[t] = mta::make_entry(tensors[t].ptr, num_lists, tensors[t].numel, tensors[t].step);
+    entries[t] = mta::make_entry(tensors[t].ptr, num_lists, tensors[t].numel, tensors[t].step, tensors[t].keep);
   }
   return mta::finish_table(host, num_tensors);
 }

@@ -1,0 +1,54 @@
+"""Which weights are pruned, and how their zeros survive optimizer steps.
+
+``prune_`` / ``GradualPruner`` register each pruned module here (it carries a ``weight_mask``
+bool buffer shaped like its ``weight``). Two mechanisms then keep pruned weights exactly zero:
+
+* bigkernels' fused optimizers (FusedAdam, FusedAdamW, FusedSGD) look the masks up for their
+  params (:func:`masked_modules`, rebuilt when :data:`version` changes) and pass them to the fused
+  kernel, which stores zero for pruned elements in the same pass as the update;
+* for every other optimizer, a global ``torch.optim`` post-step hook multiplies the weights by
+  their masks (one ``_foreach`` pass). It skips the modules the optimizer that just stepped has
+  already masked (``optimizer._masks_in_step``: ids of those modules), so a fused optimizer pays
+  nothing extra.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+from torch import nn
+
+_PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_HOOK = None
+version = 0  # bumped whenever a mask is registered or replaced
+
+
+def register(module: nn.Module) -> None:
+    """Record that ``module.weight_mask`` must hold after every optimizer step."""
+    global version
+    _PRUNED.add(module)
+    version += 1
+    _ensure_hook()
+
+
+def masked_modules() -> Dict[int, nn.Module]:
+    """``id(weight) -> module`` for every live module with a mask."""
+    return {id(m.weight): m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None}
+
+
+def _reapply_masks(optimizer, args, kwargs) -> None:
+    """Post-step hook of every torch optimizer: pruned weights back to zero, except those the
+    optimizer's own fused step already masked."""
+    done = getattr(optimizer, "_masks_in_step", ())
+    mods = [m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None and id(m) not in done]
+    if mods:
+        with torch.no_grad():
+            torch._foreach_mul_([m.weight for m in mods], [m.weight_mask for m in mods])
+
+
+def _ensure_hook() -> None:
+    global _HOOK
+    if _HOOK is None:
+        _HOOK = torch_optimizer.register_optimizer_step_post_hook(_reapply_masks)
