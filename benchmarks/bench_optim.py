@@ -7,7 +7,9 @@ same parameters and gradients for every provider.
 
 Effective bandwidth counts the bytes a step must move: AdamW reads param, grad, exp_avg,
 exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 accesses: 28 bytes/param in fp32); SGD with
-momentum reads param, grad, buffer and writes param, buffer (5 accesses). GPU times are
+momentum reads param, grad, buffer and writes param, buffer (5 accesses). ``adamw_pruned``: AdamW
+on linears pruned 50% by bigkernels.prune_ (one more byte per param: the mask); bigkernels masks
+inside its kernel, torch's optimizers get prune_'s post-step hook (one more pass). GPU times are
 triton.testing.do_bench medians (20th/80th percentiles beside them); CPU times are medians of
 wall-clock steps taken in alternating rounds across the providers.
 """
@@ -25,12 +27,12 @@ import bigkernels as bk
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
 
-ACCESSES = {"adamw": 7, "sgd": 5}
+ACCESSES = {"adamw": 7, "adamw_pruned": 7, "sgd": 5}
 
 
 def providers(kind: str) -> Dict[str, Callable]:
     """name -> factory(params) for the optimizers compared for ``kind``."""
-    if kind == "adamw":
+    if kind in ("adamw", "adamw_pruned"):
         return {
             "bigkernels FusedAdamW": lambda ps: bk.optim.FusedAdamW(ps, lr=1e-3),
             "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
@@ -54,6 +56,7 @@ def cases(device: str, quick: bool) -> List[dict]:
         big = 1_000_000_000 // 256
         return [
             dict(kind="adamw", n=256, numel=big, dtype=torch.float32),
+            dict(kind="adamw_pruned", n=256, numel=big, dtype=torch.float32),
             dict(kind="adamw", n=2000, numel=4096, dtype=torch.float32),
             dict(kind="adamw", n=256, numel=big, dtype=torch.bfloat16),
             dict(kind="sgd", n=256, numel=big, dtype=torch.float32),
@@ -61,23 +64,39 @@ def cases(device: str, quick: bool) -> List[dict]:
         ]
     if quick:
         return [dict(kind="adamw", n=16, numel=1 << 18, dtype=torch.float32),
+                dict(kind="adamw_pruned", n=16, numel=1 << 18, dtype=torch.float32),
                 dict(kind="adamw", n=500, numel=4096, dtype=torch.float32),
                 dict(kind="sgd", n=16, numel=1 << 18, dtype=torch.float32)]
     return [
         dict(kind="adamw", n=64, numel=50_000_000 // 64, dtype=torch.float32),
+        dict(kind="adamw_pruned", n=64, numel=50_000_000 // 64, dtype=torch.float32),
         dict(kind="adamw", n=2000, numel=4096, dtype=torch.float32),
         dict(kind="adamw", n=64, numel=50_000_000 // 64, dtype=torch.bfloat16),
         dict(kind="sgd", n=64, numel=50_000_000 // 64, dtype=torch.float32),
     ]
 
 
+def make_params(case: dict, device: str):
+    """(params, keep-alive): flat tensors, or for ``adamw_pruned`` the weights of linears of
+    ``numel`` = 1024 x (numel / 1024) elements pruned 50% (unstructured) by bigkernels.prune_."""
+    if case["kind"] != "adamw_pruned":
+        return [torch.randn(case["numel"], device=device).to(case["dtype"]).requires_grad_()
+                for _ in range(case["n"])], None
+    rows = case["numel"] // 1024
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, rows, bias=False) for _ in range(case["n"])])
+    model = bk.prune_(model.to(device=device, dtype=case["dtype"]), sparsity=0.5)
+    return [m.weight for m in model], model
+
+
 def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     torch.manual_seed(0)
-    params = [torch.randn(case["numel"], device=device).to(case["dtype"]).requires_grad_() for _ in range(case["n"])]
+    params, model = make_params(case, device)
     for p in params:
         p.grad = torch.randn_like(p)
-    total = case["n"] * case["numel"]
+    total = sum(p.numel() for p in params)
     bytes_moved = ACCESSES[case["kind"]] * total * params[0].element_size()
+    if model is not None:
+        bytes_moved += total  # the bool masks
     results: Dict[str, tuple] = {}
     if device == "cuda":  # one optimizer's state at a time (1B params: 8 GB each)
         for name, make in providers(case["kind"]).items():
@@ -96,7 +115,7 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     rows = []
     for name, (med, lo, hi) in results.items():
         rows.append(dict(meta, kernel=f"optim_{case['kind']}", provider=name,
-                         shape=f"{case['n']}x{case['numel']}", params=total, dtype=str(case["dtype"]).split(".")[1],
+                         shape=f"{case['n']}x{params[0].numel()}", params=total, dtype=str(case["dtype"]).split(".")[1],
                          ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
                          effective_tb_per_s=bytes_moved / med / 1e9))
     baseline = next((r["ms"] for r in rows if r["provider"].endswith("fused")), None)
@@ -106,13 +125,13 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
 
 
 def print_table(rows: List[dict]) -> None:
-    header = f"{'case':<28} {'provider':<26} {'ms/step':>9} {'Gparam/s':>9} {'eff TB/s':>9} {'vs torch fused':>15}"
+    header = f"{'case':<34} {'provider':<26} {'ms/step':>9} {'Gparam/s':>9} {'eff TB/s':>9} {'vs torch fused':>15}"
     print(header)
     print("-" * len(header))
     for r in rows:
         case = f"{r['kernel'][6:]} {r['shape']} {r['dtype']}"
         sp = f"{r['speedup_vs_torch_fused']:.2f}x" if r["speedup_vs_torch_fused"] else "-"
-        print(f"{case:<28} {r['provider']:<26} {r['ms']:>9.3f} {r['gparams_per_s']:>9.2f} "
+        print(f"{case:<34} {r['provider']:<26} {r['ms']:>9.3f} {r['gparams_per_s']:>9.2f} "
               f"{r['effective_tb_per_s']:>9.3f} {sp:>15}")
 
 

@@ -6,10 +6,10 @@ bool buffer shaped like its ``weight``). Two mechanisms then keep pruned weights
 * bigkernels' fused optimizers (FusedAdam, FusedAdamW, FusedSGD) look the masks up for their
   params (:func:`masked_modules`, rebuilt when :data:`version` changes) and pass them to the fused
   kernel, which stores zero for pruned elements in the same pass as the update;
-* for every other optimizer, a global ``torch.optim`` post-step hook multiplies the weights by
-  their masks (one ``_foreach`` pass). It skips the modules the optimizer that just stepped has
-  already masked (``optimizer._masks_in_step``: ids of those modules), so a fused optimizer pays
-  nothing extra.
+* for every other optimizer, a global ``torch.optim`` post-step hook multiplies the pruned
+  weights that optimizer updates by their masks (one ``_foreach`` pass). It skips the modules the
+  optimizer has already masked in its step (``optimizer._masks_in_step``: ids of those modules),
+  so a fused optimizer pays nothing extra.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 
 _PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _HOOK = None
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (key, modules to mask)
 version = 0  # bumped whenever a mask is registered or replaced
 
 
@@ -39,10 +40,19 @@ def masked_modules() -> Dict[int, nn.Module]:
 
 
 def _reapply_masks(optimizer, args, kwargs) -> None:
-    """Post-step hook of every torch optimizer: pruned weights back to zero, except those the
-    optimizer's own fused step already masked."""
-    done = getattr(optimizer, "_masks_in_step", ())
-    mods = [m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None and id(m) not in done]
+    """Post-step hook of every torch optimizer: the pruned weights this optimizer updates back to
+    zero, except those its own fused step already masked. Which modules that is depends only on
+    the optimizer's param groups and the registered masks, so it is worked out once per change."""
+    if not _PRUNED:
+        return
+    key = (version,) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+    plan = _PLANS.get(optimizer)
+    if plan is None or plan[0] != key:
+        done = getattr(optimizer, "_masks_in_step", ())
+        mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        plan = (key, [m for m in masked_modules().values() if id(m.weight) in mine and id(m) not in done])
+        _PLANS[optimizer] = plan
+    mods = plan[1]
     if mods:
         with torch.no_grad():
             torch._foreach_mul_([m.weight for m in mods], [m.weight_mask for m in mods])

@@ -76,4 +76,7 @@ struct Vec1 {
   double sum_lanes() const { return double(x); }
 };
 
+// The lane, or +0 where the pruning mask byte is 0 (NaN included). One per lane type.
+inline Vec1 keep_or_zero(Vec1 a, const uint8_t* keep) { return Vec1(*keep != 0 ? a.x : 0.0f); }
+
 }  // namespace

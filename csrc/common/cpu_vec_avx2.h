@@ -58,6 +58,10 @@ inline Vec8 vmax(Vec8 a, Vec8 b) {  // NaN in either propagates, like torch.maxi
   return Vec8(_mm256_blendv_ps(m, _mm256_add_ps(a.x, b.x), nan));
 }
 inline Vec8 vsqrt(Vec8 a) { return Vec8(_mm256_sqrt_ps(a.x)); }
+inline Vec8 keep_or_zero(Vec8 a, const uint8_t* keep) {  // 8 mask bytes -> all-ones / zero lanes
+  const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
+  return Vec8(_mm256_and_ps(a.x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256()))));
+}
 // 1/a to within 2 ulp: the 12-bit hardware estimate plus one Newton step, ~4x the throughput of
 // a division. 1/inf stays 0 (the Newton step alone would make it NaN); 1/0 stays inf.
 inline Vec8 vrcp(Vec8 a) {

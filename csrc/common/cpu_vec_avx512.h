@@ -72,6 +72,10 @@ inline Vec16 vmax(Vec16 a, Vec16 b) {  // NaN in either propagates, like torch.m
   return Vec16(_mm512_mask_add_ps(m, _mm512_cmp_ps_mask(a.x, b.x, _CMP_UNORD_Q), a.x, b.x));
 }
 inline Vec16 vsqrt(Vec16 a) { return Vec16(_mm512_sqrt_ps(a.x)); }
+inline Vec16 keep_or_zero(Vec16 a, const uint8_t* keep) {  // 16 mask bytes -> a lane mask
+  const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep)));
+  return Vec16(_mm512_maskz_mov_ps(_mm512_test_epi32_mask(k, k), a.x));
+}
 // 1/a to within 1 ulp: the 14-bit hardware estimate plus one Newton step. 1/inf stays 0 and 1/0
 // stays inf (where the Newton step alone would give NaN).
 inline Vec16 vrcp(Vec16 a) {

@@ -87,31 +87,10 @@ char* at_elem(const at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.element_size();
 }
 
-// Pruning masks inside the step: the update runs on pieces small enough to stay in L1, and each
-// piece's pruned elements are zeroed right after (bit pattern 0 is +0.0 in every float dtype),
-// so the masks cost one read of the bool mask and no second pass over the params in memory.
-constexpr int64_t kMaskPiece = 2048;
-
-template <class Bits>
-void zero_pruned(void* p, const bool* keep, int64_t n) {
-  Bits* bits = static_cast<Bits*>(p);
-  for (int64_t i = 0; i < n; ++i) bits[i] &= Bits(0) - Bits(keep[i] ? 1 : 0);
-}
-
-// Runs update(begin, end) over [b, e) of tensor t, zeroing pruned params piece by piece when
-// `masks` is given.
-template <class Update>
-void update_range(const at::Tensor& param, const std::optional<at::TensorList>& masks, size_t t, int64_t b,
-                  int64_t e, const Update& update) {
-  if (!masks.has_value()) return update(b, e);
-  const bool* keep = (*masks)[t].data_ptr<bool>();
-  const bool wide = param.element_size() == 4;
-  for (int64_t s = b; s < e; s += kMaskPiece) {
-    const int64_t stop = std::min(e, s + kMaskPiece);
-    update(s, stop);
-    if (wide) zero_pruned<uint32_t>(at_elem(param, s), keep + s, stop - s);
-    else zero_pruned<uint16_t>(at_elem(param, s), keep + s, stop - s);
-  }
+// The bytes of params[t]'s pruning mask at element b (torch bools are one byte), or nullptr.
+const uint8_t* keep_at(const std::optional<at::TensorList>& masks, size_t t, int64_t b) {
+  if (!masks.has_value()) return nullptr;
+  return reinterpret_cast<const uint8_t*>((*masks)[t].data_ptr<bool>()) + b;
 }
 
 template <bool kDecoupled>
@@ -141,10 +120,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   const Kernels& k = best_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
-    update_range(params[t], masks, t, b, e, [&](int64_t s, int64_t stop) {
-      k.adam(dt, at_elem(params[t], s), at_elem(g[t], s), at_elem(exp_avgs[t], s), at_elem(exp_avg_sqs[t], s),
-             amsgrad ? at_elem(max_exp_avg_sqs[t], s) : nullptr, stop - s, args[t]);
-    });
+    k.adam(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(exp_avgs[t], b), at_elem(exp_avg_sqs[t], b),
+           amsgrad ? at_elem(max_exp_avg_sqs[t], b) : nullptr, keep_at(masks, t, b), e - b, args[t]);
   });
   for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
 }
@@ -168,10 +145,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                   has_momentum};
   const Kernels& k = best_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
-    update_range(params[t], masks, t, b, e, [&](int64_t s, int64_t stop) {
-      k.sgd(dt, at_elem(params[t], s), at_elem(g[t], s), has_momentum ? at_elem(momentum_buffers[t], s) : nullptr,
-            stop - s, a);
-    });
+    k.sgd(dt, at_elem(params[t], b), at_elem(g[t], b), has_momentum ? at_elem(momentum_buffers[t], b) : nullptr,
+          keep_at(masks, t, b), e - b, a);
   });
 }
 

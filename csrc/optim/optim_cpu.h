@@ -25,11 +25,13 @@ struct SgdArgs {
   bool nesterov, maximize, first_step, has_momentum;
 };
 
-// One element range [0, n) of one tensor.
+// One element range [0, n) of one tensor. `keep` (or nullptr): the params' pruning mask, one byte
+// per element; params are stored as +0 where it is 0, in the same pass.
 struct Kernels {
   const char* isa;
-  void (*adam)(DType, void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamArgs&);
-  void (*sgd)(DType, void* p, const void* g, void* buf, int64_t n, const SgdArgs&);
+  void (*adam)(DType, void* p, const void* g, void* m, void* v, void* vmax, const uint8_t* keep, int64_t n,
+               const AdamArgs&);
+  void (*sgd)(DType, void* p, const void* g, void* buf, const uint8_t* keep, int64_t n, const SgdArgs&);
   double (*sum_of_squares)(DType, const void* x, int64_t n);
 };
 

@@ -26,7 +26,8 @@ struct AdamConsts {
 // divisions and square roots bound the step (AVX2: with them it ran at torch's speed); with
 // AVX-512 and the reciprocal, 50M fp32 params on 2 cores run at the DRAM's streaming speed.
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
-inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const AdamConsts<V>& c) {
+inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, const uint8_t* keep, int64_t i,
+                       const AdamConsts<V>& c) {
   V grad = V::load(g + i) * c.mult;
   V param = V::load(p + i);
   if constexpr (kWeightDecay) {
@@ -43,36 +44,37 @@ inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, int64_t i, const 
   }
   const V denom = vsqrt(second) * c.inv_bc2_sqrt + c.eps;
   param = param - c.step_size * exp_avg * vrcp(denom);
+  if (keep != nullptr) param = keep_or_zero(param, keep + i);  // same branch for the whole range
   param.store(p + i);
   exp_avg.store(m + i);
   exp_avg_sq.store(v + i);
 }
 
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
-void adam_range_impl(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
+void adam_range_impl(T* p, const T* g, T* m, T* v, T* vm, const uint8_t* keep, int64_t n, const AdamArgs& a) {
   const AdamConsts<V> c(a);
   const AdamConsts<Vec1> c1(a);
   int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) adam_lanes<V, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, i, c);
-  for (; i < n; ++i) adam_lanes<Vec1, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, i, c1);
+  for (; i + V::W <= n; i += V::W) adam_lanes<V, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, keep, i, c);
+  for (; i < n; ++i) adam_lanes<Vec1, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, keep, i, c1);
 }
 
 // The mode flags become template arguments so the inner loop has no branches.
 template <class V, class T>
-void adam_range(T* p, const T* g, T* m, T* v, T* vm, int64_t n, const AdamArgs& a) {
+void adam_range(T* p, const T* g, T* m, T* v, T* vm, const uint8_t* k, int64_t n, const AdamArgs& a) {
   const bool wd = a.weight_decay != 0.0f;
   if (a.amsgrad) {
-    if (!wd) return adam_range_impl<V, false, false, true>(p, g, m, v, vm, n, a);
-    if (a.decoupled) return adam_range_impl<V, true, true, true>(p, g, m, v, vm, n, a);
-    return adam_range_impl<V, true, false, true>(p, g, m, v, vm, n, a);
+    if (!wd) return adam_range_impl<V, false, false, true>(p, g, m, v, vm, k, n, a);
+    if (a.decoupled) return adam_range_impl<V, true, true, true>(p, g, m, v, vm, k, n, a);
+    return adam_range_impl<V, true, false, true>(p, g, m, v, vm, k, n, a);
   }
-  if (!wd) return adam_range_impl<V, false, false, false>(p, g, m, v, vm, n, a);
-  if (a.decoupled) return adam_range_impl<V, true, true, false>(p, g, m, v, vm, n, a);
-  return adam_range_impl<V, true, false, false>(p, g, m, v, vm, n, a);
+  if (!wd) return adam_range_impl<V, false, false, false>(p, g, m, v, vm, k, n, a);
+  if (a.decoupled) return adam_range_impl<V, true, true, false>(p, g, m, v, vm, k, n, a);
+  return adam_range_impl<V, true, false, false>(p, g, m, v, vm, k, n, a);
 }
 
 template <class V, class T>
-inline void sgd_lanes(T* p, const T* g, T* buf, int64_t i, const SgdArgs& a) {
+inline void sgd_lanes(T* p, const T* g, T* buf, const uint8_t* keep, int64_t i, const SgdArgs& a) {
   V grad = V::load(g + i) * V(a.grad_mult);
   if (a.maximize) grad = -grad;
   const V param = V::load(p + i);
@@ -82,15 +84,17 @@ inline void sgd_lanes(T* p, const T* g, T* buf, int64_t i, const SgdArgs& a) {
     b.store(buf + i);
     grad = a.nesterov ? grad + V(a.momentum) * b : b;
   }
-  (param - V(a.lr) * grad).store(p + i);
+  V updated = param - V(a.lr) * grad;
+  if (keep != nullptr) updated = keep_or_zero(updated, keep + i);
+  updated.store(p + i);
 }
 
 // Full vectors with V, the tail with Vec1.
 template <class V, class T>
-void sgd_range(T* p, const T* g, T* buf, int64_t n, const SgdArgs& a) {
+void sgd_range(T* p, const T* g, T* buf, const uint8_t* keep, int64_t n, const SgdArgs& a) {
   int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) sgd_lanes<V>(p, g, buf, i, a);
-  for (; i < n; ++i) sgd_lanes<Vec1>(p, g, buf, i, a);
+  for (; i + V::W <= n; i += V::W) sgd_lanes<V>(p, g, buf, keep, i, a);
+  for (; i < n; ++i) sgd_lanes<Vec1>(p, g, buf, keep, i, a);
 }
 
 // fp32 lane sums over blocks of 64 vectors, flushed to fp64 (keeps the relative error < 1e-5).
@@ -117,20 +121,23 @@ double sum_of_squares_range(const T* x, int64_t n) {
 
 // Storage-type dispatch, instantiated once per lane type.
 template <class V>
-void adam_any(DType dt, void* p, const void* g, void* m, void* v, void* vm, int64_t n, const AdamArgs& a) {
+void adam_any(DType dt, void* p, const void* g, void* m, void* v, void* vm, const uint8_t* k, int64_t n,
+              const AdamArgs& a) {
   switch (dt) {
-    case DType::f32: return adam_range<V>((float*)p, (const float*)g, (float*)m, (float*)v, (float*)vm, n, a);
-    case DType::f16: return adam_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)m, (fp16_t*)v, (fp16_t*)vm, n, a);
-    case DType::bf16: return adam_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)m, (bf16_t*)v, (bf16_t*)vm, n, a);
+    case DType::f32: return adam_range<V>((float*)p, (const float*)g, (float*)m, (float*)v, (float*)vm, k, n, a);
+    case DType::f16:
+      return adam_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)m, (fp16_t*)v, (fp16_t*)vm, k, n, a);
+    case DType::bf16:
+      return adam_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)m, (bf16_t*)v, (bf16_t*)vm, k, n, a);
   }
 }
 
 template <class V>
-void sgd_any(DType dt, void* p, const void* g, void* buf, int64_t n, const SgdArgs& a) {
+void sgd_any(DType dt, void* p, const void* g, void* buf, const uint8_t* k, int64_t n, const SgdArgs& a) {
   switch (dt) {
-    case DType::f32: return sgd_range<V>((float*)p, (const float*)g, (float*)buf, n, a);
-    case DType::f16: return sgd_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)buf, n, a);
-    case DType::bf16: return sgd_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)buf, n, a);
+    case DType::f32: return sgd_range<V>((float*)p, (const float*)g, (float*)buf, k, n, a);
+    case DType::f16: return sgd_range<V>((fp16_t*)p, (const fp16_t*)g, (fp16_t*)buf, k, n, a);
+    case DType::bf16: return sgd_range<V>((bf16_t*)p, (const bf16_t*)g, (bf16_t*)buf, k, n, a);
   }
 }
 
