@@ -116,6 +116,20 @@ def test_gradual_pruning_with_fused_adamw_picks_up_new_masks(without_post_step_h
         assert abs(float((~m.weight_mask).float().mean()) - 0.75) < 1e-3
 
 
+def test_post_step_hook_follows_new_masks_and_only_its_optimizer():
+    """torch.optim with GradualPruner: masks made after the first step are kept too; an optimizer
+    step re-masks only the weights that optimizer updates."""
+    model, other = _model(7), bk.prune_(_model(8), sparsity=0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gp = bk.sparse.GradualPruner(model, final_sparsity=0.5, start_step=3, end_step=23, every=5)
+    with torch.no_grad():
+        other[0].weight[~other[0].weight_mask] = 1.0  # not opt's: must stay as set
+    _train(model, opt, 30, pruner=gp)
+    for m in (model[0], model[2]):
+        assert (m.weight[~m.weight_mask] == 0).all() and float((~m.weight_mask).float().mean()) == 0.5
+    assert (other[0].weight[~other[0].weight_mask] == 1.0).all()
+
+
 def test_in_step_masks_match_torch_adamw_with_the_hook():
     """FusedAdamW masking inside its kernel == torch.optim.AdamW followed by the post-step hook."""
     ours = bk.prune_(_model(6), sparsity=0.5)
