@@ -4,7 +4,9 @@
 
 Baselines: dense ``F.linear`` (bf16 cuBLAS on CUDA, fp32 on CPU) and PyTorch's own sparse
 formats on the same pruned weight: ``to_sparse_semi_structured`` (CUDA, 2:4), ``to_sparse_bsr``
-(block) and ``to_sparse_csr`` (unstructured).
+(block) and ``to_sparse_csr`` (unstructured). SparseLinear is timed as used for inference: its
+first call per shape measures its kernels against the dense product and keeps the faster
+(bigkernels.nn._dispatch); that call is the warm-up, outside the timing.
 """
 from __future__ import annotations
 
@@ -26,9 +28,16 @@ CASES = [("2:4", 0.5), ("block", 0.5), ("block", 0.9), ("unstructured", 0.5), ("
 
 
 def grid(device: str, quick: bool):
+    """The issue's grid, plus (full runs) the edges of "never slower than dense": a small layer
+    and low sparsity, where SparseLinear must fall back to the dense product."""
     ms = ([1, 2048] if quick else [1, 16, 2048, 8192]) if device == "cuda" else ([1] if quick else [1, 16, 128])
     kns = KN[:1] if quick else KN
-    return [(m, k, n, pat, sp) for m in ms for k, n in kns for pat, sp in CASES]
+    cases = [(m, k, n, pat, sp) for m in ms for k, n in kns for pat, sp in CASES]
+    if not quick:
+        edge_ms = (ms[0], ms[-2])
+        cases += [(m, 256, 256, pat, sp) for m in edge_ms for pat, sp in CASES]
+        cases += [(m, 4096, 4096, "unstructured", 0.25) for m in edge_ms]
+    return cases
 
 
 def torch_sparse(pattern: str, w: torch.Tensor, device: str):

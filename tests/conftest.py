@@ -91,3 +91,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so an element a kernel forgets to write shows up."""
     return t.fill_(float("nan"))
+
+
+@pytest.fixture
+def force_linear_dispatch(monkeypatch):
+    """force(mode): BIGKERNELS_LINEAR_DISPATCH=mode for the compressed linear layers' shape
+    dispatch (bigkernels.nn._dispatch); decisions are forgotten before and after the test."""
+    from bigkernels.nn import _dispatch
+
+    def force(mode: str) -> None:
+        monkeypatch.setenv("BIGKERNELS_LINEAR_DISPATCH", mode)
+        _dispatch.clear()
+
+    _dispatch.clear()
+    yield force
+    monkeypatch.undo()
+    _dispatch.clear()

@@ -1,11 +1,13 @@
 """QuantLinear: an int8-weight drop-in for nn.Linear at inference (and for adapters on a frozen base)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from bigkernels.nn import _dispatch
 from bigkernels.ops.quant import quant_linear
 from bigkernels.nn._checks import check_linear_input
 from bigkernels.reference import quant as ref
@@ -31,6 +33,12 @@ class QuantLinear(nn.Module):
     ``bias`` is a parameter in the compute dtype. ``weight`` reads back the dequantised weight, so
     code that inspects ``layer.weight`` keeps working. Gradients flow to the input (and the bias);
     the int8 weight is frozen. Inputs of any leading shape, fp32/bf16/fp16; output in x's dtype.
+
+    Each shape and batch size runs the faster of the int8 kernels and the dense product with the
+    weight dequantised once (measured on first use: ``bigkernels.nn._dispatch``), so the layer is
+    never slower than the ``nn.Linear`` it replaced. Where dense wins (small layers, mostly) that
+    dequantised weight is kept, and w8a8 then skips quantising the activations (more accurate).
+    ``torch.compile`` always traces the int8 op.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -42,6 +50,8 @@ class QuantLinear(nn.Module):
         self._set_weight(init.weight.detach(), None)
         self.bias = nn.Parameter(init.bias.detach().clone()) if bias else None
         self.register_buffer("_dtype_probe", torch.empty(0, **factory), persistent=False)
+        self._dense = _dispatch.DenseCache()
+        self._routes = _dispatch.Routes()
 
     def _set_weight(self, w: Tensor, smooth_scale: Optional[Tensor]) -> None:
         if smooth_scale is not None:
@@ -86,12 +96,33 @@ class QuantLinear(nn.Module):
             setattr(self, name, t.to(getattr(self, name).device))
         return self
 
+    def _kernel_forward(self, x2: Tensor) -> Tensor:
+        """The differentiable int8 op of the mode (gradients to the input and the bias)."""
+        if self.smooth_scale is not None:
+            x2 = x2 / self.smooth_scale.to(x2.dtype)
+        bias = None if self.bias is None else self.bias.float()
+        return quant_linear(x2, self.weight_int8, self.weight_scale, bias, self.mode)
+
+    def _dense_forward(self, x2: Tensor, stored: Tensor) -> Tensor:
+        return self._dense.linear(x2, stored, lambda: self.weight, self._parameters.get("bias"))
+
+    def _choose(self, x2: Tensor, stored: Tensor) -> str:
+        paths = {"kernel": functools.partial(self._kernel_forward, x2),
+                 "dense": functools.partial(self._dense_forward, x2, stored)}
+        key = ("QuantLinear", x2.device, x2.dtype, self.mode, self.in_features, self.out_features,
+               self.bias is not None, self.smooth_scale is not None)
+        return _dispatch.pick(self, x2, key, paths)
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("QuantLinear", x, self.in_features)
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale.to(x.dtype)
-        bias = None if self.bias is None else self.bias.float()
-        return quant_linear(x, self.weight_int8, self.weight_scale, bias, self.mode)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        stored = self._buffers["weight_int8"]  # frozen: the dense path is differentiable too
+        if _dispatch.can_dispatch(x2, stored):
+            path = self._routes.get(x2) or self._choose(x2, stored)
+            out = self._dense_forward(x2, stored) if path == "dense" else self._kernel_forward(x2)
+        else:
+            out = self._kernel_forward(x2)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         smooth = ", smoothquant" if self.smooth_scale is not None else ""

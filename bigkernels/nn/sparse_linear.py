@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bigkernels.nn import _dispatch
 from bigkernels.ops import sparse_cuda
 from bigkernels.nn._checks import check_linear_input
 from bigkernels.reference import sparse as ref
@@ -31,6 +33,12 @@ class SparseLinear(nn.Module):
     The stored non-zeros are a parameter: fine-tuning updates them and keeps the pattern. ``weight``
     reads back the dense weight. Inputs of any leading shape; output in x's dtype. Build with
     :meth:`from_linear` from a (pruned) ``nn.Linear``.
+
+    Inference picks, per shape and batch size, the fastest of the sparse kernels and the dense
+    product with the weight decompressed once (measured on first use: see
+    ``bigkernels.nn._dispatch``), so the layer is never slower than the ``nn.Linear`` it
+    replaced; where dense wins (small layers, low sparsity) that dense weight is kept in memory.
+    Training (gradients wanted) and ``torch.compile`` always run the sparse kernel op.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True):
@@ -39,6 +47,8 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
         self.in_features, self.out_features, self.pattern, self.block_size = in_features, out_features, pattern, block_size
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._dense = _dispatch.DenseCache()
+        self._routes = _dispatch.Routes()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: str = "2:4", block_size: int = 64) -> "SparseLinear":
@@ -96,13 +106,10 @@ class SparseLinear(nn.Module):
                     setattr(self, name, empty)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _use_sparse_tensor_cores(self, x2: Tensor) -> bool:
-        """2:4 inference on an sm_80+ GPU in fp16/bf16 goes through cuSPARSELt (the sparse tensor
-        cores); training (gradients wanted) and torch.compile use the differentiable op."""
+    def _sparse_tensor_cores_apply(self, x2: Tensor) -> bool:
+        """2:4 in fp16/bf16 on an sm_80+ GPU can run on the sparse tensor cores (cuSPARSELt)."""
         return (self.pattern == "2:4" and x2.is_cuda and x2.dtype in sparse_cuda.DTYPES
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0
-                and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (x2.requires_grad or self.values.requires_grad))
                 and _sparse24_supported(x2.device))
 
     def _cslt_forward(self, x2: Tensor) -> Tensor:
@@ -115,15 +122,38 @@ class SparseLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x2.dtype)
         return sparse_cuda.cslt_mm(x2, self._cslt, self.out_features, bias)
 
+    def _op_forward(self, x2: Tensor) -> Tensor:
+        """The differentiable kernel op (Triton / C++ / reference by device)."""
+        return getattr(torch.ops.bigkernels, _OPS[self.pattern])(x2, *self._format(), self.bias)
+
+    def _dense_forward(self, x2: Tensor, stored: Tensor) -> Tensor:
+        return self._dense.linear(x2, stored, lambda: self.weight, self._parameters.get("bias"))
+
+    def _choose(self, x2: Tensor, stored: Tensor) -> str:
+        """Measure (or look up) the fastest inference path for this input's shape."""
+        paths = {"kernel": functools.partial(self._op_forward, x2),
+                 "dense": functools.partial(self._dense_forward, x2, stored)}
+        if self._sparse_tensor_cores_apply(x2):
+            paths = {"cusparselt": functools.partial(self._cslt_forward, x2), **paths}
+        key = ("SparseLinear", x2.device, x2.dtype, self.pattern, self.in_features, self.out_features,
+               self.block_size, round(self.density, 2), self.bias is not None)
+        return _dispatch.pick(self, x2, key, paths)
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("SparseLinear", x, self.in_features)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self._use_sparse_tensor_cores(x2):
-            out = self._cslt_forward(x2)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        stored = self._parameters[_VALUES[self.pattern]]  # (nn.Module.__getattr__ costs ~0.4 us)
+        if not _dispatch.can_dispatch(x2, stored):
+            out = self._op_forward(x2)  # training, torch.compile, CUDA-graph capture
         else:
-            out = getattr(torch.ops.bigkernels, _OPS[self.pattern])(x2, *self._format(), self.bias)
-        return out.reshape(*lead, self.out_features)
+            path = self._routes.get(x2) or self._choose(x2, stored)
+            if path == "dense":
+                out = self._dense_forward(x2, stored)
+            elif path == "kernel":
+                out = self._op_forward(x2)
+            else:
+                out = self._cslt_forward(x2)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.pattern == "block" else ""

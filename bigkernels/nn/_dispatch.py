@@ -1,0 +1,158 @@
+"""Shape dispatch of the compressed linear layers, by measurement on the running machine.
+
+A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and a dense fallback:
+``F.linear`` with the layer's weight decompressed once and cached. Which is fastest depends on the
+machine, the layer's shape and batch size, its density: small layers and low sparsity lose to
+dense BLAS on the CPU, kernel launch overheads differ between GPUs. Rather than a crossover table
+measured on one machine, the first inference call for a key (device, dtype, layer shape and
+format, batch size bucket) times every path on the real input and later calls reuse the winner:
+the layer is never slower than the dense product it replaced, on any machine.
+
+Only inference (no gradient wanted) is dispatched; training and ``torch.compile`` /
+CUDA-graph capture run the layer's differentiable kernel op. ``BIGKERNELS_LINEAR_DISPATCH``
+forces one path everywhere (``kernel`` or ``dense``; default ``measure``; read again by
+:func:`clear`). Layers keep their own decisions in a :class:`Routes` (a dict lookup per call:
+these layers are also used at sizes where a microsecond of Python is a tenth of the product).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Dict, Hashable
+
+import torch
+from torch import Tensor
+
+_CHOICES: Dict[Hashable, str] = {}
+_MODES = ("measure", "kernel", "dense")
+FAST_ENOUGH = 2.0  # after one timed round, a path this many times faster than the rest wins
+_generation = 0  # bumped by clear(): layers' own route caches then start over
+_mode = None
+
+
+def mode() -> str:
+    global _mode
+    if _mode is None:
+        value = os.environ.get("BIGKERNELS_LINEAR_DISPATCH", "measure")
+        if value not in _MODES:
+            raise ValueError(f"BIGKERNELS_LINEAR_DISPATCH must be one of {_MODES}, got {value!r}")
+        _mode = value
+    return _mode
+
+
+def rows_bucket(m: int) -> int:
+    """Batch sizes sharing one decision: powers of two (1, 2, 4, ..., then 2048, 4096, ...)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def can_dispatch(x: Tensor, values: Tensor) -> bool:
+    """Inference (no gradient to ``x`` or the layer's stored ``values``) outside tracing and
+    CUDA-graph capture, on a non-empty input: the case this module decides."""
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or x.shape[0] == 0:
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[str, float]:
+    """Best-of wall time per path (synchronised on CUDA), paths alternating; one warm-up call each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in paths.values():
+        fn()
+    best = {name: math.inf for name in paths}
+    for round_ in range(3):
+        for name, fn in paths.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        ranked = sorted(best.values())
+        if round_ == 0 and len(ranked) > 1 and ranked[1] > FAST_ENOUGH * ranked[0]:
+            break  # clear winner: big layers are not timed three times
+    return best
+
+
+def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> str:
+    """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use.
+    Names other than ``"dense"`` are kernel paths; a forced mode picks the first kernel path or
+    the dense one."""
+    forced = mode()
+    if forced == "dense" and "dense" in paths:
+        return "dense"
+    if forced == "kernel" or len(paths) == 1:
+        return next(name for name in paths if name != "dense")
+    hit = _CHOICES.get(key)
+    if hit is None or hit not in paths:
+        with torch.no_grad():
+            times = _time(paths, device)
+        hit = _CHOICES[key] = min(times, key=times.get)
+    return hit
+
+
+def pick(layer, x: Tensor, key: tuple, paths: Dict[str, Callable[[], Tensor]]) -> str:
+    """:func:`choose` for a layer's 2-D input ``x`` (``key`` gets the rows bucket appended); the
+    answer is remembered in ``layer._routes`` and ``layer._dense`` is dropped unless it won."""
+    path = choose(key + (rows_bucket(x.shape[0]),), paths, x.device)
+    layer._routes.put(x, path)
+    if path != "dense":
+        layer._dense.drop()
+    return path
+
+
+def choices() -> Dict[Hashable, str]:
+    """The decisions taken so far (key -> path), e.g. for ``bigkernels.info()`` or a log."""
+    return dict(_CHOICES)
+
+
+def clear() -> None:
+    """Forget every decision (the next inference call of each shape measures again) and read
+    ``BIGKERNELS_LINEAR_DISPATCH`` again."""
+    global _generation, _mode
+    _CHOICES.clear()
+    _generation += 1
+    _mode = None
+
+
+class Routes:
+    """One layer's decisions: (dtype, device, rows) -> path name, valid until clear(). Keyed by
+    the exact row count (one dict lookup); rows of one bucket share the global decision."""
+
+    __slots__ = ("generation", "table")
+
+    def __init__(self):
+        self.generation, self.table = _generation, {}
+
+    def get(self, x: Tensor):
+        if self.generation != _generation:
+            self.generation, self.table = _generation, {}
+        return self.table.get((x.dtype, x.device, x.shape[0]))
+
+    def put(self, x: Tensor, path: str) -> None:
+        self.table[(x.dtype, x.device, x.shape[0])] = path
+
+
+class DenseCache:
+    """A layer's decompressed weight in the input's dtype, rebuilt when the stored tensor changes
+    (in-place version, storage) or the input's dtype/device does, and dropped when the dense path
+    is not chosen."""
+
+    __slots__ = ("key", "weight")
+
+    def __init__(self):
+        self.key = self.weight = None
+
+    def linear(self, x: Tensor, stored: Tensor, build_weight: Callable[[], Tensor], bias) -> Tensor:
+        """``F.linear(x, W, bias)`` with W = build_weight() in x's dtype (cached)."""
+        key = (stored._version, stored.data_ptr(), x.dtype, x.device)
+        if self.key != key:
+            self.weight = build_weight().to(device=x.device, dtype=x.dtype)
+            self.key = key
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight, bias)
+
+    def drop(self) -> None:
+        self.key = self.weight = None

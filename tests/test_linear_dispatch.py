@@ -1,0 +1,140 @@
+"""Shape dispatch of the compressed linear layers (bigkernels.nn._dispatch): the measured choice,
+forced modes, and SparseLinear's dense fallback (cached weight kept in step with the stored
+values; training and torch.compile never dispatched)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import bigkernels as bk
+from bigkernels.nn import SparseLinear, _dispatch
+from conftest import assert_close, devices
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(force_linear_dispatch):
+    force_linear_dispatch("measure")
+    return force_linear_dispatch
+
+
+def _slow(seconds, calls, name):
+    def fn():
+        calls.append(name)
+        time.sleep(seconds)
+        return torch.zeros(1)
+    return fn
+
+
+@pytest.mark.parametrize("slow", ["kernel", "dense"])
+def test_choose_measures_once_and_keeps_the_faster(slow):
+    calls = []
+    paths = {name: _slow(0.004 if name == slow else 0.0, calls, name) for name in ("kernel", "dense")}
+    cpu = torch.device("cpu")
+    want = "dense" if slow == "kernel" else "kernel"
+    assert _dispatch.choose("k", paths, cpu) == want
+    measured = len(calls)
+    assert 4 <= measured <= 8  # a warm-up and one to three timed rounds per path
+    assert _dispatch.choose("k", paths, cpu) == want and len(calls) == measured  # not measured again
+    assert _dispatch.choices() == {"k": want}
+
+
+@pytest.mark.parametrize("forced", ["kernel", "dense"])
+def test_forced_mode(fresh_decisions, forced):
+    fresh_decisions(forced)
+    calls = []
+    paths = {"cusparselt": _slow(0, calls, "c"), "kernel": _slow(0, calls, "k"), "dense": _slow(0, calls, "d")}
+    assert _dispatch.choose("k", paths, torch.device("cpu")) == ("cusparselt" if forced == "kernel" else "dense")
+    assert calls == []
+    fresh_decisions("fastest")
+    with pytest.raises(ValueError, match="BIGKERNELS_LINEAR_DISPATCH"):
+        _dispatch.choose("k", paths, torch.device("cpu"))
+
+
+def _layer(pattern, seed=0, k=64, n=48, device="cpu", dtype=torch.float32):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n)
+    bk.prune_(lin, pattern=pattern, **({} if pattern == "2:4" else dict(sparsity=0.6, block_size=16)))
+    lin = lin.to(device=device, dtype=dtype)
+    return lin, SparseLinear.from_linear(lin, pattern=pattern, block_size=16)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("forced", ["kernel", "dense", "measure"])
+@pytest.mark.parametrize("pattern", ["2:4", "block", "unstructured"])
+def test_every_path_computes_the_masked_linear(fresh_decisions, pattern, forced, device):
+    """CPU fp32, CUDA bf16 (where 2:4 also has the cuSPARSELt path)."""
+    fresh_decisions(forced)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = 1e-2 if device == "cuda" else 1e-5
+    lin, sparse = _layer(pattern, device=device, dtype=dtype)
+    for shape in [(5, 64), (3, 7, 64), (1, 64), (32, 64)]:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        with torch.no_grad():
+            assert_close(sparse(x), lin(x), rtol=tol, atol=tol, what=f"{pattern} {forced} {shape}")
+    cached = sparse._dense.weight is not None
+    assert cached == (forced == "dense" or "dense" in sparse._routes.table.values())
+
+
+def test_dense_cache_follows_in_place_updates_and_training_uses_the_op(fresh_decisions):
+    fresh_decisions("dense")
+    lin, sparse = _layer("unstructured", seed=1)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        sparse(x)
+        sparse.values.mul_(2.0)  # e.g. an optimizer step: bumps the stored tensor's version
+        lin.weight.mul_(2.0)
+        assert_close(sparse(x), lin(x), rtol=1e-5, atol=1e-5, what="after an in-place update")
+    out = sparse(x)  # gradients wanted: the differentiable op, not the cached weight
+    out.square().sum().backward()
+    assert sparse.values.grad is not None and sparse.values.grad.shape == sparse.values.shape
+
+
+def test_kernel_choice_drops_the_dense_weight(monkeypatch):
+    lin, sparse = _layer("block", seed=2)
+    x = torch.randn(2, 64)
+    real_choose = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda key, paths, device: (real_choose(key, paths, device), "kernel")[1])
+    with torch.no_grad():
+        sparse(x)
+    assert sparse._routes.table == {(x.dtype, x.device, 2): "kernel"} and sparse._dense.weight is None
+
+
+def test_decisions_are_shared_by_shape_and_reset_by_clear():
+    _, a = _layer("2:4", seed=3)
+    _, b = _layer("2:4", seed=4)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        a(x)
+        keys = set(_dispatch.choices())
+        b(x)  # same shape, density and batch bucket: no new measurement
+        b(torch.randn(4, 64))  # rows 3 and 4 share the bucket of 4
+        assert set(_dispatch.choices()) == keys and len(keys) == 1
+        _dispatch.clear()
+        assert a._routes.get(x) is None
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_quant_linear_paths_and_gradients(fresh_decisions, mode):
+    """Dense path == x @ dequantised Wᵀ + b (w8a8 without activation quantisation); gradients to
+    the input and the bias on both paths."""
+    torch.manual_seed(5)
+    lin = nn.Linear(40, 24)
+    data = torch.randn(3, 5, 40)
+    outs = {}
+    for forced in ("kernel", "dense"):
+        fresh_decisions(forced)
+        q = bk.nn.QuantLinear.from_linear(lin, mode=mode)
+        x = data.clone().requires_grad_()
+        out = q(x)
+        out.square().sum().backward()
+        assert x.grad is not None and q.bias.grad is not None
+        with torch.no_grad():
+            outs[forced] = q(x)
+        if forced == "dense":
+            assert_close(outs[forced], torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5,
+                         what="dense path")
+    tol = 1e-5 if mode == "w8a16" else 3e-2  # w8a8's kernel also quantises the activations
+    assert_close(outs["kernel"], outs["dense"], rtol=tol, atol=tol, what=f"{mode} kernel vs dense")
