@@ -137,4 +137,11 @@ def test_quant_linear_paths_and_gradients(fresh_decisions, mode):
             assert_close(outs[forced], torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5,
                          what="dense path")
     tol = 1e-5 if mode == "w8a16" else 3e-2  # w8a8's kernel also quantises the activations
+    # a dense weight first cached under inference_mode still serves a later training call
+    q = bk.nn.QuantLinear.from_linear(lin, mode=mode)
+    with torch.inference_mode():
+        q(data)
+    x = data.clone().requires_grad_()
+    q(x).sum().backward()
+    assert x.grad is not None
     assert_close(outs["kernel"], outs["dense"], rtol=tol, atol=tol, what=f"{mode} kernel vs dense")

@@ -148,7 +148,8 @@ class DenseCache:
         """``F.linear(x, W, bias)`` with W = build_weight() in x's dtype (cached)."""
         key = (stored._version, stored.data_ptr(), x.dtype, x.device)
         if self.key != key:
-            self.weight = build_weight().to(device=x.device, dtype=x.dtype)
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
+                self.weight = build_weight().to(device=x.device, dtype=x.dtype)
             self.key = key
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
