@@ -59,8 +59,8 @@ def _sparse24_status() -> str:
 
 
 def info() -> Dict[str, Any]:
-    """Versions, CPU features, the extension's state, and per op the backends available here and
-    the backend each device uses."""
+    """Versions, CPU features, the extension's state, per op the backends available here and the
+    backend each device uses, and the compressed linear layers' shape dispatch so far."""
     import torch
 
     from bigkernels import __version__
@@ -90,4 +90,13 @@ def info() -> Dict[str, Any]:
         "extension_loaded": extension_error() is None,
         "extension_error": extension_error(),
         "ops": _registry.backend_table(),
+        "linear_dispatch": _linear_dispatch(),
     }
+
+
+def _linear_dispatch() -> Dict[str, Any]:
+    """QuantLinear / SparseLinear's mode and the per-shape paths measured so far in this process."""
+    from bigkernels.nn import _dispatch
+
+    return {"mode": _dispatch.mode(),
+            "choices": {" ".join(map(str, key)): path for key, path in _dispatch.choices().items()}}

@@ -1,9 +1,9 @@
 // Multi-tensor apply: one kernel launch updates many tensors.
 //
 // The host describes every tensor in a metadata table (see TableLayout): for tensor t, its list
-// pointers (params, grads, states...), numel, optional step counter, and whether all of its
-// pointers are 16-byte aligned, and an optional pruning mask; plus the exclusive prefix sum of the tensors' chunk counts
-// (chunk_start[0] = 0, chunk_start[n] = total chunks). The table is written into pinned host
+// pointers (params, grads, states...), numel, optional step counter, optional pruning mask, and
+// whether all of its pointers are 16-byte aligned; plus the exclusive prefix sum of the tensors'
+// chunk counts (chunk_start[0] = 0, chunk_start[n] = total chunks). The table is written into pinned host
 // memory and copied to the device with one asynchronous copy on the launch stream.
 //
 // The kernel runs a persistent grid (about as many blocks as fit on the GPU at once); block b
