@@ -145,3 +145,38 @@ def test_quant_linear_paths_and_gradients(fresh_decisions, mode):
     q(x).sum().backward()
     assert x.grad is not None
     assert_close(outs["kernel"], outs["dense"], rtol=tol, atol=tol, what=f"{mode} kernel vs dense")
+
+
+@pytest.mark.parametrize("budget", [0, None])
+def test_dense_copies_only_for_small_layers(fresh_decisions, monkeypatch, budget):
+    """The cached dense path exists only for layers within BIGKERNELS_DENSE_CACHE_BYTES (default
+    1 MiB); otherwise a forced dense mode decompresses per call and keeps nothing."""
+    if budget is not None:
+        monkeypatch.setenv("BIGKERNELS_DENSE_CACHE_BYTES", str(budget))
+    fresh_decisions("dense")
+    small_lin, small = _layer("unstructured", seed=6)                  # 48 x 64 fp32: 12 KB
+    big_lin, big = _layer("unstructured", seed=7, k=1024, n=512)       # 2 MiB
+    for lin, layer, cached in ((small_lin, small, budget is None), (big_lin, big, False)):
+        x = torch.randn(3, lin.in_features)
+        with torch.no_grad():
+            assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5, what="dense path")
+        assert (layer._dense.weight is not None) == cached
+        assert set(layer._routes.table.values()) == {"dense" if cached else "decompress"}
+    monkeypatch.setenv("BIGKERNELS_DENSE_CACHE_BYTES", "lots")
+    fresh_decisions("measure")
+    with pytest.raises(ValueError, match="BIGKERNELS_DENSE_CACHE_BYTES"), torch.no_grad():
+        small(torch.randn(2, 64))
+
+
+def test_dense_copy_allowed_when_the_format_is_not_smaller(fresh_decisions):
+    """CSR at 20% sparsity (8 bytes per kept weight) is larger than the dense weight: a cached
+    dense copy is offered even for a layer above the small-layer budget."""
+    fresh_decisions("dense")
+    torch.manual_seed(8)
+    lin = nn.Linear(1024, 512)
+    bk.prune_(lin, sparsity=0.2)
+    layer = SparseLinear.from_linear(lin, pattern="unstructured")
+    assert _dispatch.stored_bytes(layer) > 1024 * 512 * 4
+    with torch.no_grad():
+        layer(torch.randn(2, 1024))
+    assert set(layer._routes.table.values()) == {"dense"} and layer._dense.weight is not None

@@ -1,18 +1,28 @@
 """Shape dispatch of the compressed linear layers, by measurement on the running machine.
 
-A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and a dense fallback:
-``F.linear`` with the layer's weight decompressed once and cached. Which is fastest depends on the
-machine, the layer's shape and batch size, its density: small layers and low sparsity lose to
-dense BLAS on the CPU, kernel launch overheads differ between GPUs. Rather than a crossover table
-measured on one machine, the first inference call for a key (device, dtype, layer shape and
-format, batch size bucket) times every path on the real input and later calls reuse the winner:
-the layer is never slower than the dense product it replaced, on any machine.
+A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and dense fallbacks:
 
-Only inference (no gradient wanted) is dispatched; training and ``torch.compile`` /
-CUDA-graph capture run the layer's differentiable kernel op. ``BIGKERNELS_LINEAR_DISPATCH``
-forces one path everywhere (``kernel`` or ``dense``; default ``measure``; read again by
-:func:`clear`). Layers keep their own decisions in a :class:`Routes` (a dict lookup per call:
-these layers are also used at sizes where a microsecond of Python is a tenth of the product).
+* ``"decompress"``: ``F.linear`` with the weight decompressed for the call (no memory kept), for
+  shapes where the product dwarfs the decompression (large batches on a slow kernel);
+* ``"dense"``: the same with the decompressed weight cached, offered only where that copy costs
+  little: layers whose dense weight is at most ``BIGKERNELS_DENSE_CACHE_BYTES`` (default 1 MiB:
+  up to 512 x 512 in fp32), where per-call overheads decide, and layers whose compressed format
+  is not smaller than the dense weight anyway (CSR below ~50% sparsity). 0 disables it: the
+  dispatcher then never keeps more memory than the compressed layer.
+
+Which is fastest depends on the machine, the layer's shape and batch size and its density: small
+layers and low sparsity lose to dense BLAS on the CPU, kernel launch overheads differ between GPUs.
+Rather than a crossover table measured on one machine, the first call for a key (device, dtype,
+layer shape and format, batch size bucket) times every path on the real input and later calls
+reuse the winner: within the memory rule above, the layer is never slower than the dense product
+it replaced, on any machine.
+
+Dispatched: calls that want no gradient for the layer's stored weights (inference; QuantLinear's
+int8 weight is frozen, so its training calls too). ``torch.compile`` / CUDA-graph capture and
+sparse fine-tuning run the layer's differentiable kernel op. ``BIGKERNELS_LINEAR_DISPATCH``
+forces one path everywhere (``kernel`` or ``dense``; default ``measure``). Both variables are read
+again by :func:`clear`. Layers keep their own decisions in a :class:`Routes` (one dict lookup per
+call: these layers also run at sizes where a microsecond of Python is a tenth of the product).
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ _MODES = ("measure", "kernel", "dense")
 FAST_ENOUGH = 2.0  # after one timed round, a path this many times faster than the rest wins
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
+_cache_bytes = None
+DENSE_PATHS = ("dense", "decompress")
 
 
 def mode() -> str:
@@ -39,6 +51,18 @@ def mode() -> str:
             raise ValueError(f"BIGKERNELS_LINEAR_DISPATCH must be one of {_MODES}, got {value!r}")
         _mode = value
     return _mode
+
+
+def cache_bytes() -> int:
+    """Largest dense weight (bytes) a layer may keep cached for the ``"dense"`` path."""
+    global _cache_bytes
+    if _cache_bytes is None:
+        raw = os.environ.get("BIGKERNELS_DENSE_CACHE_BYTES", str(1 << 20))
+        try:
+            _cache_bytes = int(raw)
+        except ValueError:
+            raise ValueError(f"BIGKERNELS_DENSE_CACHE_BYTES must be an integer number of bytes, got {raw!r}") from None
+    return _cache_bytes
 
 
 def rows_bucket(m: int) -> int:
@@ -77,13 +101,12 @@ def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[
 
 def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> str:
     """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use.
-    Names other than ``"dense"`` are kernel paths; a forced mode picks the first kernel path or
-    the dense one."""
+    Names other than those of DENSE_PATHS are kernel paths; a forced mode picks the first kernel
+    path, or the first dense one."""
     forced = mode()
-    if forced == "dense" and "dense" in paths:
-        return "dense"
-    if forced == "kernel" or len(paths) == 1:
-        return next(name for name in paths if name != "dense")
+    if forced != "measure" or len(paths) == 1:
+        want_dense = forced == "dense"
+        return next(name for name in paths if (name in DENSE_PATHS) == want_dense)
     hit = _CHOICES.get(key)
     if hit is None or hit not in paths:
         with torch.no_grad():
@@ -92,14 +115,41 @@ def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.
     return hit
 
 
-def pick(layer, x: Tensor, key: tuple, paths: Dict[str, Callable[[], Tensor]]) -> str:
-    """:func:`choose` for a layer's 2-D input ``x`` (``key`` gets the rows bucket appended); the
-    answer is remembered in ``layer._routes`` and ``layer._dense`` is dropped unless it won."""
+def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]], stored: Tensor) -> str:
+    """:func:`choose` among a layer's ``kernels`` and its dense paths for the 2-D input ``x``
+    (``key`` gets the rows bucket appended). The layer provides ``_dense`` (a DenseCache),
+    ``_routes`` (Routes), ``weight`` (the dense weight, built on read) and ``in_features`` /
+    ``out_features``; the answer
+    is remembered in its routes, and its cached dense weight dropped unless ``"dense"`` won."""
+    paths = dict(kernels)
+    dense_bytes = layer.in_features * layer.out_features * x.element_size()
+    budget = cache_bytes()
+    if budget > 0 and (dense_bytes <= budget or stored_bytes(layer) >= dense_bytes):
+        paths["dense"] = lambda: dense_linear(layer, "dense", x, stored)
+    paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
     path = choose(key + (rows_bucket(x.shape[0]),), paths, x.device)
     layer._routes.put(x, path)
     if path != "dense":
         layer._dense.drop()
     return path
+
+
+def stored_bytes(layer) -> int:
+    """Bytes of the layer's compressed weight: its own parameters and buffers but the bias."""
+    tensors = [t for name, t in layer.named_parameters(recurse=False) if name != "bias"]
+    tensors += list(layer.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dense_linear(layer, path: str, x: Tensor, stored: Tensor) -> Tensor:
+    """``F.linear(x, W, bias)`` with the layer's decompressed weight: cached (``"dense"``) or
+    built for this call (``"decompress"``)."""
+    bias = layer._parameters.get("bias")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if path == "dense":
+        return layer._dense.linear(x, stored, lambda: layer.weight, bias)
+    return torch.nn.functional.linear(x, layer.weight.to(device=x.device, dtype=x.dtype), bias)
 
 
 def choices() -> Dict[Hashable, str]:
@@ -109,11 +159,11 @@ def choices() -> Dict[Hashable, str]:
 
 def clear() -> None:
     """Forget every decision (the next inference call of each shape measures again) and read
-    ``BIGKERNELS_LINEAR_DISPATCH`` again."""
-    global _generation, _mode
+    ``BIGKERNELS_LINEAR_DISPATCH`` and ``BIGKERNELS_DENSE_CACHE_BYTES`` again."""
+    global _generation, _mode, _cache_bytes
     _CHOICES.clear()
     _generation += 1
-    _mode = None
+    _mode = _cache_bytes = None
 
 
 class Routes:
@@ -151,8 +201,6 @@ class DenseCache:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
                 self.weight = build_weight().to(device=x.device, dtype=x.dtype)
             self.key = key
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
         return torch.nn.functional.linear(x, self.weight, bias)
 
     def drop(self) -> None:

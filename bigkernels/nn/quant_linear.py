@@ -34,10 +34,10 @@ class QuantLinear(nn.Module):
     code that inspects ``layer.weight`` keeps working. Gradients flow to the input (and the bias);
     the int8 weight is frozen. Inputs of any leading shape, fp32/bf16/fp16; output in x's dtype.
 
-    Each shape and batch size runs the faster of the int8 kernels and the dense product with the
-    weight dequantised once (measured on first use: ``bigkernels.nn._dispatch``), so the layer is
-    never slower than the ``nn.Linear`` it replaced. Where dense wins (small layers, mostly) that
-    dequantised weight is kept, and w8a8 then skips quantising the activations (more accurate).
+    Each shape and batch size runs the fastest of the int8 kernels and the dense product with the
+    weight dequantised (per call, or once and kept for layers of at most 1 MiB dense), measured
+    on first use (``bigkernels.nn._dispatch``), so the layer is not slower than the ``nn.Linear``
+    it replaced. On a dense path w8a8 does not quantise the activations (more accurate).
     ``torch.compile`` always traces the int8 op.
     """
 
@@ -103,23 +103,18 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return quant_linear(x2, self.weight_int8, self.weight_scale, bias, self.mode)
 
-    def _dense_forward(self, x2: Tensor, stored: Tensor) -> Tensor:
-        return self._dense.linear(x2, stored, lambda: self.weight, self._parameters.get("bias"))
-
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
-        paths = {"kernel": functools.partial(self._kernel_forward, x2),
-                 "dense": functools.partial(self._dense_forward, x2, stored)}
         key = ("QuantLinear", x2.device, x2.dtype, self.mode, self.in_features, self.out_features,
                self.bias is not None, self.smooth_scale is not None)
-        return _dispatch.pick(self, x2, key, paths)
+        return _dispatch.pick(self, x2, key, {"kernel": functools.partial(self._kernel_forward, x2)}, stored)
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("QuantLinear", x, self.in_features)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        stored = self._buffers["weight_int8"]  # frozen: the dense path is differentiable too
+        stored = self._buffers["weight_int8"]  # frozen: the dense paths are differentiable too
         if _dispatch.can_dispatch(x2, stored):
             path = self._routes.get(x2) or self._choose(x2, stored)
-            out = self._dense_forward(x2, stored) if path == "dense" else self._kernel_forward(x2)
+            out = self._kernel_forward(x2) if path == "kernel" else _dispatch.dense_linear(self, path, x2, stored)
         else:
             out = self._kernel_forward(x2)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)

@@ -35,10 +35,10 @@ class SparseLinear(nn.Module):
     :meth:`from_linear` from a (pruned) ``nn.Linear``.
 
     Inference picks, per shape and batch size, the fastest of the sparse kernels and the dense
-    product with the weight decompressed once (measured on first use: see
-    ``bigkernels.nn._dispatch``), so the layer is never slower than the ``nn.Linear`` it
-    replaced; where dense wins (small layers, low sparsity) that dense weight is kept in memory.
-    Training (gradients wanted) and ``torch.compile`` always run the sparse kernel op.
+    product with the weight decompressed (per call, or once and kept for layers of at most 1 MiB
+    dense), measured on first use (``bigkernels.nn._dispatch``), so the layer is not slower than
+    the ``nn.Linear`` it replaced. Training (gradients wanted) and ``torch.compile`` always run
+    the sparse kernel op.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True):
@@ -126,33 +126,29 @@ class SparseLinear(nn.Module):
         """The differentiable kernel op (Triton / C++ / reference by device)."""
         return getattr(torch.ops.bigkernels, _OPS[self.pattern])(x2, *self._format(), self.bias)
 
-    def _dense_forward(self, x2: Tensor, stored: Tensor) -> Tensor:
-        return self._dense.linear(x2, stored, lambda: self.weight, self._parameters.get("bias"))
-
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
         """Measure (or look up) the fastest inference path for this input's shape."""
-        paths = {"kernel": functools.partial(self._op_forward, x2),
-                 "dense": functools.partial(self._dense_forward, x2, stored)}
+        kernels = {"kernel": functools.partial(self._op_forward, x2)}
         if self._sparse_tensor_cores_apply(x2):
-            paths = {"cusparselt": functools.partial(self._cslt_forward, x2), **paths}
+            kernels = {"cusparselt": functools.partial(self._cslt_forward, x2), **kernels}
         key = ("SparseLinear", x2.device, x2.dtype, self.pattern, self.in_features, self.out_features,
                self.block_size, round(self.density, 2), self.bias is not None)
-        return _dispatch.pick(self, x2, key, paths)
+        return _dispatch.pick(self, x2, key, kernels, stored)
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("SparseLinear", x, self.in_features)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         stored = self._parameters[_VALUES[self.pattern]]  # (nn.Module.__getattr__ costs ~0.4 us)
         if not _dispatch.can_dispatch(x2, stored):
-            out = self._op_forward(x2)  # training, torch.compile, CUDA-graph capture
+            out = self._op_forward(x2)  # sparse fine-tuning, torch.compile, CUDA-graph capture
         else:
             path = self._routes.get(x2) or self._choose(x2, stored)
-            if path == "dense":
-                out = self._dense_forward(x2, stored)
-            elif path == "kernel":
+            if path == "kernel":
                 out = self._op_forward(x2)
-            else:
+            elif path == "cusparselt":
                 out = self._cslt_forward(x2)
+            else:
+                out = _dispatch.dense_linear(self, path, x2, stored)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
