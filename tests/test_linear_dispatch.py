@@ -74,8 +74,8 @@ def test_every_path_computes_the_masked_linear(fresh_decisions, pattern, forced,
         x = torch.randn(shape, device=device, dtype=dtype)
         with torch.no_grad():
             assert_close(sparse(x), lin(x), rtol=tol, atol=tol, what=f"{pattern} {forced} {shape}")
-    cached = sparse._dense.weight is not None
-    assert cached == (forced == "dense" or "dense" in sparse._routes.table.values())
+    if forced != "measure":  # (measured routes may differ between row buckets)
+        assert (sparse._dense.weight is not None) == (forced == "dense")
 
 
 def test_dense_cache_follows_in_place_updates_and_training_uses_the_op(fresh_decisions):
@@ -118,8 +118,8 @@ def test_decisions_are_shared_by_shape_and_reset_by_clear():
 
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
 def test_quant_linear_paths_and_gradients(fresh_decisions, mode):
-    """Dense path == x @ dequantised Wᵀ + b (w8a8 without activation quantisation); gradients to
-    the input and the bias on both paths."""
+    """The dense path gives the int8 kernel's numbers; training runs the kernel op (gradients to
+    the input and the bias)."""
     torch.manual_seed(5)
     lin = nn.Linear(40, 24)
     data = torch.randn(3, 5, 40)
@@ -133,10 +133,8 @@ def test_quant_linear_paths_and_gradients(fresh_decisions, mode):
         assert x.grad is not None and q.bias.grad is not None
         with torch.no_grad():
             outs[forced] = q(x)
-        if forced == "dense":
-            assert_close(outs[forced], torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5,
-                         what="dense path")
-    tol = 1e-5 if mode == "w8a16" else 3e-2  # w8a8's kernel also quantises the activations
+    # the dense paths reproduce the kernel's numbers (w8a8: activations quantised there too)
+    tol = 1e-5
     # a dense weight first cached under inference_mode still serves a later training call
     q = bk.nn.QuantLinear.from_linear(lin, mode=mode)
     with torch.inference_mode():
@@ -180,3 +178,33 @@ def test_dense_copy_allowed_when_the_format_is_not_smaller(fresh_decisions):
     with torch.no_grad():
         layer(torch.randn(2, 1024))
     assert set(layer._routes.table.values()) == {"dense"} and layer._dense.weight is not None
+
+
+def test_fused_optimizer_steps_reach_the_dense_copy(fresh_decisions):
+    """The fused kernels write params through pointers; their steps still invalidate a layer's
+    cached dense weight (the optimizers bump the params' version counters)."""
+    fresh_decisions("dense")
+    for opt_cls in (bk.optim.FusedAdamW, bk.optim.FusedSGD):
+        _, sparse = _layer("unstructured", seed=9)
+        x = torch.randn(4, 64)
+        with torch.no_grad():
+            sparse(x)  # caches the dense weight
+        opt = opt_cls(sparse.parameters(), lr=0.1)
+        sparse(x).square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            assert_close(sparse(x), torch.nn.functional.linear(x, sparse.weight, sparse.bias), rtol=1e-5,
+                         atol=1e-5, what=f"inference after a {opt_cls.__name__} step")
+
+
+@pytest.mark.parametrize("forced", ["measure", "dense"])
+def test_layers_built_under_inference_mode(fresh_decisions, forced):
+    fresh_decisions(forced)
+    torch.manual_seed(10)
+    with torch.inference_mode():
+        lin = nn.Linear(64, 32)
+        q = bk.nn.QuantLinear.from_linear(lin, mode="w8a16")
+        sparse = SparseLinear.from_linear(lin, pattern="unstructured")  # (nothing pruned: CSR of all)
+        x = torch.randn(3, 64)
+        assert_close(q(x), lin(x), rtol=2e-2, atol=2e-2, what="QuantLinear")
+        assert_close(sparse(x), lin(x), rtol=1e-5, atol=1e-5, what="SparseLinear")

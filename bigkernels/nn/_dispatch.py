@@ -14,12 +14,15 @@ Which is fastest depends on the machine, the layer's shape and batch size and it
 layers and low sparsity lose to dense BLAS on the CPU, kernel launch overheads differ between GPUs.
 Rather than a crossover table measured on one machine, the first call for a key (device, dtype,
 layer shape and format, batch size bucket) times every path on the real input and later calls
-reuse the winner: within the memory rule above, the layer is never slower than the dense product
-it replaced, on any machine.
+reuse the winner: within the memory rule above, the layer runs at least as fast as the dense
+product it replaced, as measured on that machine (once, best of up to three timed calls per path:
+a decision taken while the machine was disturbed can be off; ``clear()`` measures again).
 
-Dispatched: calls that want no gradient for the layer's stored weights (inference; QuantLinear's
-int8 weight is frozen, so its training calls too). ``torch.compile`` / CUDA-graph capture and
-sparse fine-tuning run the layer's differentiable kernel op. ``BIGKERNELS_LINEAR_DISPATCH``
+Dispatched: calls that want no gradient (inference: grad mode off, or neither the input nor the
+layer's stored weight requires one). ``torch.compile`` / CUDA-graph capture and training run the
+layer's differentiable kernel op. Every path computes the same product up to float rounding (for
+w8a8, the dense paths quantise the activations as the int8 kernel does), so a decision changes
+speed, not results. ``BIGKERNELS_LINEAR_DISPATCH``
 forces one path everywhere (``kernel`` or ``dense``; default ``measure``). Both variables are read
 again by :func:`clear`. Layers keep their own decisions in a :class:`Routes` (one dict lookup per
 call: these layers also run at sizes where a microsecond of Python is a tenth of the product).
@@ -118,8 +121,8 @@ def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.
 def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]], stored: Tensor) -> str:
     """:func:`choose` among a layer's ``kernels`` and its dense paths for the 2-D input ``x``
     (``key`` gets the rows bucket appended). The layer provides ``_dense`` (a DenseCache),
-    ``_routes`` (Routes), ``weight`` (the dense weight, built on read) and ``in_features`` /
-    ``out_features``; the answer
+    ``_routes`` (Routes), ``_dense_weight()`` and ``_dense_input(x)`` (the float weight and input
+    whose product equals its kernels' up to rounding) and ``in_features`` / ``out_features``; the answer
     is remembered in its routes, and its cached dense weight dropped unless ``"dense"`` won."""
     paths = dict(kernels)
     dense_bytes = layer.in_features * layer.out_features * x.element_size()
@@ -142,14 +145,15 @@ def stored_bytes(layer) -> int:
 
 
 def dense_linear(layer, path: str, x: Tensor, stored: Tensor) -> Tensor:
-    """``F.linear(x, W, bias)`` with the layer's decompressed weight: cached (``"dense"``) or
-    built for this call (``"decompress"``)."""
+    """``F.linear`` of the layer's dense input and decompressed weight (cached for ``"dense"``,
+    built for this call for ``"decompress"``) plus its bias, in x's dtype."""
     bias = layer._parameters.get("bias")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    xd = layer._dense_input(x)
     if path == "dense":
-        return layer._dense.linear(x, stored, lambda: layer.weight, bias)
-    return torch.nn.functional.linear(x, layer.weight.to(device=x.device, dtype=x.dtype), bias)
+        return layer._dense.linear(xd, stored, layer._dense_weight, bias)
+    return torch.nn.functional.linear(xd, layer._dense_weight().to(device=x.device, dtype=x.dtype), bias)
 
 
 def choices() -> Dict[Hashable, str]:
@@ -184,6 +188,15 @@ class Routes:
         self.table[(x.dtype, x.device, x.shape[0])] = path
 
 
+def version(t: Tensor) -> int:
+    """``t._version``, or -1 for an inference tensor (it has no version counter: a layer built
+    under ``torch.inference_mode`` is not updated in place afterwards)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class DenseCache:
     """A layer's decompressed weight in the input's dtype, rebuilt when the stored tensor changes
     (in-place version, storage) or the input's dtype/device does, and dropped when the dense path
@@ -196,7 +209,7 @@ class DenseCache:
 
     def linear(self, x: Tensor, stored: Tensor, build_weight: Callable[[], Tensor], bias) -> Tensor:
         """``F.linear(x, W, bias)`` with W = build_weight() in x's dtype (cached)."""
-        key = (stored._version, stored.data_ptr(), x.dtype, x.device)
+        key = (version(stored), stored.data_ptr(), x.dtype, x.device)
         if self.key != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
                 self.weight = build_weight().to(device=x.device, dtype=x.dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from bigkernels.nn import _dispatch
-from bigkernels.ops.quant import quant_linear
+from bigkernels.ops.quant import quant_linear, quantize_per_token, w8a8_quantizes_activations
 from bigkernels.nn._checks import check_linear_input
 from bigkernels.reference import quant as ref
 
@@ -37,8 +37,8 @@ class QuantLinear(nn.Module):
     Each shape and batch size runs the fastest of the int8 kernels and the dense product with the
     weight dequantised (per call, or once and kept for layers of at most 1 MiB dense), measured
     on first use (``bigkernels.nn._dispatch``), so the layer is not slower than the ``nn.Linear``
-    it replaced. On a dense path w8a8 does not quantise the activations (more accurate).
-    ``torch.compile`` always traces the int8 op.
+    it replaced. The dense paths reproduce the kernels' numbers (w8a8 quantises the activations
+    there too), up to float rounding. Training and ``torch.compile`` run the int8 op.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -103,6 +103,20 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return quant_linear(x2, self.weight_int8, self.weight_scale, bias, self.mode)
 
+    def _dense_weight(self) -> Tensor:
+        """The weight the int8 kernels multiply by (SmoothQuant's scale still folded in)."""
+        return ref.dequantize_weight(self.weight_int8, self.weight_scale, torch.float32)
+
+    def _dense_input(self, x2: Tensor) -> Tensor:
+        """The input as the int8 kernels see it: divided by the SmoothQuant scale and, for w8a8,
+        quantised per token and dequantised (so the dense paths give the kernel's numbers)."""
+        if self.smooth_scale is not None:
+            x2 = x2 / self.smooth_scale.to(x2.dtype)
+        if self.mode == "w8a8" and w8a8_quantizes_activations(x2):
+            xq, xs = quantize_per_token(x2)
+            x2 = (xq.float() * xs.unsqueeze(1)).to(x2.dtype)
+        return x2
+
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
         key = ("QuantLinear", x2.device, x2.dtype, self.mode, self.in_features, self.out_features,
                self.bias is not None, self.smooth_scale is not None)
@@ -111,7 +125,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("QuantLinear", x, self.in_features)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        stored = self._buffers["weight_int8"]  # frozen: the dense paths are differentiable too
+        stored = self._buffers["weight_int8"]
         if _dispatch.can_dispatch(x2, stored):
             path = self._routes.get(x2) or self._choose(x2, stored)
             out = self._kernel_forward(x2) if path == "kernel" else _dispatch.dense_linear(self, path, x2, stored)

@@ -115,7 +115,7 @@ class SparseLinear(nn.Module):
     def _cslt_forward(self, x2: Tensor) -> Tensor:
         # Compressed once per (dtype, storage, in-place version) of the stored values; fine-tuning
         # steps bump the version, so the next inference call recompresses.
-        key = (x2.dtype, self.values.data_ptr(), self.values._version)
+        key = (x2.dtype, x2.device, self.values.data_ptr(), _dispatch.version(self.values))
         if getattr(self, "_cslt_key", None) != key:
             self._cslt = sparse_cuda.compress(self.weight.to(device=x2.device, dtype=x2.dtype))
             self._cslt_key = key
@@ -125,6 +125,13 @@ class SparseLinear(nn.Module):
     def _op_forward(self, x2: Tensor) -> Tensor:
         """The differentiable kernel op (Triton / C++ / reference by device)."""
         return getattr(torch.ops.bigkernels, _OPS[self.pattern])(x2, *self._format(), self.bias)
+
+    def _dense_weight(self) -> Tensor:
+        return self.weight
+
+    @staticmethod
+    def _dense_input(x2: Tensor) -> Tensor:
+        return x2
 
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
         """Measure (or look up) the fastest inference path for this input's shape."""

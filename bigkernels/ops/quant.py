@@ -97,10 +97,15 @@ def w8a16_mm(x, w_int8, w_scale, bias):
 
 
 # ----- differentiable linear ops ---------------------------------------------------------------
+def w8a8_quantizes_activations(x: Tensor) -> bool:
+    """Whether w8a8 quantises ``x`` (2-D): not at small M on CUDA, where the layer is bound by
+    reading its int8 weight and the weight-only GEMV is faster than quantising the activations
+    and running an int8 GEMM (and more accurate)."""
+    return not (_w8a16_backend(x) == "cuda-c++" and _registry.forced_backend("int8_scaled_mm") is None)
+
+
 def _w8a8_linear_impl(x, w_int8, w_scale, bias):
-    # At small M on CUDA the layer is bound by reading its int8 weight: the weight-only GEMV is
-    # faster than quantising the activations and running an int8 GEMM, and more accurate.
-    if _w8a16_backend(x) == "cuda-c++" and _registry.forced_backend("int8_scaled_mm") is None:
+    if not w8a8_quantizes_activations(x):
         return w8a16_mm(x, w_int8, w_scale, bias)
     xq, xs = quantize_per_token(x)
     return int8_scaled_mm(xq, xs, w_int8, w_scale, bias, x.dtype)
