@@ -225,6 +225,21 @@ def test_bad_masks_are_rejected_and_nothing_changes(device, op):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} changed by a rejected call"
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("op", ["fused_adamw_", "fused_sgd_"])
+def test_params_version_counters_are_bumped(device, op):
+    """As torch's in-place ops do: autograd's checks and version-keyed caches see the step."""
+    require_kernel(op, device)
+    if op == "fused_sgd_":
+        lists, kw = _sgd_case(device, torch.float32, 5, first=False)
+    else:
+        lists, kw = _adam_case(device, torch.float32, 5, amsgrad=False)
+    kw.pop("found_inf", None)
+    before = [p._version for p in lists["params"]]
+    getattr(torch.ops.bigkernels, op)(*lists.values(), **kw)
+    assert all(p._version > v for p, v in zip(lists["params"], before))
+
+
 def _small_adam_args(device):
     lists, kw = _adam_case(device, torch.float32, 9, amsgrad=True)
     lists = {k: v[1:4] for k, v in lists.items()}

@@ -15,7 +15,8 @@ Ops (all in the ``bigkernels`` namespace):
 
 Every update op takes ``grad_scale``/``found_inf`` (torch.amp.GradScaler's protocol) and
 ``grad_norm``/``max_grad_norm`` (clipping by global norm); see ``bigkernels.reference.optim``
-for the exact maths. ``masks`` (optional, one bool tensor per param) keeps pruned weights at
+for the exact maths. Every backend bumps the params' version counters, as torch's in-place ops do.
+``masks`` (optional, one bool tensor per param) keeps pruned weights at
 exactly zero inside the same pass (bigkernels.prune_ registers them; the fused optimizers pass
 them here).
 """
@@ -84,26 +85,17 @@ for _name, _schema, _reference, _fake, _triton_name in _DEFS:
                                         triton_kwargs=_masks_as_list if "masks" in _schema else None))
 
 
-# The compiled kernels write the params through raw pointers, which autograd's version counters
-# do not see (torch's own fused optimizers bump them). The wrappers below bump the params' counters
-# after every step, so autograd's in-place checks and caches keyed on a tensor's version
-# (SparseLinear's dense copy, its cuSPARSELt compression) see the update. Callers of the bare
-# torch.ops.bigkernels ops who need that call torch.autograd.graph.increment_version themselves.
-
-
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                 decoupled_weight_decay: bool, **kwargs) -> None:
     """Run the Adam (or AdamW) step on the fastest backend for the tensors' device."""
     op = "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
     _registry.call(op, params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                    state_steps, **kwargs)
-    torch.autograd.graph.increment_version(params)  # (see the note above fused_adam_)
 
 
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> None:
     """Run the SGD step on the fastest backend for the tensors' device."""
     _registry.call("fused_sgd_", params[0].device, params, grads, momentum_buffers, **kwargs)
-    torch.autograd.graph.increment_version(params)  # (see the note above fused_adam_)
 
 
 def sum_of_squares(tensors):

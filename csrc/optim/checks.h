@@ -147,6 +147,14 @@ inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList
   if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }
 
+// The kernels write the params through raw pointers, which autograd's version counters do not see:
+// bump them as torch's own in-place ops (and fused optimizers) do, so autograd's checks and caches
+// keyed on a tensor's version see the update. Called after validation and before any kernel, so an
+// inference tensor updated outside inference mode is rejected with nothing modified.
+inline void bump_versions(at::TensorList params) {
+  for (const auto& p : params) p.unsafeGetTensorImpl()->bump_version();
+}
+
 // Grads are read only; a non-contiguous one is read through a contiguous copy.
 inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
   std::vector<at::Tensor> out;

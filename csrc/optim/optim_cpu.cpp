@@ -105,6 +105,7 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                   weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
   if (params.empty()) return;
   if (skip_step(found_inf)) return;
+  bump_versions(params);
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);
@@ -137,6 +138,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   if (params.empty()) return;
   const bool has_momentum = momentum != 0;
   if (skip_step(found_inf)) return;
+  bump_versions(params);
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);

@@ -91,6 +91,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
+  bump_versions(params);  // (found_inf is read on the device: the step may still change nothing)
 
   c10::cuda::CUDAGuard guard(device);
   const std::vector<at::Tensor> g = contiguous_list(grads);
@@ -125,6 +126,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const bool has_momentum = momentum != 0;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": expected CUDA params, got ", device);
+  bump_versions(params);
 
   c10::cuda::CUDAGuard guard(device);
   const std::vector<at::Tensor> g = contiguous_list(grads);
