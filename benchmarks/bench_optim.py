@@ -9,7 +9,9 @@ Effective bandwidth counts the bytes a step must move: AdamW reads param, grad, 
 exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 accesses: 28 bytes/param in fp32); SGD with
 momentum reads param, grad, buffer and writes param, buffer (5 accesses). ``adamw_pruned``: AdamW
 on linears pruned 50% by bigkernels.prune_ (one more byte per param: the mask); bigkernels masks
-inside its kernel, torch's optimizers get prune_'s post-step hook (one more pass). GPU times are
+inside its kernel, torch's optimizers get prune_'s post-step hook (one more pass). ``apply_masks``:
+that hook's pass alone, bigkernels' op vs the ``_foreach_mul_`` it replaced ("vs torch fused" is
+vs ``_foreach_mul_`` there; 9 bytes per param). GPU times are
 triton.testing.do_bench medians (20th/80th percentiles beside them); CPU times are medians of
 wall-clock steps taken in alternating rounds across the providers.
 """
@@ -135,6 +137,24 @@ def print_table(rows: List[dict]) -> None:
               f"{r['effective_tb_per_s']:>9.3f} {sp:>15}")
 
 
+def run_masks_case(device: str, quick: bool, meta: dict) -> List[dict]:
+    """The pass prune_'s hook makes after a torch.optim step: ``apply_masks_`` vs the
+    ``_foreach_mul_`` by bool masks it replaced (reads weight + mask, writes weight)."""
+    n, numel = (16, 1 << 18) if quick else ((256, 1_000_000_000 // 256) if device == "cuda" else (48, 1 << 20))
+    torch.manual_seed(0)
+    ws = [torch.randn(numel, device=device) for _ in range(n)]
+    ks = [torch.rand(numel, device=device) > 0.5 for _ in range(n)]
+    fns = {"bigkernels apply_masks_": lambda: bk.ops.optim.apply_masks_(ws, ks),
+           "torch _foreach_mul_ (bool)": lambda: torch._foreach_mul_(ws, ks)}
+    res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
+        time_cpu_interleaved(fns, quick)
+    total, base = n * numel, res["torch _foreach_mul_ (bool)"][0]
+    return [dict(meta, kernel="optim_apply_masks", provider=name, shape=f"{n}x{numel}", params=total, dtype="float32",
+                 ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
+                 effective_tb_per_s=9 * total / med / 1e9, speedup_vs_torch_fused=base / med)
+            for name, (med, lo, hi) in res.items()]
+
+
 def run(device: str, quick: bool) -> List[dict]:
     meta = metadata(device, "fused_adamw_")
     print(header(meta) + f" | backend {meta['backend']}")
@@ -142,7 +162,7 @@ def run(device: str, quick: bool) -> List[dict]:
     for case in cases(device, quick):
         with torch.enable_grad():  # the optimizers' state and steps, as in training
             rows += run_case(case, device, quick, meta)
-    return rows
+    return rows + run_masks_case(device, quick, meta)
 
 
 def main(argv=None) -> List[dict]:

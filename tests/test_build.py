@@ -13,7 +13,7 @@ import bigkernels as bk
 from bigkernels.ops import _registry
 from conftest import has_kernel
 
-OPTIM_OPS = ["fused_adam_", "fused_adamw_", "fused_sgd_", "sum_of_squares"]
+OPTIM_OPS = ["fused_adam_", "fused_adamw_", "fused_sgd_", "sum_of_squares", "apply_masks_"]
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

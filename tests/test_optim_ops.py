@@ -240,6 +240,47 @@ def test_params_version_counters_are_bumped(device, op):
     assert all(p._version > v for p, v in zip(lists["params"], before))
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_masks_matches_reference_bit_for_bit(device, dtype):
+    """Pruned elements become +0 (NaN and -0 included); kept ones keep their exact bits."""
+    require_kernel("apply_masks_", device)
+    torch.manual_seed(12)
+    tensors = [_rand(s, dtype, device) for s in SHAPES]
+    tensors[0].view(-1)[:6] = torch.tensor([float("nan"), -0.0, float("inf"), 1e-40, -2.0, float("nan")])
+    masks = _masks_for(tensors, 3)
+    masks[0].view(-1)[:6] = torch.tensor([False, False, True, True, True, True])
+    want = [t.clone() for t in tensors]
+    ref.apply_masks_(want, masks)
+    before = [t._version for t in tensors]
+    torch.ops.bigkernels.apply_masks_(tensors, masks)
+    for i, (t, w, m) in enumerate(zip(tensors, want, masks)):
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(t.view(bits), w.view(bits)), f"tensors[{i}] differs from the reference"
+        assert (t.view(bits)[~m] == 0).all(), f"tensors[{i}]: a pruned element is not +0"
+    assert all(t._version > v for t, v in zip(tensors, before))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_apply_masks_rejects_bad_input(device):
+    require_kernel("apply_masks_", device)
+    tensors = [torch.randn(4, 6, device=device), torch.randn(5, device=device)]
+    masks = _masks_for(tensors, 4)
+    before = [t.clone() for t in tensors]
+    op = torch.ops.bigkernels.apply_masks_
+    for bad_t, bad_m, message in (
+        (tensors, masks[:1], "masks"),
+        (tensors, [m.float() for m in masks], "bool"),
+        (tensors, [masks[0].t().contiguous(), masks[1]], "shape"),
+        ([tensors[0].t(), tensors[1]], [masks[0].t(), masks[1]], "contiguous"),
+        ([tensors[0], tensors[1].double()], masks, "dtype|Double"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            op(bad_t, bad_m)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+    torch.library.opcheck(op.default, (tensors, masks))
+
+
 def _small_adam_args(device):
     lists, kw = _adam_case(device, torch.float32, 9, amsgrad=True)
     lists = {k: v[1:4] for k, v in lists.items()}

@@ -12,6 +12,9 @@ Ops (all in the ``bigkernels`` namespace):
 ``sum_of_squares``
     Sum of squares of every element of a list of tensors as a 0-d fp32 tensor: the reduction
     pass of the global-norm clipping done inside the fused steps.
+``apply_masks_``
+    Pruned elements (bool mask False) of a list of same-device, same-dtype tensors set to zero:
+    the pass prune_'s hook makes after a torch.optim step (the fused optimizers need none).
 
 Every update op takes ``grad_scale``/``found_inf`` (torch.amp.GradScaler's protocol) and
 ``grad_norm``/``max_grad_norm`` (clipping by global norm); see ``bigkernels.reference.optim``
@@ -42,6 +45,7 @@ SGD_SCHEMA = (
     f"{_COMMON_TAIL}) -> ()"
 )
 SUM_OF_SQUARES_SCHEMA = "(Tensor[] tensors) -> Tensor"
+APPLY_MASKS_SCHEMA = "(Tensor(a!)[] tensors, Tensor[] masks) -> ()"
 
 
 def _adam_reference(decoupled: bool):
@@ -67,6 +71,7 @@ _DEFS = [
     ("fused_adamw_", ADAM_SCHEMA, _adam_reference(True), _no_output, "fused_adamw_triton_"),
     ("fused_sgd_", SGD_SCHEMA, ref.fused_sgd_, _no_output, "fused_sgd_triton_"),
     ("sum_of_squares", SUM_OF_SQUARES_SCHEMA, ref.sum_of_squares, _sum_of_squares_fake, "sum_of_squares_triton"),
+    ("apply_masks_", APPLY_MASKS_SCHEMA, ref.apply_masks_, _no_output, None),
 ]
 
 def _masks_as_list(kwargs: dict) -> dict:
@@ -96,6 +101,12 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> None:
     """Run the SGD step on the fastest backend for the tensors' device."""
     _registry.call("fused_sgd_", params[0].device, params, grads, momentum_buffers, **kwargs)
+
+
+def apply_masks_(tensors, masks) -> None:
+    """Zero the pruned elements of ``tensors`` (one bool mask each) on the fastest backend; one
+    call per device and dtype (prune_'s post-step hook for torch.optim optimizers)."""
+    _registry.call("apply_masks_", tensors[0].device, tensors, masks)
 
 
 def sum_of_squares(tensors):

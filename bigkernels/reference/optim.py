@@ -163,6 +163,14 @@ def fused_sgd_(
         p.copy_(_masked(pf - lr * g, masks, i))
 
 
+def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Every element of ``tensors[i]`` whose ``masks[i]`` entry is False set to +0 (NaN included):
+    what bigkernels.prune_'s post-step hook does after a torch.optim step."""
+    check_masks("apply_masks_", tensors, masks)
+    for t, m in zip(tensors, masks):
+        t.copy_(torch.where(m, t, 0.0))
+
+
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     """Sum of the squares of every element of every tensor, as a 0-d fp32 tensor (fp64 inside)."""
     total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)

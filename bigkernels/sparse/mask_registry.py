@@ -6,8 +6,8 @@ bool buffer shaped like its ``weight``). Two mechanisms then keep pruned weights
 * bigkernels' fused optimizers (FusedAdam, FusedAdamW, FusedSGD) look the masks up for their
   params (:func:`masked_modules`, rebuilt when :data:`version` changes) and pass them to the fused
   kernel, which stores zero for pruned elements in the same pass as the update;
-* for every other optimizer, a global ``torch.optim`` post-step hook multiplies the pruned
-  weights that optimizer updates by their masks (one ``_foreach`` pass). It skips the modules the
+* for every other optimizer, a global ``torch.optim`` post-step hook zeroes the pruned weights
+  that optimizer updates (one pass: the ``apply_masks_`` op, one call per device and dtype). It skips the modules the
   optimizer has already masked in its step (``optimizer._masks_in_step``: ids of those modules),
   so a fused optimizer pays nothing extra.
 """
@@ -52,10 +52,31 @@ def _reapply_masks(optimizer, args, kwargs) -> None:
         mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
         plan = (key, [m for m in masked_modules().values() if id(m.weight) in mine and id(m) not in done])
         _PLANS[optimizer] = plan
-    mods = plan[1]
-    if mods:
+    if plan[1]:
         with torch.no_grad():
-            torch._foreach_mul_([m.weight for m in mods], [m.weight_mask for m in mods])
+            _apply(plan[1])
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _apply(mods) -> None:
+    """weight = where(weight_mask, weight, 0) for ``mods``: bigkernels' ``apply_masks_`` op, one
+    call per (device, dtype), for contiguous float weights; ``_foreach_mul_`` for the rest."""
+    from bigkernels.ops import optim as optim_ops
+
+    groups: Dict[tuple, tuple] = {}
+    for m in mods:
+        w, k = m.weight, m.weight_mask
+        fits = w.dtype in _KERNEL_DTYPES and w.is_contiguous() and k.is_contiguous() and k.dtype == torch.bool
+        ws, ks = groups.setdefault((w.device, w.dtype, fits), ([], []))
+        ws.append(w)
+        ks.append(k)
+    for (_, _, fits), (ws, ks) in groups.items():
+        if fits:
+            optim_ops.apply_masks_(ws, ks)
+        else:
+            torch._foreach_mul_(ws, ks)
 
 
 def _ensure_hook() -> None:

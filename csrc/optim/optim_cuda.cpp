@@ -151,6 +151,31 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                                   current_stream(device)));
 }
 
+void apply_masks_cuda(at::TensorList tensors, at::TensorList masks) {
+  const char* op = "apply_masks_";
+  check_lists(op, tensors, nullptr, {}, nullptr);
+  check_masks(op, tensors, masks);
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": expected CUDA tensors, got ", device);
+  bump_versions(tensors);
+
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<kc::TensorPtrs> entries;
+  entries.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) continue;
+    kc::TensorPtrs t{};
+    t.ptr[0] = tensors[i].data_ptr();
+    t.numel = tensors[i].numel();
+    t.keep = keep_of(masks, i);
+    entries.push_back(t);
+  }
+  if (entries.empty()) return;
+  const DeviceTable table = upload_table(entries, 1, device);
+  check_launch(op, kc::launch_apply_masks(table.ref, dtype_of(tensors[0]), current_stream(device)));
+}
+
 at::Tensor sum_of_squares_cuda(at::TensorList tensors) {
   const char* op = "sum_of_squares";
   TORCH_CHECK(!tensors.empty(), "sum_of_squares: tensors must not be empty");
@@ -188,4 +213,5 @@ TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
   m.impl("fused_adamw_", &bigkernels::optim::fused_adam_cuda<true>);
   m.impl("fused_sgd_", &bigkernels::optim::fused_sgd_cuda);
   m.impl("sum_of_squares", &bigkernels::optim::sum_of_squares_cuda);
+  m.impl("apply_masks_", &bigkernels::optim::apply_masks_cuda);
 }

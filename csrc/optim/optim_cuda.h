@@ -74,6 +74,9 @@ cudaError_t launch_adam(const TableRef& table, DType dtype, const AdamHyper& hyp
 cudaError_t launch_sgd(const TableRef& table, DType dtype, const SgdHyper& hyper, const GradControl& control,
                        cudaStream_t stream);
 
+// Every tensor of the table (list 0) stored as +0 where its `keep` mask is 0 (prune_'s hook).
+cudaError_t launch_apply_masks(const TableRef& table, DType dtype, cudaStream_t stream);
+
 // Number of fp64 partial sums launch_sum_of_squares needs for `total_chunks` chunks on the
 // current device (>= 1).
 int sum_of_squares_partials(int64_t total_chunks);

@@ -148,6 +148,17 @@ struct SgdOp {
 };
 
 // ----------------------------------------------------------------------------------------------
+// Masks only: list 0 is loaded and stored back unchanged, and apply_kernel zeroes what its entry's
+// `keep` mask prunes (exact: the storage types round-trip through fp32 unchanged).
+struct MaskOp {
+  static constexpr int kLists = 1;
+  __host__ __device__ static constexpr bool writes(int) { return true; }
+  __device__ __forceinline__ bool begin_block() { return true; }
+  __device__ __forceinline__ void begin_tensor(const Entry&) {}
+  __device__ __forceinline__ void operator()(float (&)[kLists]) const {}
+};
+
+// ----------------------------------------------------------------------------------------------
 // Step counters: +1 each, after the update (same stream), unless found_inf != 0.
 __global__ void __launch_bounds__(kBlockSize) increment_steps_kernel(Table table, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -330,6 +341,17 @@ cudaError_t launch_sgd(const TableRef& ref, DType dtype, const SgdHyper& hyper, 
     case DType::kFloat: return sgd_for<float>(table, hyper, c, stream);
     case DType::kHalf: return sgd_for<__half>(table, hyper, c, stream);
     case DType::kBFloat16: return sgd_for<__nv_bfloat16>(table, hyper, c, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_apply_masks(const TableRef& ref, DType dtype, cudaStream_t stream) {
+  if (ref.num_tensors <= 0) return cudaSuccess;
+  const Table table = mta::device_table(ref.device, ref.num_tensors, ref.total_chunks);
+  switch (dtype) {
+    case DType::kFloat: return mta::apply<float>(table, MaskOp{}, stream);
+    case DType::kHalf: return mta::apply<__half>(table, MaskOp{}, stream);
+    case DType::kBFloat16: return mta::apply<__nv_bfloat16>(table, MaskOp{}, stream);
   }
   return cudaErrorInvalidValue;
 }
