@@ -206,14 +206,18 @@ def test_masks_zero_pruned_params_in_the_step(device, dtype, op, cpu_isa):
                 assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"masks changed {name}[{i}]"
 
 
+def _fp32_case(op, device, seed):
+    """An fp32 case for ``op`` ("fused_sgd_" or an Adam op), without amsgrad."""
+    if op == "fused_sgd_":
+        return _sgd_case(device, torch.float32, seed, first=False)
+    return _adam_case(device, torch.float32, seed, amsgrad=False)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("op", ["fused_adamw_", "fused_sgd_"])
 def test_bad_masks_are_rejected_and_nothing_changes(device, op):
     require_kernel(op, device)
-    if op == "fused_sgd_":
-        lists, kw = _sgd_case(device, torch.float32, 3, first=False)
-    else:
-        lists, kw = _adam_case(device, torch.float32, 3, amsgrad=False)
+    lists, kw = _fp32_case(op, device, 3)
     before = copy.deepcopy(lists)
     good = _masks_for(lists["params"], 0)
     for masks, message in ((good[:-1], "masks"), ([m.float() for m in good], "bool"),
@@ -230,10 +234,7 @@ def test_bad_masks_are_rejected_and_nothing_changes(device, op):
 def test_params_version_counters_are_bumped(device, op):
     """As torch's in-place ops do: autograd's checks and version-keyed caches see the step."""
     require_kernel(op, device)
-    if op == "fused_sgd_":
-        lists, kw = _sgd_case(device, torch.float32, 5, first=False)
-    else:
-        lists, kw = _adam_case(device, torch.float32, 5, amsgrad=False)
+    lists, kw = _fp32_case(op, device, 5)
     kw.pop("found_inf", None)
     before = [p._version for p in lists["params"]]
     getattr(torch.ops.bigkernels, op)(*lists.values(), **kw)
