@@ -27,7 +27,7 @@ import torch
 import bigkernels as bk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
+from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu, time_providers  # noqa: E402
 
 ACCESSES = {"adamw": 7, "adamw_pruned": 7, "sgd": 5}
 
@@ -114,16 +114,19 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
         results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick)
         del opts
         gc.collect()
-    rows = []
-    for name, (med, lo, hi) in results.items():
-        rows.append(dict(meta, kernel=f"optim_{case['kind']}", provider=name,
-                         shape=f"{case['n']}x{params[0].numel()}", params=total, dtype=str(case["dtype"]).split(".")[1],
-                         ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
-                         effective_tb_per_s=bytes_moved / med / 1e9))
-    baseline = next((r["ms"] for r in rows if r["provider"].endswith("fused")), None)
-    for r in rows:
-        r["speedup_vs_torch_fused"] = (baseline / r["ms"]) if baseline else None
-    return rows
+    baseline = next((name for name in results if name.endswith("fused")), None)
+    return result_rows(meta, f"optim_{case['kind']}", f"{case['n']}x{params[0].numel()}", case["dtype"], total,
+                       bytes_moved, results, baseline)
+
+
+def result_rows(meta: dict, kernel: str, shape: str, dtype: torch.dtype, total: int, bytes_moved: int,
+                results: Dict[str, tuple], baseline) -> List[dict]:
+    """One JSON row per provider; ``speedup_vs_torch_fused`` is vs the ``baseline`` provider."""
+    base = results[baseline][0] if baseline else None
+    return [dict(meta, kernel=kernel, provider=name, shape=shape, params=total, dtype=str(dtype).split(".")[1],
+                 ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
+                 effective_tb_per_s=bytes_moved / med / 1e9, speedup_vs_torch_fused=base / med if base else None)
+            for name, (med, lo, hi) in results.items()]
 
 
 def print_table(rows: List[dict]) -> None:
@@ -146,13 +149,9 @@ def run_masks_case(device: str, quick: bool, meta: dict) -> List[dict]:
     ks = [torch.rand(numel, device=device) > 0.5 for _ in range(n)]
     fns = {"bigkernels apply_masks_": lambda: bk.ops.optim.apply_masks_(ws, ks),
            "torch _foreach_mul_ (bool)": lambda: torch._foreach_mul_(ws, ks)}
-    res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
-        time_cpu_interleaved(fns, quick)
-    total, base = n * numel, res["torch _foreach_mul_ (bool)"][0]
-    return [dict(meta, kernel="optim_apply_masks", provider=name, shape=f"{n}x{numel}", params=total, dtype="float32",
-                 ms=med, ms_p20=lo, ms_p80=hi, gparams_per_s=total / med / 1e6,
-                 effective_tb_per_s=9 * total / med / 1e9, speedup_vs_torch_fused=base / med)
-            for name, (med, lo, hi) in res.items()]
+    res = time_providers(fns, device, quick)
+    return result_rows(meta, "optim_apply_masks", f"{n}x{numel}", torch.float32, n * numel, 9 * n * numel, res,
+                       "torch _foreach_mul_ (bool)")
 
 
 def run(device: str, quick: bool) -> List[dict]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from bigkernels.nn import QuantLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
+from common import bench_main, header, metadata, time_providers  # noqa: E402
 
 KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
@@ -82,8 +82,7 @@ def int8_core_rows(device: str, quick: bool, meta: dict) -> List[dict]:
     fns = {"bigkernels int8_mm": lambda: torch.ops.bigkernels.int8_mm(a, b)}
     if device == "cuda":
         fns["torch._int_mm"] = lambda: torch._int_mm(a, b.t())
-    res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
-        time_cpu_interleaved(fns, quick)
+    res = time_providers(fns, device, quick)
     return [dict(meta, kernel="int8_mm", provider=name, shape=f"{m}x{k}x{n}", dtype="int8", ms=t[0], ms_p20=t[1],
                  ms_p80=t[2], tops=2 * m * n * k / t[0] / 1e9) for name, t in res.items()]
 
@@ -98,8 +97,7 @@ def run(device: str, quick: bool) -> List[dict]:
         lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
         fns = providers(x, lin, device)
-        res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
-            time_cpu_interleaved(fns, quick, budget_s=4.0)
+        res = time_providers(fns, device, quick, budget_s=4.0)
         base = next(t[0] for name, t in res.items() if name.startswith("F.linear"))
         for name, (med, lo, hi) in res.items():
             rows.append(dict(meta, kernel="quant_linear", provider=name, shape=f"{m}x{k}x{n}",

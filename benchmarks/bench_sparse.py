@@ -21,7 +21,7 @@ import bigkernels as bk
 from bigkernels.nn import SparseLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu  # noqa: E402
+from common import bench_main, header, metadata, time_providers  # noqa: E402
 
 KN = [(4096, 4096), (4096, 14336)]
 CASES = [("2:4", 0.5), ("block", 0.5), ("block", 0.9), ("unstructured", 0.5), ("unstructured", 0.9)]
@@ -75,8 +75,7 @@ def run(device: str, quick: bool) -> List[dict]:
         theirs = torch_sparse(pattern, lin.weight.detach(), device)
         if theirs is not None:
             fns[f"torch sparse {pattern}"] = lambda: theirs(x, lin.bias)
-        res = {name: time_gpu(fn, quick) for name, fn in fns.items()} if device == "cuda" else \
-            time_cpu_interleaved(fns, quick, budget_s=3.0)
+        res = time_providers(fns, device, quick, budget_s=3.0)
         base = res["dense F.linear"][0]
         for name, (med, lo, hi) in res.items():
             rows.append(dict(meta, kernel="sparse_linear", provider=name, shape=f"{m}x{k}x{n}", pattern=pattern,

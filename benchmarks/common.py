@@ -45,6 +45,14 @@ def time_cpu_interleaved(fns: Dict[str, Callable], quick: bool, budget_s: float 
     return out
 
 
+def time_providers(fns: Dict[str, Callable], device: str, quick: bool, budget_s: float = 10.0) -> Dict[str, tuple]:
+    """(median, p20, p80) ms per call of each function: do_bench one after another on a GPU,
+    alternating rounds on the CPU (see time_cpu_interleaved)."""
+    if device == "cuda":
+        return {name: time_gpu(fn, quick) for name, fn in fns.items()}
+    return time_cpu_interleaved(fns, quick, budget_s=budget_s)
+
+
 def metadata(device: str, backend_op: str) -> dict:
     try:
         import triton
