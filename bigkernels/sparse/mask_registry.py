@@ -20,6 +20,8 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
+from bigkernels.ops import optim as optim_ops
+
 _PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _HOOK = None
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (key, modules to mask)
@@ -63,8 +65,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _apply(mods) -> None:
     """weight = where(weight_mask, weight, 0) for ``mods``: bigkernels' ``apply_masks_`` op, one
     call per (device, dtype), for contiguous float weights; ``_foreach_mul_`` for the rest."""
-    from bigkernels.ops import optim as optim_ops
-
     groups: Dict[tuple, tuple] = {}
     for m in mods:
         w, k = m.weight, m.weight_mask

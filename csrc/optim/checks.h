@@ -147,6 +147,13 @@ inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList
   if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }
 
+// The bytes of tensor i's pruning mask (torch bools are one byte each), or nullptr when there are
+// no masks or the tensor is empty.
+inline const uint8_t* mask_bytes(const std::optional<at::TensorList>& masks, size_t i) {
+  if (!masks.has_value() || (*masks)[i].numel() == 0) return nullptr;
+  return reinterpret_cast<const uint8_t*>((*masks)[i].data_ptr<bool>());
+}
+
 // The kernels write the params through raw pointers, which autograd's version counters do not see:
 // bump them as torch's own in-place ops (and fused optimizers) do, so autograd's checks and caches
 // keyed on a tensor's version see the update. Called after validation and before any kernel, so an

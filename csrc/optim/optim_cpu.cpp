@@ -96,10 +96,10 @@ void zero_pruned(void* p, const uint8_t* keep, int64_t n) {
   for (int64_t i = 0; i < n; ++i) bits[i] = k[i] ? bits[i] : Bits(0);
 }
 
-// The bytes of params[t]'s pruning mask at element b (torch bools are one byte), or nullptr.
+// Tensor t's mask bytes from element b on, or nullptr.
 const uint8_t* keep_at(const std::optional<at::TensorList>& masks, size_t t, int64_t b) {
-  if (!masks.has_value()) return nullptr;
-  return reinterpret_cast<const uint8_t*>((*masks)[t].data_ptr<bool>()) + b;
+  const uint8_t* keep = mask_bytes(masks, t);
+  return keep != nullptr ? keep + b : nullptr;
 }
 
 template <bool kDecoupled>

@@ -72,12 +72,6 @@ cudaStream_t current_stream(const at::Device& device) {
 
 void* ptr_of(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; }
 
-// The bytes of params[i]'s pruning mask (torch bools are one byte each), or nullptr.
-const uint8_t* keep_of(const std::optional<at::TensorList>& masks, size_t i) {
-  if (!masks.has_value() || (*masks)[i].numel() == 0) return nullptr;
-  return reinterpret_cast<const uint8_t*>((*masks)[i].data_ptr<bool>());
-}
-
 template <bool kDecoupled>
 void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
@@ -105,7 +99,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     t.ptr[4] = amsgrad ? ptr_of(max_exp_avg_sqs[i]) : nullptr;
     t.numel = params[i].numel();
     t.step = state_steps[i].data_ptr<float>();  // zero-numel params still count their steps
-    t.keep = keep_of(masks, i);
+    t.keep = mask_bytes(masks, i);
   }
   const DeviceTable table = upload_table(tensors, amsgrad ? 5 : 4, device);
   const kc::AdamHyper hyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, kDecoupled};
@@ -140,7 +134,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     t.ptr[2] = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     t.numel = params[i].numel();
     t.step = nullptr;
-    t.keep = keep_of(masks, i);
+    t.keep = mask_bytes(masks, i);
     tensors.push_back(t);
   }
   if (tensors.empty()) return;
@@ -168,7 +162,7 @@ void apply_masks_cuda(at::TensorList tensors, at::TensorList masks) {
     kc::TensorPtrs t{};
     t.ptr[0] = tensors[i].data_ptr();
     t.numel = tensors[i].numel();
-    t.keep = keep_of(masks, i);
+    t.keep = mask_bytes(masks, i);
     entries.push_back(t);
   }
   if (entries.empty()) return;
