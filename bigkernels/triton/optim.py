@@ -518,34 +518,29 @@ def _increment_steps_traced(state_steps, found_inf) -> None:
 _ADAM_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
 
 
-@triton_op("bigkernels::fused_adam_triton_", mutates_args=_ADAM_MUTATES)
-def fused_adam_triton_(
-    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], masks: List[Tensor],
-    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
-    max_grad_norm: float = 0.0,
-) -> None:
-    """Adam step (L2 weight decay added to the gradient) with the Triton kernel."""
-    _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
-               beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-               grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
-               masks=masks, decoupled=False)
+def _adam_triton_op(name: str, decoupled: bool, doc: str):
+    """The Triton op ``bigkernels::<name>``: one Adam step, weight decay decoupled or not."""
+
+    def op(
+        params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+        max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], masks: List[Tensor],
+        grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
+        *, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+        max_grad_norm: float = 0.0,
+    ) -> None:
+        _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                   beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                   masks=masks, decoupled=decoupled)
+
+    op.__name__, op.__doc__ = name, doc
+    return triton_op(f"bigkernels::{name}", mutates_args=_ADAM_MUTATES)(op)
 
 
-@triton_op("bigkernels::fused_adamw_triton_", mutates_args=_ADAM_MUTATES)
-def fused_adamw_triton_(
-    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], masks: List[Tensor],
-    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
-    max_grad_norm: float = 0.0,
-) -> None:
-    """AdamW step (decoupled weight decay) with the Triton kernel."""
-    _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
-               beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-               grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
-               masks=masks, decoupled=True)
+fused_adam_triton_ = _adam_triton_op(
+    "fused_adam_triton_", False, "Adam step (L2 weight decay added to the gradient) with the Triton kernel.")
+fused_adamw_triton_ = _adam_triton_op(
+    "fused_adamw_triton_", True, "AdamW step (decoupled weight decay) with the Triton kernel.")
 
 
 # ---------------------------------- SGD --------------------------------------------------------
