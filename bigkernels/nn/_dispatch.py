@@ -22,9 +22,8 @@ Dispatched: calls that want no gradient (inference: grad mode off, or neither th
 layer's stored weight requires one). ``torch.compile`` / CUDA-graph capture and training run the
 layer's differentiable kernel op. Every path computes the same product up to float rounding (for
 w8a8, the dense paths quantise the activations as the int8 kernel does), so a decision changes
-speed, not results. ``BIGKERNELS_LINEAR_DISPATCH``
-forces one path everywhere (``kernel`` or ``dense``; default ``measure``). Both variables are read
-again by :func:`clear`. Layers keep their own decisions in a :class:`Routes` (one dict lookup per
+speed, not results. ``BIGKERNELS_LINEAR_DISPATCH`` forces one path everywhere (``kernel`` or
+``dense``; default ``measure``). Both variables are read again by :func:`clear`. Layers keep their own decisions in a :class:`Routes` (one dict lookup per
 call: these layers also run at sizes where a microsecond of Python is a tenth of the product).
 """
 from __future__ import annotations
@@ -122,8 +121,8 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     """:func:`choose` among a layer's ``kernels`` and its dense paths for the 2-D input ``x``
     (``key`` gets the rows bucket appended). The layer provides ``_dense`` (a DenseCache),
     ``_routes`` (Routes), ``_dense_weight()`` and ``_dense_input(x)`` (the float weight and input
-    whose product equals its kernels' up to rounding) and ``in_features`` / ``out_features``; the answer
-    is remembered in its routes, and its cached dense weight dropped unless ``"dense"`` won."""
+    whose product equals its kernels' up to rounding) and ``in_features`` / ``out_features``; the
+    answer is remembered in its routes, and its cached dense weight dropped unless "dense" won."""
     paths = dict(kernels)
     dense_bytes = layer.in_features * layer.out_features * x.element_size()
     budget = cache_bytes()

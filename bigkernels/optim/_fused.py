@@ -80,12 +80,8 @@ class FusedOptimizerMixin:
         super().load_state_dict(state_dict)
         self._buckets = None  # state tensors were replaced
 
-    def _key(self):
-        # Masks registered or replaced by prune_ / GradualPruner change the buckets too.
-        return (mask_registry.version,) + tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
-
     def _get_buckets(self) -> List[Bucket]:
-        key = self._key()
+        key = mask_registry.optimizer_key(self)  # param groups, and masks prune_ registers
         if self._buckets is None or key != self._bucket_key:
             owners = mask_registry.masked_modules()
             buckets = []

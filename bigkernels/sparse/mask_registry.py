@@ -7,9 +7,9 @@ bool buffer shaped like its ``weight``). Two mechanisms then keep pruned weights
   params (:func:`masked_modules`, rebuilt when :data:`version` changes) and pass them to the fused
   kernel, which stores zero for pruned elements in the same pass as the update;
 * for every other optimizer, a global ``torch.optim`` post-step hook zeroes the pruned weights
-  that optimizer updates (one pass: the ``apply_masks_`` op, one call per device and dtype). It skips the modules the
-  optimizer has already masked in its step (``optimizer._masks_in_step``: ids of those modules),
-  so a fused optimizer pays nothing extra.
+  that optimizer updates (one pass: the ``apply_masks_`` op, one call per device and dtype). It
+  skips the modules the optimizer has already masked in its step (``optimizer._masks_in_step``:
+  ids of those modules), so a fused optimizer pays nothing extra.
 """
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def register(module: nn.Module) -> None:
     _ensure_hook()
 
 
+def optimizer_key(optimizer) -> tuple:
+    """Changes when the registered masks or the optimizer's param groups do: what a fused
+    optimizer's buckets and this hook's per-optimizer plan depend on."""
+    return (version,) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+
+
 def masked_modules() -> Dict[int, nn.Module]:
     """``id(weight) -> module`` for every live module with a mask."""
     return {id(m.weight): m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None}
@@ -47,7 +53,7 @@ def _reapply_masks(optimizer, args, kwargs) -> None:
     the optimizer's param groups and the registered masks, so it is worked out once per change."""
     if not _PRUNED:
         return
-    key = (version,) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+    key = optimizer_key(optimizer)
     plan = _PLANS.get(optimizer)
     if plan is None or plan[0] != key:
         done = getattr(optimizer, "_masks_in_step", ())
