@@ -13,7 +13,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel ninja
-python -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" "triton; platform_system == 'Linux'" numpy pytest hypothesis expecttest safetensors tqdm matplotlib
+python -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" "triton; platform_system == 'Linux'" numpy pytest hypothesis expecttest safetensors "transformers>=4.45" tqdm matplotlib
 # torch guesses CUDA_HOME from the nvcc on PATH; point it at the real toolkit when it is there.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e ".[test]"
