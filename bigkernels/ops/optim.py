@@ -90,25 +90,40 @@ for _name, _schema, _reference, _fake, _triton_name in _DEFS:
                                         triton_kwargs=_masks_as_list if "masks" in _schema else None))
 
 
+def _run(op: str, backend, tensors, *args, **kwargs):
+    """``op`` on ``backend`` (a name from ``_registry.BACKENDS``), or on the fastest one for the
+    device of ``tensors[0]`` when None. Callers inside a traced step (the fused optimizers under
+    torch.compile) pass the backend they chose outside the trace: choosing reads the dispatcher
+    table (``torch._C._dispatch_dump``), which Dynamo cannot trace."""
+    if backend is None:
+        return _registry.call(op, tensors[0].device, tensors, *args, **kwargs)
+    return _registry.call_backend(op, backend, tensors, *args, **kwargs)
+
+
+def adam_op(decoupled_weight_decay: bool) -> str:
+    """The op name of an Adam step: ``fused_adamw_`` (decoupled weight decay) or ``fused_adam_``."""
+    return "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
+
+
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                decoupled_weight_decay: bool, **kwargs) -> None:
-    """Run the Adam (or AdamW) step on the fastest backend for the tensors' device."""
-    op = "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
-    _registry.call(op, params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                   state_steps, **kwargs)
+                decoupled_weight_decay: bool, backend=None, **kwargs) -> None:
+    """Run the Adam (or AdamW) step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run(adam_op(decoupled_weight_decay), backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+         state_steps, **kwargs)
 
 
-def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> None:
-    """Run the SGD step on the fastest backend for the tensors' device."""
-    _registry.call("fused_sgd_", params[0].device, params, grads, momentum_buffers, **kwargs)
+def fused_sgd_(params, grads, momentum_buffers, *, backend=None, **kwargs) -> None:
+    """Run the SGD step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("fused_sgd_", backend, params, grads, momentum_buffers, **kwargs)
 
 
 def apply_masks_(tensors, masks) -> None:
     """Zero the pruned elements of ``tensors`` (one bool mask each) on the fastest backend; one
     call per device and dtype (prune_'s post-step hook for torch.optim optimizers)."""
-    _registry.call("apply_masks_", tensors[0].device, tensors, masks)
+    _run("apply_masks_", None, tensors, masks)
 
 
-def sum_of_squares(tensors):
-    """Sum of squares of all elements of ``tensors`` (0-d fp32) on the fastest backend."""
-    return _registry.call("sum_of_squares", tensors[0].device, tensors)
+def sum_of_squares(tensors, *, backend=None):
+    """Sum of squares of all elements of ``tensors`` (0-d fp32) on ``backend`` (default: the
+    fastest for their device)."""
+    return _run("sum_of_squares", backend, tensors)

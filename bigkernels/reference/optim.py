@@ -1,9 +1,14 @@
 """Pure-PyTorch references of the fused optimizer ops.
 
 These define the semantics every kernel (CPU C++, CUDA C++, Triton) must reproduce, and they
-are the fallback implementation when no compiled kernel exists for a device. They follow
-torch.optim's own fused kernels: maths in fp32 for 16-bit parameters, the step counters
-incremented in place, and nothing changed at all when ``found_inf`` is non-zero.
+are the fallback implementation when no compiled kernel exists for a device (and the path for
+float64 and non-contiguous parameters). They follow torch.optim's own fused kernels: maths in fp32
+for 16-bit and fp32 parameters (in fp64 for fp64 ones), the step counters incremented in place,
+and nothing changed at all when ``found_inf`` is non-zero.
+
+They never read a tensor back to Python (no ``.item()``): bias corrections are computed from the
+step tensors and ``found_inf`` selects between old and new values, so there is no device sync
+and ``torch.compile`` traces them without a graph break.
 
 Gradient multiplier, shared by every op (see :func:`grad_multiplier`):
 ``g_eff = g / grad_scale * clip`` where ``clip = min(1, max_grad_norm / (grad_norm / grad_scale + 1e-6))``
@@ -17,7 +22,6 @@ is what bigkernels.prune_'s post-step hook does for any optimizer, done inside t
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -39,8 +43,19 @@ def grad_multiplier(
     return mult
 
 
-def _skip(found_inf: Optional[Tensor]) -> bool:
-    return found_inf is not None and bool(found_inf.item() != 0)
+def _skip(found_inf: Optional[Tensor]) -> Optional[Tensor]:
+    """A 0-d bool tensor, True when the step must change nothing (GradScaler found inf/NaN)."""
+    return None if found_inf is None else (found_inf != 0).reshape(())
+
+
+def _commit(dst: Tensor, new: Tensor, skip: Optional[Tensor]) -> None:
+    """dst = new, unless ``skip`` (then dst keeps its value bit for bit)."""
+    dst.copy_(new if skip is None else torch.where(skip, dst, new))
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """fp32 maths for 16-bit and fp32 tensors, fp64 for fp64 ones."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def check_masks(op: str, params: Sequence[Tensor], masks: Optional[Sequence[Tensor]]) -> None:
@@ -59,7 +74,7 @@ def check_masks(op: str, params: Sequence[Tensor], masks: Optional[Sequence[Tens
 
 
 def _masked(pf: Tensor, masks: Optional[Sequence[Tensor]], i: int) -> Tensor:
-    """The updated fp32 param with its pruned elements (mask False) set to zero."""
+    """The updated param (maths dtype) with its pruned elements (mask False) set to zero."""
     return pf if masks is None else torch.where(masks[i], pf, 0.0)
 
 
@@ -87,36 +102,35 @@ def fused_adam_(
 ) -> None:
     """Adam / AdamW step over lists of tensors (torch.optim.Adam(W) semantics)."""
     check_masks("fused_adamw_" if decoupled_weight_decay else "fused_adam_", params, masks)
-    if _skip(found_inf):
-        return
+    skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
-        step = float(state_steps[i].item()) + 1.0
-        g = grads[i].float() * mult
-        g = g.float()
+        acc = _math_dtype(p)
+        step = state_steps[i].double() + 1.0
+        g = grads[i].to(acc) * mult
         if maximize:
             g = -g
-        pf = p.float()
+        pf = p.to(acc)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 pf = pf * (1.0 - lr * weight_decay)
             else:
                 g = g + weight_decay * pf
-        m = exp_avgs[i].float() * beta1 + (1.0 - beta1) * g
-        v = exp_avg_sqs[i].float() * beta2 + (1.0 - beta2) * g * g
+        m = exp_avgs[i].to(acc) * beta1 + (1.0 - beta1) * g
+        v = exp_avg_sqs[i].to(acc) * beta2 + (1.0 - beta2) * g * g
         bias_correction1 = 1.0 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        bias_correction2_sqrt = (1.0 - beta2**step).sqrt()
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
-            max_exp_avg_sqs[i].copy_(vmax)
+            vmax = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
+            _commit(max_exp_avg_sqs[i], vmax, skip)
             denom = vmax.sqrt() / bias_correction2_sqrt + eps
         else:
             denom = v.sqrt() / bias_correction2_sqrt + eps
         pf = pf - (lr / bias_correction1) * m / denom
-        p.copy_(_masked(pf, masks, i))
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        state_steps[i].add_(1)
+        _commit(p, _masked(pf, masks, i), skip)
+        _commit(exp_avgs[i], m, skip)
+        _commit(exp_avg_sqs[i], v, skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)
 
 
 def fused_sgd_(
@@ -143,24 +157,24 @@ def fused_sgd_(
     written with the (decayed) gradient instead of being blended, as torch does on the first step.
     """
     check_masks("fused_sgd_", params, masks)
-    if _skip(found_inf):
-        return
+    skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
-        g = (grads[i].float() * mult).float()
+        acc = _math_dtype(p)
+        g = grads[i].to(acc) * mult
         if maximize:
             g = -g
-        pf = p.float()
+        pf = p.to(acc)
         if weight_decay != 0:
             g = g + weight_decay * pf
         if momentum != 0:
             if is_first_step:
                 buf = g
             else:
-                buf = momentum_buffers[i].float() * momentum + (1.0 - dampening) * g
-            momentum_buffers[i].copy_(buf)
+                buf = momentum_buffers[i].to(acc) * momentum + (1.0 - dampening) * g
+            _commit(momentum_buffers[i], buf, skip)
             g = g + momentum * buf if nesterov else buf
-        p.copy_(_masked(pf - lr * g, masks, i))
+        _commit(p, _masked(pf - lr * g, masks, i), skip)
 
 
 def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
