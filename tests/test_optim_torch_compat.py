@@ -337,11 +337,12 @@ def test_compile_has_no_graph_break_in_our_step():
              (bk.optim.FusedSGD, dict(lr=0.01, momentum=0.9, dampening=0.2), 2),  # re-traced after the
              # first step (momentum buffers appear), as torch's SGD is
              (bk.optim.FusedAdam, dict(lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.99))), 1)]
+    # (counted with fullgraph=False: with fullgraph=True Dynamo may capture what would break instead)
     for cls, kw, frames in cases:
-        ours, eager, breaks, n_frames = _compiled_run(cls, kw, fullgraph=True)
+        ours, eager, breaks, n_frames = _compiled_run(cls, kw)
         assert breaks == 0 and n_frames == frames, (cls.__name__, breaks, n_frames)
         _close(ours, eager, torch.float32, f"compiled {cls.__name__}")
-    ours, eager, breaks, _ = _compiled_run(bk.optim.FusedAdamW, dict(lr=0.01), fullgraph=True, dtype=torch.float64)
+    ours, eager, breaks, _ = _compiled_run(bk.optim.FusedAdamW, dict(lr=0.01), dtype=torch.float64)
     assert breaks == 0
     _close(ours, eager, torch.float64, "compiled fp64")
 
