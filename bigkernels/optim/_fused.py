@@ -24,7 +24,7 @@
 
 Subclass hooks (see the bottom of :class:`FusedOptimizerMixin`): ``_state_names``,
 ``_init_state`` (or ``_create_state`` for a whole bucket), ``_op_name``, ``_check_group``,
-``_update``; class attributes ``_fused_keywords`` and ``_state_made_by_step``.
+``_update``, ``_bucket_kind``; class attributes ``_fused_keywords`` and ``_state_made_by_step``.
 """
 from __future__ import annotations
 
@@ -53,15 +53,17 @@ class Bucket:
     op applies; a bucket's params are either all pruned or none. ``kernel_ok``: dense,
     contiguous and of a kernel dtype (otherwise the reference op runs)."""
 
-    __slots__ = ("group_index", "params", "mask_owners", "state", "device", "dtype", "kernel_ok", "ready")
+    __slots__ = ("group_index", "params", "mask_owners", "state", "device", "dtype", "kernel_ok", "kind", "ready")
 
-    def __init__(self, group_index: int, params: List[Tensor], kernel_ok: bool, mask_owners: Optional[list] = None):
+    def __init__(self, group_index: int, params: List[Tensor], kernel_ok: bool, mask_owners: Optional[list] = None,
+                 kind: Any = None):
         self.group_index = group_index
         self.params = params
         self.mask_owners = mask_owners
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.kernel_ok = kernel_ok
+        self.kind = kind  # the optimizer's _bucket_kind of its params
         self.state: Dict[str, List[Tensor]] = {}
         self.ready = False  # every param has its state and ``state`` holds it
 
@@ -176,9 +178,10 @@ class FusedOptimizerMixin:
                 by_kind: Dict[tuple, List[Tensor]] = {}
                 for p in group["params"]:
                     fits = p.dtype in KERNEL_DTYPES and p.layout == torch.strided and p.is_contiguous()
-                    by_kind.setdefault((p.device, p.dtype, fits, id(p) in owners), []).append(p)
-                buckets += [Bucket(gi, ps, fits, [owners[id(p)] for p in ps] if masked else None)
-                            for (_, _, fits, masked), ps in by_kind.items()]
+                    kind = (p.device, p.dtype, fits, id(p) in owners, self._bucket_kind(p))
+                    by_kind.setdefault(kind, []).append(p)
+                buckets += [Bucket(gi, ps, fits, [owners[id(p)] for p in ps] if masked else None, kind)
+                            for (_, _, fits, masked, kind), ps in by_kind.items()]
             self._buckets, self._bucket_key = buckets, key
             self._masks_in_step = frozenset(id(m) for b in buckets for m in (b.mask_owners or ()))
         return self._buckets
@@ -188,8 +191,10 @@ class FusedOptimizerMixin:
         """Everything of a step that is not maths. Appends to ``out``, per bucket with gradients:
         its params, grads, one list per state name (None for state ``_update`` creates) and its
         masks; returns ``(mask version, plan)`` with one plan entry per bucket:
-        ``(group index, op backend, sum_of_squares backend, n params, state names, masked,
-        fresh flags or None)``. Raises before creating any state if the step cannot run.
+        ``(group index, op backend, sum_of_squares backend, n params, ((state name, list
+        length), ...), masked, fresh flags or None)`` (a state list need not hold one tensor per
+        param: a flat per-bucket buffer is a list of one). Raises before creating any state if the
+        step cannot run.
 
         torch.compile calls a method of this name on an optimizer eagerly, with the list given
         empty, and traces only what follows (torch/_dynamo/variables/optimizer.py): the plan is
@@ -215,17 +220,18 @@ class FusedOptimizerMixin:
         plan = []
         for b, params, grads, owners in work:
             group = self.param_groups[b.group_index]
-            names = tuple(self._state_names(group))
+            names = tuple(self._state_names(group, b))
             state, fresh = self._state_lists(b, params, names)
             out += params
             out += grads
             for n in names:
                 out += state[n]
+            spans = tuple((n, len(state[n])) for n in names)
             if owners is not None:
                 out += map(_WEIGHT_MASK, owners)
             kernel = _registry.choose(self._op_name(group), b.device.type) if b.kernel_ok else "reference"
             norm = _registry.choose("sum_of_squares", b.device.type) if b.kernel_ok else "reference"
-            plan.append((b.group_index, kernel, norm, len(params), names, owners is not None, fresh))
+            plan.append((b.group_index, kernel, norm, len(params), spans, owners is not None, fresh))
         return mask_registry.version, tuple(plan)
 
     def _state_lists(self, bucket: Bucket, params: List[Tensor], names: tuple):
@@ -271,13 +277,13 @@ class FusedOptimizerMixin:
         if not plan:
             return loss
         work, pos = [], 0
-        for gi, backend, norm_backend, n, names, masked, fresh in plan:
+        for gi, backend, norm_backend, n, spans, masked, fresh in plan:
             params, grads = tensors[pos:pos + n], tensors[pos + n:pos + 2 * n]
             pos += 2 * n
             state = {}
-            for name in names:
-                state[name] = tensors[pos:pos + n]
-                pos += n
+            for name, length in spans:
+                state[name] = tensors[pos:pos + length]
+                pos += length
             masks = None
             if masked:
                 masks = tensors[pos:pos + n]
@@ -316,8 +322,14 @@ class FusedOptimizerMixin:
         return norm
 
     # ----- hooks for subclasses -----------------------------------------------------------------
-    def _state_names(self, group: dict) -> List[str]:
-        """Per-param state entries the op takes, in the op's order (torch's state_dict names)."""
+    def _bucket_kind(self, p: Tensor) -> Any:
+        """Extra key splitting buckets (hashable), e.g. factored (>= 2-D) vs not for Adafactor, or a
+        DTensor's mesh and placements. Default: None (no split)."""
+        return None
+
+    def _state_names(self, group: dict, bucket: Bucket) -> List[str]:
+        """State entries the op takes for ``bucket``'s params, in the op's order (torch's
+        state_dict names)."""
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:

@@ -30,7 +30,7 @@ _DROP_IN_DOC = """
 class _FusedAdamBase(FusedOptimizerMixin):
     _decoupled_default = False  # groups without the key (torch versions before Adam had it)
 
-    def _state_names(self, group: dict) -> List[str]:
+    def _state_names(self, group: dict, bucket) -> List[str]:
         names = ["step", "exp_avg", "exp_avg_sq"]
         return names + ["max_exp_avg_sq"] if group["amsgrad"] else names
 

@@ -25,7 +25,7 @@ class FusedSGD(FusedOptimizerMixin, torch.optim.SGD):
     # by the step that uses it (see FusedOptimizerMixin._state_made_by_step).
     _state_made_by_step = True
 
-    def _state_names(self, group: dict) -> List[str]:
+    def _state_names(self, group: dict, bucket) -> List[str]:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
     def _op_name(self, group: dict) -> str:
