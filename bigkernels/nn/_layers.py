@@ -284,6 +284,23 @@ def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def replace_each(call: str, model: nn.Module, layers: Dict[str, nn.Module],
+                 make: Callable[[str, nn.Module], nn.Module]) -> List[str]:
+    """Replace each of ``layers`` (fqn -> layer of ``model``) by ``make(fqn, layer)``, one at a
+    time (each float layer can be freed as soon as its replacement is in); an error is annotated
+    with the layer's name. Returns the names replaced."""
+    done = []
+    for fqn, layer in layers.items():
+        try:
+            new = make(fqn, layer)
+        except Exception as e:
+            e.add_note(f"{call}: while converting layer {fqn!r} ({kind(layer)})")
+            raise
+        set_submodule(model, fqn, new)
+        done.append(fqn)
+    return done
+
+
 # --------------------------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------------------------

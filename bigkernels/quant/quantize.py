@@ -138,16 +138,11 @@ def quantize_(model: nn.Module, mode: str = "w8a8", filter_fn: Optional[FilterFn
         absmax = calibrate_input_absmax(model, sel.targets, calibration_data)
         missed = [fqn for fqn in sel.targets if fqn not in absmax]
         smooth = ", SmoothQuant" + (f" except {_layers.names(missed)} (not reached by calibration_data)" if missed else "")
-    done = []
-    for fqn, layer in sel.targets.items():
-        scale = (smoothquant_scale(absmax[fqn], _layers.linear_weight(layer), smooth_alpha)
-                 if fqn in absmax else None)
-        try:
-            q = QuantLinear.from_linear(layer, mode=mode, smooth_scale=scale)
-        except Exception as e:
-            e.add_note(f"quantize_: while converting layer {fqn!r} ({_layers.kind(layer)})")
-            raise
-        _layers.set_submodule(model, fqn, q)
-        done.append(fqn)
+
+    def convert(fqn, layer):
+        scale = smoothquant_scale(absmax[fqn], _layers.linear_weight(layer), smooth_alpha) if fqn in absmax else None
+        return QuantLinear.from_linear(layer, mode=mode, smooth_scale=scale)
+
+    done = _layers.replace_each("quantize_", model, sel.targets, convert)
     _layers.report("quantize_", f"QuantLinear({mode}{smooth})", done, sel, extra_skipped=already, model=model)
     return model

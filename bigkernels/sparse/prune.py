@@ -267,16 +267,8 @@ def sparsify_(model: nn.Module, pattern: Optional[str] = None, block_size: Optio
     if misfits:
         warnings.warn("sparsify_: left as pruned dense layers, the format does not fit their shape: "
                       + "; ".join(f"{fqn} ({why})" for fqn, why in misfits.items()), stacklevel=2)
-    done = []
-    for fqn, (fmt, bs) in plan.items():
-        layer = sel.targets[fqn]
-        try:
-            new = SparseLinear.from_linear(layer, pattern=fmt, block_size=bs)
-        except Exception as e:
-            e.add_note(f"sparsify_: while converting layer {fqn!r} ({_layers.kind(layer)}, pattern {fmt!r})")
-            raise
-        _layers.set_submodule(model, fqn, new)
-        done.append(fqn)
+    done = _layers.replace_each("sparsify_", model, {fqn: sel.targets[fqn] for fqn in plan},
+                                lambda fqn, layer: SparseLinear.from_linear(layer, *plan[fqn]))
     formats = sorted({fmt if fmt != "block" else f"block {bs}" for fmt, bs in plan.values()})
     _layers.report("sparsify_", f"SparseLinear ({', '.join(formats)})", done, sel,
                    extra_skipped={fqn: "format does not fit its shape" for fqn in misfits}, model=model)
