@@ -346,6 +346,14 @@ def test_sparse_linear_empty_and_meta_skeleton_load():
         meta.load_state_dict(safetensors.load(blob), assign=True)
         assert all(t.device.type == "cpu" for t in [*meta.parameters(), *meta.buffers()])
         assert torch.equal(meta(x), sl(x))
+    # a whole model: prune_ + sparsify_ on a meta-device skeleton, then the state_dict assigned
+    model = bk.sparse.sparsify_(bk.prune_(_model(6), pattern="2:4"))
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    bk.sparse.sparsify_(bk.prune_(skeleton, pattern="2:4"))
+    skeleton.load_state_dict(safetensors.load(safetensors.save(model.state_dict())), assign=True)
+    x = torch.randn(3, 128)
+    assert isinstance(skeleton[0], SparseLinear) and torch.equal(skeleton(x), model(x))
 
 
 def test_gradual_pruner_logs_once_and_checks_shapes_up_front(caplog):

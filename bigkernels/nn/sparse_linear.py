@@ -91,7 +91,8 @@ class SparseLinear(nn.Module):
         """Compress ``linear``'s weight (an ``nn.Linear`` or subclass, or a Hugging Face
         ``Conv1D``), whose zeros must already follow ``pattern`` (use ``bigkernels.prune_``
         first); 2:4 needs at most 2 non-zeros in every group of 4 inputs, block needs
-        ``block_size`` to divide both dimensions."""
+        ``block_size`` to divide both dimensions. A layer on the meta device gives an empty
+        meta-device layer, for ``load_state_dict(..., assign=True)``."""
         if not _layers.is_linear_like(linear):
             raise TypeError(f"SparseLinear.from_linear: expected an nn.Linear or a transformers Conv1D, "
                             f"got {type(linear).__name__}")
@@ -99,6 +100,8 @@ class SparseLinear(nn.Module):
         check_weight_dtype("SparseLinear.from_linear", w.dtype)
         in_f, out_f = _layers.features(linear)
         q = cls(in_f, out_f, pattern, block_size, bias=linear.bias is not None, device="meta", dtype=w.dtype)
+        if w.is_meta:  # a skeleton: the checkpoint it is loaded into (assign=True) decides the sizes
+            return q
         q._set_weight(w)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)

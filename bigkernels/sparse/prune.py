@@ -254,7 +254,7 @@ def sparsify_(model: nn.Module, pattern: Optional[str] = None, block_size: Optio
         except ValueError as e:
             misfits[fqn] = str(e).removeprefix("SparseLinear: ")
             continue
-        if fmt == "2:4":
+        if fmt == "2:4" and not layer.weight.is_meta:
             groups = (_layers.linear_weight(layer).detach() != 0).reshape(out_f, in_f // 4, 4).sum(dim=2)
             if groups.numel() and int(groups.max()) > 2:
                 how = f"pruned with pattern {recorded[0]!r}" if recorded is not None else "not 2:4"
