@@ -122,6 +122,20 @@ def test_all_rows_ignored(device):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_no_rows(device):
+    """(0, V) and (2, 0, V) logits: batchmean 0/0 = NaN, sum 0, none an empty tensor; empty gradients."""
+    for shape in ((0, 13), (2, 0, 13)):
+        s = _logits(shape, torch.float32, device).requires_grad_()
+        t = _logits(shape, torch.float32, device)
+        assert torch.isnan(F.kd_loss(s, t))
+        assert F.kd_loss(s, t, reduction="sum").item() == 0.0
+        none = F.kd_loss(s, t, reduction="none")
+        assert none.shape == shape[:-1]
+        (g,) = torch.autograd.grad(F.kd_loss(s, t, reduction="sum"), s)
+        assert g.shape == shape
+
+
+@pytest.mark.parametrize("device", devices())
 def test_module_and_no_grad(device):
     s, t = _logits((5, 33), torch.float32, device), _logits((5, 33), torch.float32, device)
     labels = _labels((5,), 33, device)

@@ -32,7 +32,7 @@ def test_aot_cases_cover_every_config():
 
 
 @pytest.mark.parametrize("cc", [80, 90])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]['s_ptr'][1:]}-B{c[2]['BLOCK_V']}-w{c.options['num_warps']}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[2]['BLOCK_V']}-w{c.options['num_warps']}")
 def test_compiles_with_vector_access(cc, case):
     k = triton.compile(case.source(), target=GPUTarget("cuda", cc, 32), options=case.options)
     assert k.metadata.shared <= SHARED_LIMIT[cc]

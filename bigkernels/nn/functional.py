@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkernels.ops import distill as _ops
 from bigkernels.reference.distill import REDUCTIONS
 
 __all__ = ["kd_loss", "fused_linear_kd_loss"]
@@ -113,7 +112,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         raise ValueError(f"{op}: teacher_logits {tuple(teacher_logits.shape)} must have the shape of student_logits "
                          f"{tuple(student_logits.shape)}")
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
-        raise ValueError(f"{op}: logits need a non-empty last (vocabulary) dimension, got {tuple(student_logits.shape)}")
+        raise ValueError(f"{op}: logits need a non-empty last (vocabulary) dimension, got shape "
+                         f"{tuple(student_logits.shape)}")
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"{op}: teacher_logits are on {teacher_logits.device}, student_logits on "
                          f"{student_logits.device}")

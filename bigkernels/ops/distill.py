@@ -182,7 +182,8 @@ def _fused_check(hs, ws, ht, wt, labels):
                          f"student ({hs.shape[0]} tokens, vocabulary {ws.shape[0]})")
     if labels is not None:
         torch._check(labels.dim() == 1 and labels.shape[0] == hs.shape[0],
-                     lambda: f"fused_linear_kd_loss: expected labels of shape ({hs.shape[0]},), got {tuple(labels.shape)}")
+                     lambda: f"fused_linear_kd_loss: expected labels of shape ({hs.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
 
 
 def _fused_fake(hs, ws, ht, wt, labels, temperature, alpha, ignore_index, reduction, chunk_rows, g_hs, g_ws, g_ht,

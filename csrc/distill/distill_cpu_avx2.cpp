@@ -1,5 +1,6 @@
-// AVX2 + FMA + F16C instance of the CPU distillation kernel: 8 lanes, a polynomial exp. The
-// pragma must precede every include; distill_cpu.cpp calls this unit only after a CPU check.
+// AVX2 + FMA + F16C instance of the CPU distillation kernel: 8 lanes, poly_exp with 2^n built in
+// the exponent bits. The pragma must precede every include; distill_cpu.cpp calls this unit only
+// after a CPU check.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c")
 
@@ -8,31 +9,15 @@
 #include "common/cpu_vec_avx2.h"
 
 namespace {
-// e^x for 8 lanes within 2 ulp (Cephes' expf: x = n·ln2 + r, |r| <= ln2/2, a degree-6 polynomial
-// in r, 2^n built in the exponent bits). Below -87.34 (where e^x leaves the normal range) the
-// result is 0, so e^-inf = 0; NaN stays NaN; above 88.38 it saturates (inputs here are <= 0).
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order keeps NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
-}
-
 struct Isa {
   using V = Vec8;
-  static V exp(V x) { return V(exp8(x.x)); }
+  static V clamp(V x, V lo, V hi) { return V(_mm256_min_ps(hi.x, _mm256_max_ps(lo.x, x.x))); }  // keeps NaN
+  static V round(V x) { return V(_mm256_round_ps(x.x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
+  static V scale2n(V p, V n) {  // p * 2^n for integral n in [-126, 127], built in the exponent bits
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.x), _mm256_set1_epi32(127)), 23);
+    return V(_mm256_mul_ps(p.x, _mm256_castsi256_ps(e)));
+  }
+  static V zero_below(V x, V lo, V y) { return V(_mm256_andnot_ps(_mm256_cmp_ps(x.x, lo.x, _CMP_LT_OQ), y.x)); }
   static V fma(V a, V b, V c) { return V(_mm256_fmadd_ps(a.x, b.x, c.x)); }
   static V pos_or_zero(V cond, V val) {
     return V(_mm256_and_ps(_mm256_cmp_ps(cond.x, _mm256_setzero_ps(), _CMP_GT_OQ), val.x));

@@ -1,6 +1,7 @@
 // The CPU distillation-loss maths, written once over an instruction-set policy `Isa` (lane type
-// Isa::V plus exp, fma, a lane select and a horizontal max) and the storage types of the two
-// logit tensors. Included by distill_cpu_{scalar,avx2,avx512}.cpp after each defines its Isa.
+// Isa::V plus fma, a lane select, a horizontal max and the pieces of poly_exp) and the storage
+// types of the two logit tensors. Included by distill_cpu_{scalar,avx2,avx512}.cpp after each
+// defines its Isa.
 //
 // Per row (s = student, t = teacher logits, T the temperature, invT = 1/T):
 //   pass 1  ms = max s, mt = max t                                   (no exponentials)
@@ -24,14 +25,42 @@ namespace {
 using bigkernels::distill::cpu::DType;
 using bigkernels::distill::cpu::KdArgs;
 
-// One lane with the C library's exp: the tails of the vector ISAs and the whole scalar instance.
+// One lane (with the C library's exp, see lane_exp): the tails of the vector ISAs and the whole
+// scalar instance.
 struct ScalarIsa {
   using V = Vec1;
-  static V exp(V x) { return V(std::exp(x.x)); }
   static V fma(V a, V b, V c) { return V(a.x * b.x + c.x); }
   static V pos_or_zero(V cond, V val) { return V(cond.x > 0.0f ? val.x : 0.0f); }  // 0·inf = 0 where p = 0
   static float hmax(V v) { return v.x; }
 };
+
+// e^x on the lanes of an instruction set within 2 ulp (Cephes' expf): x = n·ln2 + r with
+// |r| <= ln2/2, a degree-6 polynomial in r, times 2^n. Below -87.34 (where e^x leaves fp32's normal
+// range) the result is 0, so e^-inf = 0; NaN stays NaN; inputs here are <= 0 (logits minus their
+// maximum). Isa supplies clamp (NaN-preserving), round (to nearest), scale2n (p·2^n) and
+// zero_below (0 where x < lo).
+template <class Isa>
+inline typename Isa::V poly_exp(typename Isa::V x) {
+  using V = typename Isa::V;
+  const V lo(-87.33654f);
+  const V xc = Isa::clamp(x, lo, V(88.3762626647949f));
+  const V n = Isa::round(xc * V(1.44269504088896341f));
+  V r = Isa::fma(n, V(-0.693359375f), xc);
+  r = Isa::fma(n, V(2.12194440e-4f), r);
+  V p = Isa::fma(V(1.9875691500e-4f), r, V(1.3981999507e-3f));
+  p = Isa::fma(p, r, V(8.3334519073e-3f));
+  p = Isa::fma(p, r, V(4.1665795894e-2f));
+  p = Isa::fma(p, r, V(1.6666665459e-1f));
+  p = Isa::fma(p, r, V(5.0000001201e-1f));
+  p = Isa::fma(p, r * r, r + V(1.0f));
+  return Isa::zero_below(x, lo, Isa::scale2n(p, n));
+}
+
+// exp on Isa's lanes: poly_exp for the vector instruction sets, the C library's for one lane.
+template <class Isa>
+inline typename Isa::V lane_exp(typename Isa::V x) { return poly_exp<Isa>(x); }
+template <>
+inline Vec1 lane_exp<ScalarIsa>(Vec1 x) { return Vec1(std::exp(x.x)); }
 
 constexpr int kFlush = 64;
 
@@ -106,7 +135,7 @@ void kd_row(const KdArgs& a, int64_t r, float* scratch) {
     for (; j + W <= n; j += W) {
       const V x = V::load(s + j), y = V::load(t + j);
       const V av = Isa::fma(x, vinv, -vcs), bv = Isa::fma(y, vinv, -vct);
-      const V es = Isa::exp(av), et = Isa::exp(bv);
+      const V es = lane_exp<Isa>(av), et = lane_exp<Isa>(bv);
       ls.add(es);
       lt.add(et);
       acc.add(Isa::pos_or_zero(et, et * (bv - av)));
@@ -115,7 +144,7 @@ void kd_row(const KdArgs& a, int64_t r, float* scratch) {
         et.store(et_buf + j);
       }
       if constexpr (kCe1) {
-        const V e1 = Isa::exp(x - vms);
+        const V e1 = lane_exp<Isa>(x - vms);
         l1.add(e1);
         if constexpr (kGrad) e1.store(e1_buf + j);
       }
