@@ -21,7 +21,6 @@ GPU times are triton.testing.do_bench medians; CPU times are medians of calls in
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

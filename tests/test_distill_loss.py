@@ -267,10 +267,11 @@ def test_fused_linear_bad_arguments():
 def test_default_chunk_rows():
     from bigkernels.ops.distill import default_chunk_rows
 
-    assert default_chunk_rows(4096, 1024, 32000) == 128  # N / ceil(V / H) = 128
-    assert default_chunk_rows(16384, 4096, 128256) == 512
+    assert default_chunk_rows(16384, 4096, 128256) == 512  # N / ceil(V / H) (Liger's rule)
+    assert default_chunk_rows(65536, 4096, 32000) == 8192
+    assert default_chunk_rows(4096, 256, 32000) == 256  # at least ~8M logits: 2^23 / 32000 -> 256 rows
+    assert default_chunk_rows(4096, 1024, 128256) == 64
     assert default_chunk_rows(10, 64, 50000) == 10  # never more than N
-    assert default_chunk_rows(5000, 8, 32000) == 64  # at least 64 rows
 
 
 def test_hf_gpt2_student_and_teacher():

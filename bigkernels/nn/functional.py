@@ -143,7 +143,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, te
         temperature, labels, ignore_index, alpha: as in :func:`kd_loss`.
         reduction: ``"batchmean"`` or ``"sum"`` (per-row losses would need per-row gradients, which
             the fused backward does not keep).
-        chunk_size: tokens per chunk (default: about N / ceil(V / H), at least 64).
+        chunk_size: tokens per chunk (default: about N / ceil(V / H), and at least ~8M logits per
+            chunk; see ``bigkernels.ops.distill.default_chunk_rows``).
 
     Tokens are processed ``chunk_size`` at a time: both logit blocks, the fused loss kernel, then
     the gradients of the hidden states and head weights (accumulated in fp32) — all during this
