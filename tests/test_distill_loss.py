@@ -122,6 +122,21 @@ def test_all_rows_ignored(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_backward_twice_with_retained_graph(device, scale):
+    """The gradient computed in the forward is handed out, not modified: a second backward through
+    the retained graph accumulates the same gradient again (also when it is returned unscaled)."""
+    s = _logits((4, 57), torch.float32, device).requires_grad_()
+    t = _logits((4, 57), torch.float32, device).requires_grad_()
+    loss = F.kd_loss(s, t, temperature=2.0) * scale
+    loss.backward(retain_graph=True)
+    first_s, first_t = s.grad.clone(), t.grad.clone()
+    loss.backward()
+    assert_close(s.grad, 2 * first_s, rtol=1e-6, atol=0, what="student grad after two backwards")
+    assert_close(t.grad, 2 * first_t, rtol=1e-6, atol=0, what="teacher grad after two backwards")
+
+
+@pytest.mark.parametrize("device", devices())
 def test_no_rows(device):
     """(0, V) and (2, 0, V) logits: batchmean 0/0 = NaN, sum 0, none an empty tensor; empty gradients."""
     for shape in ((0, 13), (2, 0, 13)):

@@ -13,7 +13,8 @@ Differentiable ops (what ``bigkernels.nn.functional`` calls):
 grad_student, grad_teacher) -> (loss, grad_student, grad_teacher)``
     The loss (``reduction`` "batchmean" | "sum" | "none") and the gradients computed in the
     forward; the backward only scales them by the incoming gradient (returned as they are when
-    that is exactly 1 on the CPU). The gradient outputs are not differentiable: callers use the loss.
+    that is exactly 1, checked in eager mode). The gradient outputs are not differentiable:
+    callers use the loss.
 ``fused_linear_kd_loss(student_hidden [N, H], student_weight [V, H], teacher_hidden [N, Ht],
 teacher_weight [V, Ht], labels?, temperature, alpha, ignore_index?, reduction, chunk_rows,
 needs: bool x4) -> (loss, d student_hidden, d student_weight, d teacher_hidden, d teacher_weight)``
@@ -117,9 +118,14 @@ def _kd_impl(student, teacher, labels, temperature, alpha, ignore_index, reducti
 
 
 def _concrete_one(t: Tensor) -> bool:
-    """t is a real CPU scalar equal to 1 (read without a device sync; never while tracing)."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1
-            and not torch.compiler.is_compiling() and t.item() == 1.0)
+    """t is a real scalar equal to 1 — checked in eager mode only (never while tracing or during
+    CUDA graph capture). On a GPU this reads one value (a device sync per backward, as Liger-Kernel
+    does): multiplying a (tokens x V) gradient by 1 would cost a pass and a second copy of it."""
+    if type(t) is not torch.Tensor or t.numel() != 1 or torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return t.item() == 1.0
 
 
 def _scaled(saved: Tensor, grad: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
