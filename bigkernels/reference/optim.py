@@ -234,7 +234,7 @@ def fused_rmsprop_(
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
         acc = _math_dtype(p)
-        g = grads[i].to(acc) * mult
+        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
         if maximize:
             g = -g
         pf = p.to(acc)
@@ -287,7 +287,7 @@ def fused_lion_(
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
         acc = _math_dtype(p)
-        g = grads[i].to(acc) * mult
+        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
         if maximize:
             g = -g
         m = exp_avgs[i].to(acc)
@@ -380,7 +380,7 @@ def fused_adafactor_(
         pf = p.to(acc)
         rms_p = pf.double().square().sum().sqrt() / p.numel() ** 0.5
         alpha = torch.clamp(rms_p.to(step.device), min=eps2) * rho
-        g = grads[i].to(acc) * mult
+        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -432,7 +432,7 @@ class Lion(torch.optim.Optimizer):
             avgs = [self.state[p]["exp_avg"] for p in params]
             if not params:
                 continue
-            if group["foreach"]:
+            if group.get("foreach", False):
                 if wd != 0:
                     torch._foreach_mul_(params, 1 - lr * wd)
                 c = torch._foreach_mul(avgs, beta1)

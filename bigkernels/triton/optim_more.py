@@ -81,13 +81,9 @@ def _st(ptr, offs, x, mask):
 
 
 @triton.jit
-def _aligned(table, n_tensors, tid, ROWS: tl.constexpr):
-    """Whether the first ROWS table addresses of tensor ``tid`` are 16-byte aligned (table path;
-    the traced path's pointer arguments are specialised by Triton itself)."""
-    bits = tl.full((), 0, tl.int64)
-    for r in tl.static_range(ROWS):
-        bits = bits | tl.load(table + r * n_tensors + tid)
-    return (bits % 16) == 0
+def _addr(table, n_tensors, tid, ROW: tl.constexpr):
+    """Table row ``ROW``'s address of tensor ``tid`` (an int64)."""
+    return tl.load(table + ROW * n_tensors + tid)
 
 
 @triton.jit
@@ -168,26 +164,27 @@ def _rmsprop_kernel(
     # Table rows: 0 params, 1 grads, 2 square_avgs, 3 grad_avgs, 4 momentum_buffers, 5 steps, 6 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
-        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
-        sq = _row_ptr(table, n_tensors, tid, 2, sq_ptr, USE_TABLE)
-        ga = _row_ptr(table, n_tensors, tid, 3, ga_ptr, USE_TABLE)
-        buf = _row_ptr(table, n_tensors, tid, 4, buf_ptr, USE_TABLE)
         keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK)
         mult = _mult_of(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP, MAXIMIZE)
         end = tl.minimum(start + CHUNK, n)
-        if USE_TABLE:  # table addresses: aligned ones get vector access (the check is per tensor)
-            if _aligned(table, n_tensors, tid, 5):
-                _rmsprop_loop(tl.multiple_of(p, 16), tl.multiple_of(g, 16), tl.multiple_of(sq, 16),
-                              tl.multiple_of(ga, 16), tl.multiple_of(buf, 16), keep, start, end, mult, lr, alpha,
+        if USE_TABLE:
+            # Addresses from the table: where all five are 16-byte aligned, say so to the compiler
+            # (vector access); the hint must sit on a value made here, not returned by a helper.
+            p, g = _addr(table, n_tensors, tid, 0), _addr(table, n_tensors, tid, 1)
+            sq, ga, buf = _addr(table, n_tensors, tid, 2), _addr(table, n_tensors, tid, 3), _addr(table, n_tensors, tid, 4)
+            if ((p | g | sq | ga | buf) % 16) == 0:
+                _rmsprop_loop(tl.multiple_of(p.to(p_ptr.dtype), 16), tl.multiple_of(g.to(g_ptr.dtype), 16),
+                              tl.multiple_of(sq.to(sq_ptr.dtype), 16), tl.multiple_of(ga.to(ga_ptr.dtype), 16),
+                              tl.multiple_of(buf.to(buf_ptr.dtype), 16), keep, start, end, mult, lr, alpha,
                               one_minus_alpha, eps, weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK,
                               BLOCK)
             else:
-                _rmsprop_loop(p, g, sq, ga, buf, keep, start, end, mult, lr, alpha, one_minus_alpha, eps,
+                _rmsprop_loop(p.to(p_ptr.dtype), g.to(g_ptr.dtype), sq.to(sq_ptr.dtype), ga.to(ga_ptr.dtype),
+                              buf.to(buf_ptr.dtype), keep, start, end, mult, lr, alpha, one_minus_alpha, eps,
                               weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, BLOCK)
         else:  # pointer arguments: Triton specialises their alignment itself
-            _rmsprop_loop(p, g, sq, ga, buf, keep, start, end, mult, lr, alpha, one_minus_alpha, eps, weight_decay,
-                          momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, BLOCK)
+            _rmsprop_loop(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, keep, start, end, mult, lr, alpha, one_minus_alpha,
+                          eps, weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,22 +234,21 @@ def _lion_kernel(
     # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
-        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
-        m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE)
         keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK)
         mult = _mult_of(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP, MAXIMIZE)
         end = tl.minimum(start + CHUNK, n)
         if USE_TABLE:  # as in _rmsprop_kernel
-            if _aligned(table, n_tensors, tid, 3):
-                _lion_loop(tl.multiple_of(p, 16), tl.multiple_of(g, 16), tl.multiple_of(m, 16), keep, start, end,
-                           mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HAS_MASK, BLOCK)
+            p, g, m = _addr(table, n_tensors, tid, 0), _addr(table, n_tensors, tid, 1), _addr(table, n_tensors, tid, 2)
+            if ((p | g | m) % 16) == 0:
+                _lion_loop(tl.multiple_of(p.to(p_ptr.dtype), 16), tl.multiple_of(g.to(g_ptr.dtype), 16),
+                           tl.multiple_of(m.to(m_ptr.dtype), 16), keep, start, end, mult, lr, beta1, one_minus_beta1,
+                           beta2, one_minus_beta2, decay, HAS_MASK, BLOCK)
             else:
-                _lion_loop(p, g, m, keep, start, end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                           decay, HAS_MASK, BLOCK)
+                _lion_loop(p.to(p_ptr.dtype), g.to(g_ptr.dtype), m.to(m_ptr.dtype), keep, start, end, mult, lr, beta1,
+                           one_minus_beta1, beta2, one_minus_beta2, decay, HAS_MASK, BLOCK)
         else:
-            _lion_loop(p, g, m, keep, start, end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-                       HAS_MASK, BLOCK)
+            _lion_loop(p_ptr, g_ptr, m_ptr, keep, start, end, mult, lr, beta1, one_minus_beta1, beta2,
+                       one_minus_beta2, decay, HAS_MASK, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +326,7 @@ def _adafactor_cols_kernel(
         w, one_minus_w = _lerp_weight(s_ptr, beta2_decay)
         cv = _lerp(tl.load(cv_ptr + cidx, mask=cmask, other=0.0).to(tl.float32), acc / R, w, one_minus_w)
         tl.store(cv_ptr + cidx, cv.to(cv_ptr.dtype.element_ty), mask=cmask)
-        tl.store(col_scale + cidx, 1.0 / tl.sqrt_rn(cv), mask=cmask)
+        tl.store(col_scale + cidx, 1.0 / tl.sqrt_rn(tl.where(cmask, cv, 1.0)), mask=cmask)
         if tl.program_id(1) == 0:
             racc = tl.zeros((BLOCK_R,), tl.float32)
             for r0 in range(0, R, BLOCK_R):
@@ -488,6 +484,7 @@ def _adafactor_vec_apply_kernel(
 
 ADAFACTOR_BLOCK_R = 8   # rows per program of the factored Adafactor kernels
 ADAFACTOR_BLOCK_C = 128  # columns per tile
+ADAFACTOR_COLS_BLOCK = 512  # columns per program of the column-factor kernel (4 per thread: 16-byte loads)
 SUM_BLOCK = 256  # partials per iteration of the in-kernel sums
 
 
@@ -672,9 +669,9 @@ def fused_adafactor_triton_(
             launch(_adafactor_stats_kernel)[(parts,)](
                 g, p, rv, s, rows_out, col_part, p_part, R, C, bps, *control, max_grad_norm, beta2_decay, **flags,
                 **tiles, num_warps=warps)
-            launch(_adafactor_cols_kernel)[(B, triton.cdiv(C, ADAFACTOR_BLOCK_C))](
+            launch(_adafactor_cols_kernel)[(B, triton.cdiv(C, ADAFACTOR_COLS_BLOCK))](
                 cv, s, rows_out, col_part, col_scale, row_mean, R, C, bps, eps1, control[0], beta2_decay,
-                HAS_FOUND_INF=found_inf is not None, BLOCK_C=ADAFACTOR_BLOCK_C,
+                HAS_FOUND_INF=found_inf is not None, BLOCK_C=ADAFACTOR_COLS_BLOCK,
                 BLOCK_R=SUM_BLOCK, num_warps=warps)
             launch(_adafactor_usq_kernel)[(parts,)](
                 g, rows_out, row_mean, col_scale, u_part, R, C, bps, *control, max_grad_norm, inv_eps1, **flags,
@@ -698,3 +695,70 @@ def fused_adafactor_triton_(
     for orig, tmp in write_back:
         orig.copy_(tmp)
     _increment_steps_traced(state_steps, found_inf)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (sm_80 / sm_90, no GPU needed): (kernel, signature, constexprs).
+# Compiled with every pointer argument 16-byte aligned and the integer arguments named in
+# AOT_DIVISIBLE_INTS divisible by 16, as Triton specialises launches on aligned tensors and such
+# sizes. tests/test_optim_new_triton_aot.py compiles each for sm_80 and sm_90 and checks that the
+# hot loads of the elementwise kernels (both launch paths) and of the Adafactor passes are 16-byte
+# vector loads (ld.global.v4) in the PTX.
+# --------------------------------------------------------------------------------------------
+
+
+def _sig(kernel, ptr_types: dict, default_ptr: str, ints=()) -> dict:
+    """Triton signature of ``kernel``: UPPER-case arguments are constexprs, ``ptr_types`` names the
+    pointers that are not ``default_ptr`` (the params' storage type), ``ints`` the int32 sizes,
+    other ``*_ptr`` / scratch arguments are ``default_ptr`` and the rest fp32 scalars."""
+    scratch = ("table", "rows_out", "col_part", "p_part", "u_part", "col_scale", "row_mean")
+    sig = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
+        elif name in ints:
+            sig[name] = "i32"
+        elif name.endswith("_ptr") or name in scratch:
+            sig[name] = default_ptr
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def _aot_cases() -> list:
+    cases = []
+    flags = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, MAXIMIZE=False)
+    for dt in ("fp32", "bf16"):
+        for use_table in (True, False):
+            ptr = {"table": "*i64", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_norm_ptr": "*fp32",
+                   "keep_ptr": "*u8"}
+            ints = ("n_tensors", "numel")
+            block = dict(USE_TABLE=use_table, CHUNK=8192, BLOCK=1024, HAS_MASK=False)
+            cases.append((_rmsprop_kernel, _sig(_rmsprop_kernel, ptr, f"*{dt}", ints),
+                          dict(flags, **block, HAS_WD=True, CENTERED=True, HAS_MOMENTUM=True, NROWS=6)))
+            cases.append((_lion_kernel, _sig(_lion_kernel, ptr, f"*{dt}", ints), dict(flags, **block, NROWS=3)))
+        ptr = {"found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_norm_ptr": "*fp32", "keep_ptr": "*u8",
+               "s_ptr": "*fp32", "rows_out": "*fp32", "col_part": "*fp32", "p_part": "*fp32", "u_part": "*fp32",
+               "col_scale": "*fp32", "row_mean": "*fp32"}
+        ints = ("R", "C", "blocks_per_slice", "n_parts", "numel")
+        tiles = dict(BLOCK_R=ADAFACTOR_BLOCK_R, BLOCK_C=ADAFACTOR_BLOCK_C)
+        cases.append((_adafactor_stats_kernel, _sig(_adafactor_stats_kernel, ptr, f"*{dt}", ints),
+                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, **tiles)))
+        cases.append((_adafactor_cols_kernel, _sig(_adafactor_cols_kernel, ptr, f"*{dt}", ints),
+                      dict(HAS_FOUND_INF=True, BLOCK_C=ADAFACTOR_COLS_BLOCK, BLOCK_R=SUM_BLOCK)))
+        cases.append((_adafactor_usq_kernel, _sig(_adafactor_usq_kernel, ptr, f"*{dt}", ints),
+                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, **tiles)))
+        cases.append((_adafactor_apply_kernel, _sig(_adafactor_apply_kernel, ptr, f"*{dt}", ints),
+                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, MAXIMIZE=False, HAS_MASK=True,
+                           **tiles, SUM_BLOCK=SUM_BLOCK)))
+        vec = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, CHUNK=8192, BLOCK=1024)
+        cases.append((_adafactor_vec_stats_kernel, _sig(_adafactor_vec_stats_kernel, ptr, f"*{dt}", ints), vec))
+        cases.append((_adafactor_vec_apply_kernel, _sig(_adafactor_vec_apply_kernel, ptr, f"*{dt}", ints),
+                      dict(vec, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK)))
+    return cases
+
+
+AOT_DIVISIBLE_INTS = ("C", "numel")
+AOT_CASES = _aot_cases()

@@ -2,8 +2,9 @@
 // modified), picks the instruction set at run time, and splits the work across threads.
 // RMSprop and Lion: one flat parallel range over every element of every tensor. Adafactor: per
 // param, three passes (row / column statistics and the param's RMS; the update's RMS; the update),
-// each split over runs of rows of about kGrain elements; params under kParallelMin elements are
-// instead handed whole to one thread each (one parallel loop over them, no per-pass barriers).
+// each split over runs of rows of about kGrain elements, for the params that are big (see
+// fused_adafactor_cpu); the others are handed whole to one thread each (one parallel loop over
+// them, no per-pass barriers).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -31,7 +32,7 @@ const MoreKernels& best_more_kernels() {
 namespace {
 using namespace binding;
 
-constexpr int64_t kParallelMin = 1 << 17;  // Adafactor params at least this big get parallel passes
+constexpr int64_t kParallelMin = 1 << 17;  // Adafactor params under this never get parallel passes
 
 void bump_steps(at::TensorList state_steps) {
   for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
@@ -322,10 +323,16 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     adafactor_tensor(k, params[i], g[i], fact ? &row_vars[i] : nullptr, fact ? &col_vars[i] : nullptr,
                      fact ? nullptr : &variances[i], state_steps[i], mask_bytes(masks, i), h, parallel);
   };
+  // A param gets parallel passes when it is big and more than 1/(2 x threads) of the step's
+  // elements; the others are stepped whole, one thread each (no barrier between their passes, and
+  // a param's second and third reads of its gradient come from cache when it fits there).
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  const int64_t big = std::max<int64_t>(kParallelMin, total / (2 * at::get_num_threads()));
   std::vector<int64_t> small;
   int64_t small_elems = 0;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (params[i].numel() >= kParallelMin) {
+    if (params[i].numel() >= big) {
       one(i, true);
     } else {
       small.push_back(int64_t(i));

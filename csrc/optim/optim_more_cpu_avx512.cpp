@@ -3,6 +3,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 
+// GCC 12 warns about the _mm512_undefined_* inside avx512fintrin.h's lane reductions (a false
+// positive, reached through SquareSum::flush).
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "common/cpu_vec_avx512.h"
 #include "optim/optim_more_cpu_kernels.h"
 
