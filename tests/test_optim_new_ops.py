@@ -12,6 +12,8 @@ import torch
 
 from bigkernels.reference import optim as ref
 from conftest import assert_close, devices, require_kernel
+from test_optim_ops import _check_against_reference, _upcast
+from test_optim_ops import _rand as _rand_base
 
 SHAPES = [(5, 123, 123), (1,), (3,), (0,), (4097,), (33, 65), ()]
 FACTORED_SHAPES = [(5, 123, 123), (33, 65), (1, 1), (2, 3, 4, 9), (7, 300), (0, 5), (300, 7)]
@@ -20,14 +22,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _rand(shape, dtype, device, positive=False, noncontig=False, scale=1.0):
-    t = torch.randn(shape, device=device, dtype=torch.float32) * scale
-    t = t.abs() if positive else t
-    if noncontig and len(shape) >= 1 and t.numel() > 1:
-        wide = torch.empty(shape[:-1] + (shape[-1] * 2,), device=device, dtype=dtype)
-        view = wide[..., ::2]
-        view.copy_(t)
-        return view
-    return t.to(dtype)
+    t = _rand_base(shape, dtype, device, positive=positive, noncontig=noncontig)
+    return t if scale == 1.0 else t * scale
 
 
 def _tail(gen, device, kw):
@@ -97,23 +93,6 @@ CASES = {"fused_rmsprop_": (rmsprop_case, ref.fused_rmsprop_, ["params", "square
          "fused_adafactor_": (adafactor_case, ref.fused_adafactor_, ["params", "row_vars", "col_vars", "variances"])}
 
 
-def _upcast(lists):
-    return {k: [t.to(torch.float32, copy=True).contiguous() for t in v] if k != "state_steps" else [t.clone() for t in v]
-            for k, v in lists.items()}
-
-
-def _check(kernel_lists, ref_lists, ref32_lists, dtype, names):
-    """fp32: rtol 1e-5 / atol 1e-6. 16-bit: error vs the fp32 reference within 2x the reference's own."""
-    for name in names:
-        for i, (k, r, r32) in enumerate(zip(kernel_lists[name], ref_lists[name], ref32_lists[name])):
-            if dtype == torch.float32:
-                assert_close(k, r, rtol=1e-5, atol=1e-6, what=f"{name}[{i}]")
-            else:
-                own = (r.double() - r32.double()).abs().max().item() if r.numel() else 0.0
-                got = (k.double() - r32.double()).abs().max().item() if k.numel() else 0.0
-                assert got <= 2 * own + 1e-6, f"{name}[{i}] ({dtype}): error {got:.3g} > 2x reference error {own:.3g}"
-
-
 def _run_and_compare(op, device, dtype, seed, **case_kw):
     make, reference, names = CASES[op]
     lists, kw = make(device, dtype, seed, **case_kw)
@@ -121,7 +100,7 @@ def _run_and_compare(op, device, dtype, seed, **case_kw):
     getattr(torch.ops.bigkernels, op)(*lists.values(), **kw)
     reference(*ref_lists.values(), **kw)
     reference(*ref32.values(), **kw)
-    _check(lists, ref_lists, ref32, dtype, names)
+    _check_against_reference(lists, ref_lists, ref32, dtype, names)
     for s, r in zip(lists.get("state_steps", []), ref_lists.get("state_steps", [])):
         assert s.item() == r.item()
     return lists, kw
@@ -172,7 +151,7 @@ def test_rmsprop_momentum_centered_all_modes(device):
             expected = copy.deepcopy(lists)
             torch.ops.bigkernels.fused_rmsprop_(*lists.values(), **kw)
             ref.fused_rmsprop_(*expected.values(), **kw)
-            _check(lists, expected, expected, torch.float32, ["params", "square_avgs", "grad_avgs", "momentum_buffers"])
+            _check_against_reference(lists, expected, expected, torch.float32, ["params", "square_avgs", "grad_avgs", "momentum_buffers"])
 
 
 def test_lion_sign_of_zero_and_nan():
@@ -219,7 +198,7 @@ def test_masks_zero_pruned_params_in_the_step(device, dtype, op, cpu_isa):
     getattr(torch.ops.bigkernels, op)(*unmasked.values(), **kw)
     reference(*ref_lists.values(), **kw, masks=masks)
     reference(*ref32.values(), **kw, masks=masks)
-    _check(lists, ref_lists, ref32, dtype, ["params"])
+    _check_against_reference(lists, ref_lists, ref32, dtype, ["params"])
     for i, (p, m, free) in enumerate(zip(lists["params"], masks, unmasked["params"])):
         assert (p[~m] == 0).all(), f"params[{i}]: a pruned element is not zero"
         assert torch.equal(p[m], free[m]), f"params[{i}]: masks changed a kept element"
@@ -294,7 +273,8 @@ def test_bad_input_is_rejected_and_nothing_changes(device):
         (ops.fused_adafactor_, dict(ada, row_vars=ada["col_vars"]), akw, "row_vars"),
         (ops.fused_adafactor_, dict(ada, variances=ada["row_vars"]), akw, "variances"),
         (ops.fused_adafactor_, dict(ada, params=ada["params"][:1] + [torch.randn(4, device=device)],
-                                    grads=ada["grads"][:1] + [torch.randn(4, device=device)]), akw, "mixes"),
+                                    grads=ada["grads"][:1] + [torch.randn(4, device=device)],
+                                    state_steps=ada["state_steps"][:2]), akw, "mixes"),
         (ops.fused_adafactor_, ada, dict(akw, d=0.5), "clipping threshold d"),
         (ops.fused_adafactor_, ada, dict(akw, beta2_decay=0.5), "beta2_decay"),
     ]

@@ -22,6 +22,8 @@ from torch.testing._internal.common_optimizers import (
 import bigkernels as bk
 from bigkernels.reference.optim import Lion
 from conftest import assert_close
+from test_optim_torch_compat import _pair
+from test_optim_torch_compat import _params as _params_base
 
 OURS = {torch.optim.RMSprop: bk.optim.FusedRMSprop, torch.optim.Adafactor: bk.optim.FusedAdafactor}
 INFOS = [info for info in optim_db if info.optim_cls in OURS]
@@ -30,16 +32,10 @@ SHAPES = {torch.optim.RMSprop: [(5, 13, 17), (17,), (1,), (0, 4), (3, 7)],
           torch.optim.Adafactor: [(5, 13, 17), (17,), (1,), (3, 7), (2, 3, 4, 5), ()]}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
-ALL = {**OURS, Lion: bk.optim.FusedLion}
 
 
 def _params(dtype, shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-
-
-def _pair(base):
-    return [torch.nn.Parameter(p.clone()) for p in base], [torch.nn.Parameter(p.clone()) for p in base]
+    return _params_base(dtype, seed=seed, shapes=shapes)
 
 
 def _steps(pairs, steps, seed=1, none_every=0):

@@ -199,6 +199,13 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
 # ==============================================================================================
 
 
+def _grad(grad: Tensor, acc: torch.dtype, mult, maximize: bool) -> Tensor:
+    """The gradient the maths uses: in ``acc``, unscaled and clipped (``mult``, which must not
+    promote a 0-d gradient to fp64), negated for maximize."""
+    g = (grad.to(acc) * mult).to(acc)
+    return -g if maximize else g
+
+
 def _lerp(start: Tensor, end: Tensor, weight) -> Tensor:
     """torch.lerp's formula (weight < 0.5: start + w (end - start), else end - (end - start)(1 - w))."""
     if not isinstance(weight, Tensor):
@@ -234,9 +241,7 @@ def fused_rmsprop_(
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
         acc = _math_dtype(p)
-        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
-        if maximize:
-            g = -g
+        g = _grad(grads[i], acc, mult, maximize)
         pf = p.to(acc)
         if weight_decay != 0:
             g = g + weight_decay * pf
@@ -287,9 +292,7 @@ def fused_lion_(
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
         acc = _math_dtype(p)
-        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
-        if maximize:
-            g = -g
+        g = _grad(grads[i], acc, mult, maximize)
         m = exp_avgs[i].to(acc)
         c = m * beta1 + (1.0 - beta1) * g
         pf = p.to(acc)
@@ -380,9 +383,7 @@ def fused_adafactor_(
         pf = p.to(acc)
         rms_p = pf.double().square().sum().sqrt() / p.numel() ** 0.5
         alpha = torch.clamp(rms_p.to(step.device), min=eps2) * rho
-        g = (grads[i].to(acc) * mult).to(acc)  # (a 0-d param would promote to mult's fp64)
-        if maximize:
-            g = -g
+        g = _grad(grads[i], acc, mult, maximize)
         if weight_decay != 0:
             pf = pf * (1.0 - lr * weight_decay)
         g2 = g * g

@@ -30,15 +30,15 @@ inline float read_scalar(const std::optional<at::Tensor>& t, float if_absent) {
   return t.has_value() ? t->data_ptr<float>()[0] : if_absent;
 }
 
-// 1/grad_scale times the clip coefficient (see bigkernels/reference/optim.py), in double.
-inline double grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
+// 1/grad_scale times the clip coefficient (see bigkernels/reference/optim.py).
+inline float grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
                               double max_grad_norm) {
   double mult = 1.0 / double(read_scalar(grad_scale, 1.0f));
   if (grad_norm.has_value() && max_grad_norm > 0) {
     const double norm = double(read_scalar(grad_norm, 0.0f)) * mult;
     mult *= std::min(1.0, max_grad_norm / (norm + 1e-6));
   }
-  return mult;
+  return float(mult);
 }
 
 inline bool skip_step(const std::optional<at::Tensor>& found_inf) { return read_scalar(found_inf, 0.0f) != 0.0f; }

@@ -38,6 +38,25 @@ void bump_steps(at::TensorList state_steps) {
   for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
 }
 
+// What every op does after its own checks: nothing when there are no params or found_inf is set
+// (nullopt); otherwise the params' versions bumped, and the gradients (contiguous), dtype and
+// gradient multiplier of the step.
+struct StepInputs {
+  std::vector<at::Tensor> grads;
+  DType dtype;
+  float mult;
+};
+std::optional<StepInputs> begin_step(const char* op, at::TensorList params, at::TensorList grads,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  if (params.empty()) return std::nullopt;
+  check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
+  if (skip_step(found_inf)) return std::nullopt;
+  bump_versions(params);
+  return StepInputs{contiguous_list(grads), dtype_of(params[0]), grad_multiplier(grad_scale, grad_norm, max_grad_norm)};
+}
+
 // ------------------------------------------------------------------------------------ RMSprop
 void fused_rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                        at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
@@ -57,16 +76,13 @@ void fused_rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                {{"momentum_buffers", momentum_buffers}, !has_momentum}},
               &state_steps);
   check_masks(op, params, masks);
-  if (params.empty()) return;
-  check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
-  if (skip_step(found_inf)) return;
-  bump_versions(params);
-
-  const auto g = contiguous_list(grads);
-  const DType dt = dtype_of(params[0]);
-  const double mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+  const auto in = begin_step(op, params, grads, grad_scale, found_inf, grad_norm, max_grad_norm);
+  if (!in) return;
+  const auto& g = in->grads;
+  const DType dt = in->dtype;
+  const float mult = in->mult;
   const RmspropArgs a{float(lr), float(alpha), float(1.0 - alpha), float(eps), float(weight_decay), float(momentum),
-                      float(maximize ? -mult : mult), centered, has_momentum};
+                      maximize ? -mult : mult, centered, has_momentum};
   const MoreKernels& k = best_more_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
     k.rmsprop(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(square_avgs[t], b),
@@ -88,16 +104,13 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
   check_lists(op, params, &grads, {{{"exp_avgs", exp_avgs}, false}}, nullptr);
   check_masks(op, params, masks);
-  if (params.empty()) return;
-  check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
-  if (skip_step(found_inf)) return;
-  bump_versions(params);
-
-  const auto g = contiguous_list(grads);
-  const DType dt = dtype_of(params[0]);
-  const double mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+  const auto in = begin_step(op, params, grads, grad_scale, found_inf, grad_norm, max_grad_norm);
+  if (!in) return;
+  const auto& g = in->grads;
+  const DType dt = in->dtype;
+  const float mult = in->mult;
   const LionArgs a{float(lr), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
-                   float(1.0 - lr * weight_decay), float(maximize ? -mult : mult)};
+                   float(1.0 - lr * weight_decay), maximize ? -mult : mult};
   const MoreKernels& k = best_more_kernels();
   for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
     k.lion(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(exp_avgs[t], b), keep_at(masks, t, b), e - b, a);
@@ -110,8 +123,7 @@ bool factored(const at::Tensor& p) { return p.dim() >= 2; }
 void check_adafactor_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
                           at::TensorList col_vars, at::TensorList variances, at::TensorList state_steps, double lr,
                           double beta2_decay, double eps1, double eps2, double d, double weight_decay,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                          const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
+                          const std::optional<at::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, beta2_decay <= 0, "beta2_decay (must be <= 0)", beta2_decay);
   check_hyper(op, eps1 >= 0, "eps1", eps1);
@@ -152,7 +164,6 @@ void check_adafactor_call(const char* op, at::TensorList params, at::TensorList 
       check_state("variances", i, variances[i], sizes);
     }
   }
-  check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }
 
 double lerp_double(double start, double end, double w) {  // torch.lerp's formula
@@ -309,15 +320,12 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::TensorList>& masks) {
   const char* op = "fused_adafactor_";
   check_adafactor_call(op, params, grads, row_vars, col_vars, variances, state_steps, lr, beta2_decay, eps1, eps2, d,
-                       weight_decay, grad_scale, found_inf, grad_norm, masks);
-  if (params.empty()) return;
-  if (skip_step(found_inf)) return;
-  bump_versions(params);
-
-  const auto g = contiguous_list(grads);
+                       weight_decay, masks);
+  const auto in = begin_step(op, params, grads, grad_scale, found_inf, grad_norm, max_grad_norm);
+  if (!in) return;
+  const auto& g = in->grads;
   const bool fact = factored(params[0]);
-  const AdafactorHyper h{lr, beta2_decay, eps1, eps2, d, weight_decay,
-                         grad_multiplier(grad_scale, grad_norm, max_grad_norm), maximize};
+  const AdafactorHyper h{lr, beta2_decay, eps1, eps2, d, weight_decay, in->mult, maximize};
   const MoreKernels& k = best_more_kernels();
   auto one = [&](size_t i, bool parallel) {
     adafactor_tensor(k, params[i], g[i], fact ? &row_vars[i] : nullptr, fact ? &col_vars[i] : nullptr,
