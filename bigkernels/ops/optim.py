@@ -127,3 +127,59 @@ def sum_of_squares(tensors, *, backend=None):
     """Sum of squares of all elements of ``tensors`` (0-d fp32) on ``backend`` (default: the
     fastest for their device)."""
     return _run("sum_of_squares", backend, tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSprop, Adafactor, Lion (issue 12)
+#
+# ``fused_rmsprop_``: one torch.optim.RMSprop step (alpha, eps, weight_decay, momentum, centered,
+# maximize); grad_avgs empty unless centered, momentum_buffers empty unless momentum > 0.
+# ``fused_adafactor_``: one torch.optim.Adafactor step; a call's params are all >= 2-D (factored:
+# row_vars / col_vars one per param, variances empty) or all < 2-D (variances, row/col empty);
+# eps1 is a number (the optimizer resolves torch's None). Three passes over each gradient: row /
+# column statistics (+ the param's RMS), the update's RMS, the update.
+# ``fused_lion_``: one Lion step (one state, exp_avg; no step counter).
+# Same tail as the ops above (GradScaler, clipping, masks); references in bigkernels.reference.optim.
+# ----------------------------------------------------------------------------------------------
+RMSPROP_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+    "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, *, float lr, float alpha, float eps, "
+    f"float weight_decay, float momentum, bool centered, bool maximize, {_COMMON_TAIL}) -> ()"
+)
+ADAFACTOR_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_vars, Tensor(c!)[] col_vars, "
+    "Tensor(d!)[] variances, Tensor(e!)[] state_steps, *, float lr, float beta2_decay, float eps1, float eps2, "
+    f"float d, float weight_decay, bool maximize, {_COMMON_TAIL}) -> ()"
+)
+LION_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, float beta1, float beta2, "
+    f"float weight_decay, bool maximize, {_COMMON_TAIL}) -> ()"
+)
+_MORE_DEFS = [
+    ("fused_rmsprop_", RMSPROP_SCHEMA, ref.fused_rmsprop_, "fused_rmsprop_triton_"),
+    ("fused_adafactor_", ADAFACTOR_SCHEMA, ref.fused_adafactor_, "fused_adafactor_triton_"),
+    ("fused_lion_", LION_SCHEMA, ref.fused_lion_, "fused_lion_triton_"),
+]
+for _name, _schema, _reference, _triton_name in _MORE_DEFS:
+    _qual = f"{_registry.NAMESPACE}::{_name}"
+    torch.library.define(_qual, _schema)
+    torch.library.register_fake(_qual)(_no_output)
+    torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
+    _registry.register(_registry.OpInfo(_name, _schema, _reference, triton_name=_triton_name,
+                                        triton_kwargs=_masks_as_list))
+
+
+def fused_rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, backend=None,
+                   **kwargs) -> None:
+    """Run the RMSprop step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("fused_rmsprop_", backend, params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, **kwargs)
+
+
+def fused_adafactor_(params, grads, row_vars, col_vars, variances, state_steps, *, backend=None, **kwargs) -> None:
+    """Run the Adafactor step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("fused_adafactor_", backend, params, grads, row_vars, col_vars, variances, state_steps, **kwargs)
+
+
+def fused_lion_(params, grads, exp_avgs, *, backend=None, **kwargs) -> None:
+    """Run the Lion step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("fused_lion_", backend, params, grads, exp_avgs, **kwargs)

@@ -191,3 +191,261 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     for t in tensors:
         total += t.double().square().sum()
     return total.float()
+
+
+# ==============================================================================================
+# RMSprop, Adafactor, Lion (issue 12): the references of fused_rmsprop_, fused_adafactor_ and
+# fused_lion_, plus a plain Lion optimizer (the formula FusedLion must match; torch has none).
+# ==============================================================================================
+
+
+def _grad(grad: Tensor, acc: torch.dtype, mult, maximize: bool) -> Tensor:
+    """The gradient the maths uses: in ``acc``, unscaled and clipped (``mult``, which must not
+    promote a 0-d gradient to fp64), negated for maximize."""
+    g = (grad.to(acc) * mult).to(acc)
+    return -g if maximize else g
+
+
+def _lerp(start: Tensor, end: Tensor, weight) -> Tensor:
+    """torch.lerp's formula (weight < 0.5: start + w (end - start), else end - (end - start)(1 - w))."""
+    if not isinstance(weight, Tensor):
+        weight = torch.tensor(float(weight), dtype=start.dtype, device=start.device)
+    return torch.lerp(start, end, weight.to(device=start.device, dtype=start.dtype))
+
+
+def fused_rmsprop_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    square_avgs: Sequence[Tensor],
+    grad_avgs: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """RMSprop step over lists of tensors (torch.optim.RMSprop semantics). ``grad_avgs`` is empty
+    unless ``centered``; ``momentum_buffers`` is empty unless ``momentum > 0``."""
+    check_masks("fused_rmsprop_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        g = _grad(grads[i], acc, mult, maximize)
+        pf = p.to(acc)
+        if weight_decay != 0:
+            g = g + weight_decay * pf
+        sq = square_avgs[i].to(acc) * alpha + (1.0 - alpha) * g * g
+        if centered:
+            ga = _lerp(grad_avgs[i].to(acc), g, 1.0 - alpha)
+            _commit(grad_avgs[i], ga, skip)
+            avg = (sq - ga * ga).sqrt() + eps
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(acc) * momentum + g / avg
+            _commit(momentum_buffers[i], buf, skip)
+            pf = pf - lr * buf
+        else:
+            pf = pf - lr * (g / avg)
+        _commit(square_avgs[i], sq, skip)
+        _commit(p, _masked(pf, masks, i), skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)
+
+
+def lion_sign(c: Tensor) -> Tensor:
+    """sign with sign(0) = 0 and NaN kept NaN (torch.sign maps NaN to 0, which would hide a NaN
+    gradient by freezing the weight; the fused kernels propagate it, as Adam's do)."""
+    return torch.where(torch.isnan(c), c, torch.sign(c))
+
+
+def fused_lion_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """Lion step (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") over lists:
+    ``c = beta1 m + (1 - beta1) g; p = p (1 - lr wd) - lr sign(c); m = beta2 m + (1 - beta2) g``."""
+    check_masks("fused_lion_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        g = _grad(grads[i], acc, mult, maximize)
+        m = exp_avgs[i].to(acc)
+        c = m * beta1 + (1.0 - beta1) * g
+        pf = p.to(acc)
+        if weight_decay != 0:
+            pf = pf * (1.0 - lr * weight_decay)
+        pf = pf - lr * lion_sign(c)
+        _commit(exp_avgs[i], m * beta2 + (1.0 - beta2) * g, skip)
+        _commit(p, _masked(pf, masks, i), skip)
+
+
+def adafactor_factored(p: Tensor) -> bool:
+    """Adafactor keeps factored (row_var, col_var) second moments for params of >= 2 dims, over
+    their last two dims (leading dims are a batch of matrices), a full ``variance`` otherwise."""
+    return p.dim() >= 2
+
+
+def check_adafactor_lists(op: str, params, row_vars, col_vars, variances) -> bool:
+    """A call is all factored params (row_vars, col_vars one per param, variances empty) or all
+    vector params (variances one per param, row_vars / col_vars empty); returns which. Raises
+    ValueError naming the first list that does not fit."""
+    if not params:
+        return False
+    factored = adafactor_factored(params[0])
+    for i, p in enumerate(params):
+        if adafactor_factored(p) != factored:
+            raise ValueError(f"{op}: params mixes >= 2-D (factored) and < 2-D params: params[0] is {params[0].dim()}-D, "
+                             f"params[{i}] is {p.dim()}-D (call once per kind)")
+    want = {"row_vars": len(params) if factored else 0, "col_vars": len(params) if factored else 0,
+            "variances": 0 if factored else len(params)}
+    for name, lst in (("row_vars", row_vars), ("col_vars", col_vars), ("variances", variances)):
+        if len(lst) != want[name]:
+            raise ValueError(f"{op}: expected {want[name]} {name} for {'factored' if factored else 'vector'} params, "
+                             f"got {len(lst)}")
+    for i, p in enumerate(params):
+        if factored:
+            shapes = (("row_vars", row_vars[i], p.shape[:-1] + (1,)), ("col_vars", col_vars[i], p.shape[:-2] + (1, p.shape[-1])))
+        else:
+            shapes = (("variances", variances[i], p.shape),)
+        for name, t, shape in shapes:
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{op}: expected {name}[{i}] of shape {tuple(shape)} for params[{i}] of shape "
+                                 f"{tuple(p.shape)}, got {tuple(t.shape)}")
+    return factored
+
+
+def fused_adafactor_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """Adafactor step over lists (torch.optim.Adafactor semantics; ``eps1`` already resolved from
+    None to the dtype's machine epsilon by the caller). Per param, with t = step + 1:
+    ``alpha = max(eps2, RMS(p)) * min(lr, t^-1/2)`` (RMS of p before weight decay);
+    ``p *= 1 - lr wd``; factored (>= 2-D, over the last two dims): row/col means of g^2 lerped
+    into row_var / col_var with weight ``t^beta2_decay``, ``V = row_var col_var / max(mean of
+    row_var over rows, eps1)``; vectors: ``variance`` lerped to g^2, ``V = variance``;
+    ``U = g / sqrt(max(V, eps1^2))``; ``p -= alpha / max(1, RMS(U) / d) * U``.
+    Params without elements only count the step (torch's own step divides by their zero size)."""
+    factored = check_adafactor_lists("fused_adafactor_", params, row_vars, col_vars, variances)
+    check_masks("fused_adafactor_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        if p.numel() == 0:
+            _commit(state_steps[i], state_steps[i] + 1, skip)
+            continue
+        step = state_steps[i].double() + 1.0
+        w = step ** beta2_decay  # 1 - beta2_t
+        lr_t = torch.as_tensor(lr, dtype=torch.float64, device=step.device)
+        rho = torch.minimum(lr_t, step.rsqrt())
+        pf = p.to(acc)
+        rms_p = pf.double().square().sum().sqrt() / p.numel() ** 0.5
+        alpha = torch.clamp(rms_p.to(step.device), min=eps2) * rho
+        g = _grad(grads[i], acc, mult, maximize)
+        if weight_decay != 0:
+            pf = pf * (1.0 - lr * weight_decay)
+        g2 = g * g
+        if factored:
+            rows, cols = p.shape[-2], p.shape[-1]
+            rv = _lerp(row_vars[i].to(acc), g2.sum(dim=-1, keepdim=True) / cols, w)
+            cv = _lerp(col_vars[i].to(acc), g2.sum(dim=-2, keepdim=True) / rows, w)
+            _commit(row_vars[i], rv, skip)
+            _commit(col_vars[i], cv, skip)
+            var = (rv * cv) / torch.clamp(rv.mean(dim=-2, keepdim=True), min=eps1)
+        else:
+            var = _lerp(variances[i].to(acc), g2, w)
+            _commit(variances[i], var, skip)
+        u = g * torch.clamp(var, min=eps1 * eps1).rsqrt()
+        rms_u = u.double().square().sum().sqrt() / p.numel() ** 0.5
+        denom = torch.clamp(rms_u.to(step.device) / d, min=1.0)
+        pf = pf - (alpha / denom).to(device=p.device, dtype=acc) * u
+        _commit(p, _masked(pf, masks, i), skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)
+
+
+class Lion(torch.optim.Optimizer):
+    """Plain-PyTorch Lion (Chen et al. 2023) as its authors' code writes it, one state
+    ``exp_avg`` per param: the formula :class:`bigkernels.optim.FusedLion` must reproduce and the
+    baseline it is timed against (``foreach=True``: torch's ``_foreach`` ops; else a for-loop).
+    Its sign is torch.sign (sign(0) = 0; NaN gives 0 here, where the fused op keeps NaN)."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False, foreach: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [-p.grad if group["maximize"] else p.grad for p in params]
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+            avgs = [self.state[p]["exp_avg"] for p in params]
+            if not params:
+                continue
+            if group.get("foreach", False):
+                if wd != 0:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                c = torch._foreach_mul(avgs, beta1)
+                torch._foreach_add_(c, grads, alpha=1 - beta1)
+                torch._foreach_sign_(c)
+                torch._foreach_add_(params, c, alpha=-lr)
+                torch._foreach_mul_(avgs, beta2)
+                torch._foreach_add_(avgs, grads, alpha=1 - beta2)
+                continue
+            for p, g, m in zip(params, grads, avgs):
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.add_(m.mul(beta1).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+        return loss
