@@ -6,7 +6,8 @@ The bodies run in the session's two worker ranks (``dist_workers``, tests/_dist.
 there; what they return is for the messages."""
 from __future__ import annotations
 
-import copy
+import functools
+import importlib.util
 import os
 
 import pytest
@@ -23,29 +24,41 @@ CLIP = 0.05  # below the model's grad norms: clipping acts on every step
 
 # ----- shared helpers (run on the ranks) -------------------------------------------------------------
 class _Model(nn.Module):
-    """The demo's TinyGPT with an odd vocabulary (uneven shards) and a 1-element parameter (an
-    empty shard on rank 1)."""
+    """A small GPT with an odd vocabulary (uneven shards) and a 1-element parameter (an empty
+    shard on rank 1): the demo's TinyGPT, or Hugging Face's GPT-2 (Conv1D layers, tied head)
+    built from a tiny config."""
 
-    def __init__(self):
+    def __init__(self, kind: str = "tinygpt"):
         super().__init__()
-        from bigkernels.demo.model import TinyGPT
+        if kind == "hf-gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
 
-        self.gpt = TinyGPT(vocab=97, d=32, layers=2, heads=4, seq=16)
+            cfg = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0)
+            self.gpt = GPT2LMHeadModel(cfg)
+            self.blocks = self.gpt.transformer.h
+        else:
+            from bigkernels.demo.model import TinyGPT
+
+            self.gpt = TinyGPT(vocab=97, d=32, layers=2, heads=4, seq=16)
+            self.blocks = self.gpt.blocks
+        self.hf = kind == "hf-gpt2"
         self.temperature = nn.Parameter(torch.ones(1))
 
     def forward(self, idx):
-        return self.gpt(idx) * self.temperature
+        out = self.gpt(idx)
+        return (out.logits if self.hf else out) * self.temperature
 
 
-def _model(seed: int = 0) -> _Model:
+def _model(seed: int = 0, kind: str = "tinygpt") -> _Model:
     torch.manual_seed(seed)
-    return _Model()
+    return _Model(kind)
 
 
 def _fsdp(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    for blk in model.gpt.blocks:
+    for blk in model.blocks:
         fully_shard(blk, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -97,30 +110,33 @@ def _mesh(n: int = 2):
 
 
 # ----- FSDP2 and DDP training ------------------------------------------------------------------------
-def _training_body():
+def _training_body(kind: str):
     mesh = _mesh()
+    _model_ = functools.partial(_model, kind=kind)
     # reference: torch.optim.AdamW on FSDP2, clip_grad_norm_ before each step
-    ref = _fsdp(_model(), mesh)
+    ref = _fsdp(_model_(), mesh)
     ref_norms = _train(ref, torch.optim.AdamW(ref.parameters(), lr=LR, foreach=True), STEPS, clip_by_torch=True)
     expected = _full_params(ref)
     # DESIGN.md: inside a training loop, as close to torch's loop as torch's own fused kernel is
-    torch_fused = _fsdp(_model(), mesh)
+    torch_fused = _fsdp(_model_(), mesh)
     _train(torch_fused, torch.optim.AdamW(torch_fused.parameters(), lr=LR, fused=True), STEPS, clip_by_torch=True)
     bound = 2 * _max_rel_diff(_full_params(torch_fused), expected) + 1e-6
 
-    ours = _fsdp(_model(), mesh)
+    ours = _fsdp(_model_(), mesh)
     opt = bk.optim.FusedAdamW(ours.parameters(), lr=LR, max_grad_norm=CLIP)
     norms = _train(ours, opt, STEPS, clip_by_torch=False)
     p = next(ours.parameters())
     st = opt.state[p]
     from torch.distributed.tensor import DTensor
 
+    assert len({opt.state[q]["exp_avg"]._local_tensor.untyped_storage().data_ptr() for q in ours.parameters()}) == 1
+
     assert isinstance(p, DTensor) and isinstance(st["exp_avg"], DTensor), "params/state should be DTensors"
     assert st["exp_avg"].placements == p.placements and st["exp_avg"].device_mesh == p.device_mesh
     assert not isinstance(st["step"], DTensor) and float(st["step"]) == STEPS
     fsdp_diff = _max_rel_diff(_full_params(ours), expected)
 
-    ddp_model = nn.parallel.DistributedDataParallel(_model())
+    ddp_model = nn.parallel.DistributedDataParallel(_model_())
     ddp_opt = bk.optim.FusedAdamW(ddp_model.parameters(), lr=LR, max_grad_norm=CLIP)
     ddp_norms = _train(ddp_model, ddp_opt, STEPS, clip_by_torch=False)
     ddp_diff = _max_rel_diff(_full_params(ddp_model), expected)
@@ -132,11 +148,13 @@ def _training_body():
     return fsdp_diff, ddp_diff, bound, norms[0], ref_norms[0]
 
 
-def test_fsdp2_and_ddp_training_match_torch_adamw_on_fsdp2(dist_workers):
+@pytest.mark.parametrize("kind", ["tinygpt", pytest.param("hf-gpt2", marks=[pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="transformers is not installed")])])
+def test_fsdp2_and_ddp_training_match_torch_adamw_on_fsdp2(dist_workers, kind):
     """10 steps of a small GPT (uneven shards, an empty shard): FusedAdamW(max_grad_norm) on FSDP2
     and on DDP vs torch.optim.AdamW + clip_grad_norm_ on FSDP2, as close as torch's fused AdamW is
     to it (rounding compounds through Adam's division); the norms are equal every step."""
-    results = dist_workers.run(_training_body)
+    results = dist_workers.run(_training_body, kind)
     assert results[0] == results[1]  # the ranks agree (values replicated)
 
 
@@ -287,6 +305,10 @@ def _dcp_body(path: str, kind: str):
     _train(model, opt, 3, clip_by_torch=False)
     dcp.save(_dcp(model, opt), checkpoint_id=path)
     saved_state, saved_params = _full_state(opt), _full_params(model)
+    if rank == 0:  # flat state is saved piece by piece (DCP copies views), not as whole buffers
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        need = sum(t.numel() * t.element_size() for t in list(saved_params.values()) + list(saved_state.values()))
+        assert size < 1.5 * need + (1 << 16), (size, need)
 
     # same world size: a new model and optimizer
     twin = _fsdp(_model(seed=1), mesh)
@@ -296,6 +318,10 @@ def _dcp_body(path: str, kind: str):
     _train(model, opt, 2, clip_by_torch=False, first=3)
     _train(twin, twin_opt, 2, clip_by_torch=False, first=3)
     assert _max_rel_diff(_full_params(twin), _full_params(model)) == 0.0, f"{kind}: resumed run differs"
+    if kind == "adamw":  # the loaded state is flat again: one local buffer per state name
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert len({twin_opt.state[p][name]._local_tensor.untyped_storage().data_ptr()
+                        for p in twin.parameters()}) == 1, name
 
     # 2 -> 1 rank: rank 0 alone, on a one-rank mesh
     from torch.distributed.device_mesh import DeviceMesh

@@ -137,6 +137,10 @@ void adam_step(at::TensorList params, at::TensorList grads, const std::vector<ch
   for (size_t i = 0; i < params.size(); ++i) {
     const double step = double(*steps[i]) + 1.0;
     AdamArgs& a = args[i];
+    if (i > 0 && *steps[i] == *steps[i - 1]) {  // the usual case: one step count for the whole bucket
+      a = args[i - 1];
+      continue;
+    }
     a = AdamArgs{float(lr), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(weight_decay),
                  float(eps), float(1.0 - lr * weight_decay), mult,
                  float(lr / (1.0 - std::pow(beta1, step))), float(std::sqrt(1.0 - std::pow(beta2, step))),
