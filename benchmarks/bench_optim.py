@@ -11,7 +11,9 @@ momentum reads param, grad, buffer and writes param, buffer (5 accesses). ``adam
 on linears pruned 50% by bigkernels.prune_ (one more byte per param: the mask); bigkernels masks
 inside its kernel, torch's optimizers get prune_'s post-step hook (one more pass). ``apply_masks``:
 that hook's pass alone, bigkernels' op vs the ``_foreach_mul_`` it replaced ("vs torch fused" is
-vs ``_foreach_mul_`` there; 9 bytes per param). GPU times are
+vs ``_foreach_mul_`` there; 9 bytes per param). Many small tensors (AdamW, >= 500 tensors) also
+time ``FusedAdamW list state``: FusedAdamW keeping one tensor per param and state name (the layout
+before flat state buffers: the op then converts five tensor lists per call instead of two). GPU times are
 triton.testing.do_bench medians (20th/80th percentiles beside them); CPU times are medians of
 wall-clock steps taken in alternating rounds across the providers.
 """
@@ -32,11 +34,21 @@ from common import bench_main, header, metadata, time_cpu_interleaved, time_gpu,
 ACCESSES = {"adamw": 7, "adamw_pruned": 7, "sgd": 5}
 
 
-def providers(kind: str) -> Dict[str, Callable]:
-    """name -> factory(params) for the optimizers compared for ``kind``."""
+class _ListStateAdamW(bk.optim.FusedAdamW):
+    """FusedAdamW with one state tensor per param (no flat buffers): the many-small-tensors baseline."""
+    _flat_state = False
+
+
+MANY_TENSORS = 500  # cases with at least this many tensors also time the list-state layout
+
+
+def providers(kind: str, n: int = 0) -> Dict[str, Callable]:
+    """name -> factory(params) for the optimizers compared for ``kind`` over ``n`` tensors."""
     if kind in ("adamw", "adamw_pruned"):
+        many = {"bigkernels FusedAdamW list state": lambda ps: _ListStateAdamW(ps, lr=1e-3)} if (
+            kind == "adamw" and n >= MANY_TENSORS) else {}
         return {
-            "bigkernels FusedAdamW": lambda ps: bk.optim.FusedAdamW(ps, lr=1e-3),
+            "bigkernels FusedAdamW": lambda ps: bk.optim.FusedAdamW(ps, lr=1e-3), **many,
             "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
             "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
             "torch AdamW for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
@@ -101,14 +113,14 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
         bytes_moved += total  # the bool masks
     results: Dict[str, tuple] = {}
     if device == "cuda":  # one optimizer's state at a time (1B params: 8 GB each)
-        for name, make in providers(case["kind"]).items():
+        for name, make in providers(case["kind"], case["n"]).items():
             opt = make(params)
             results[name] = time_gpu(opt.step, quick)
             del opt
             gc.collect()
             torch.cuda.empty_cache()
     else:
-        opts = {name: make(params) for name, make in providers(case["kind"]).items()}
+        opts = {name: make(params) for name, make in providers(case["kind"], case["n"]).items()}
         for opt in opts.values():
             opt.step()  # state created, first-step work out of the timing
         results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick)

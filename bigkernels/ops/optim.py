@@ -7,6 +7,12 @@ Ops (all in the ``bigkernels`` namespace):
     weights decoupled (AdamW), ``fused_adam_`` adds ``weight_decay * param`` to the gradient.
     Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (only when amsgrad) and state_steps
     (fp32 0-d step counters, incremented by one unless ``found_inf`` is non-zero).
+``fused_adam_flat_`` / ``fused_adamw_flat_``
+    The same step with each state in one flat buffer for all params (``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq``: 1-D, param ``i`` at ``flat_offsets(...)[i]``, pieces on
+    64-byte boundaries) and the step counters in one 1-D fp32 tensor: a call converts two tensor
+    lists (params, grads) instead of five, which is what a step over thousands of small tensors
+    costs (the fused optimizers keep their state that way; ``state_dict`` entries are views).
 ``fused_sgd_``
     One SGD step (momentum, dampening, nesterov, weight decay, maximize).
 ``sum_of_squares``
@@ -22,12 +28,16 @@ for the exact maths. Every backend bumps the params' version counters, as torch'
 ``masks`` (optional, one bool tensor per param) keeps pruned weights at
 exactly zero inside the same pass (bigkernels.prune_ registers them; the fused optimizers pass
 them here).
+
+DTensors (FSDP2, tensor parallel): every op runs on the local shards when each param's grad,
+state and mask have its mesh and placements (``bigkernels.ops._dtensor``), also when called as
+``torch.ops.bigkernels.<op>``; ``sum_of_squares`` then returns a ``Partial`` 0-d DTensor.
 """
 from __future__ import annotations
 
 import torch
 
-from bigkernels.ops import _registry
+from bigkernels.ops import _dtensor, _registry
 from bigkernels.reference import optim as ref
 
 _COMMON_TAIL = (
@@ -37,6 +47,11 @@ _COMMON_TAIL = (
 ADAM_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, "
+    f"float weight_decay, float eps, bool amsgrad, bool maximize, {_COMMON_TAIL}) -> ()"
+)
+ADAM_FLAT_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    "Tensor(d!)? max_exp_avg_sq, Tensor(e!) state_steps, *, float lr, float beta1, float beta2, "
     f"float weight_decay, float eps, bool amsgrad, bool maximize, {_COMMON_TAIL}) -> ()"
 )
 SGD_SCHEMA = (
@@ -57,6 +72,15 @@ def _adam_reference(decoupled: bool):
     return impl
 
 
+def _adam_flat_reference(decoupled: bool):
+    def impl(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, state_steps, **kw):
+        ref.fused_adam_flat_(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, state_steps,
+                             decoupled_weight_decay=decoupled, **kw)
+
+    impl.__name__ = "fused_adamw_flat_" if decoupled else "fused_adam_flat_"
+    return impl
+
+
 def _no_output(*args, **kwargs) -> None:
     return None
 
@@ -69,6 +93,8 @@ def _sum_of_squares_fake(tensors):
 _DEFS = [
     ("fused_adam_", ADAM_SCHEMA, _adam_reference(False), _no_output, "fused_adam_triton_"),
     ("fused_adamw_", ADAM_SCHEMA, _adam_reference(True), _no_output, "fused_adamw_triton_"),
+    ("fused_adam_flat_", ADAM_FLAT_SCHEMA, _adam_flat_reference(False), _no_output, None),
+    ("fused_adamw_flat_", ADAM_FLAT_SCHEMA, _adam_flat_reference(True), _no_output, None),
     ("fused_sgd_", SGD_SCHEMA, ref.fused_sgd_, _no_output, "fused_sgd_triton_"),
     ("sum_of_squares", SUM_OF_SQUARES_SCHEMA, ref.sum_of_squares, _sum_of_squares_fake, "sum_of_squares_triton"),
     ("apply_masks_", APPLY_MASKS_SCHEMA, ref.apply_masks_, _no_output, None),
@@ -88,13 +114,22 @@ for _name, _schema, _reference, _fake, _triton_name in _DEFS:
     torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
     _registry.register(_registry.OpInfo(_name, _schema, _reference, triton_name=_triton_name,
                                         triton_kwargs=_masks_as_list if "masks" in _schema else None))
+    _dtensor.register(_name, sum_of_squares=_name == "sum_of_squares")
 
 
 def _run(op: str, backend, tensors, *args, **kwargs):
     """``op`` on ``backend`` (a name from ``_registry.BACKENDS``), or on the fastest one for the
     device of ``tensors[0]`` when None. Callers inside a traced step (the fused optimizers under
     torch.compile) pass the backend they chose outside the trace: choosing reads the dispatcher
-    table (``torch._C._dispatch_dump``), which Dynamo cannot trace."""
+    table (``torch._C._dispatch_dump``), which Dynamo cannot trace. DTensors run on their local
+    shards (``bigkernels.ops._dtensor``), whatever the backend."""
+    if tensors and (_dtensor.is_dtensor(tensors[0]) or (backend == "reference" and _dtensor.any_dtensor(tensors))):
+        def local(*args, **kwargs):
+            return _run(op, backend, *args, **kwargs)
+
+        if op == "sum_of_squares":
+            return _dtensor.sum_of_squares_on_shards(local, tensors)
+        return _dtensor.call_on_shards(op, local, (tensors,) + args, kwargs)
     if backend is None:
         return _registry.call(op, tensors[0].device, tensors, *args, **kwargs)
     return _registry.call_backend(op, backend, tensors, *args, **kwargs)
@@ -110,6 +145,21 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     """Run the Adam (or AdamW) step on ``backend`` (default: the fastest for the tensors' device)."""
     _run(adam_op(decoupled_weight_decay), backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
          state_steps, **kwargs)
+
+
+def adam_flat_op(decoupled_weight_decay: bool) -> str:
+    """The op name of an Adam step on flat state buffers."""
+    return "fused_adamw_flat_" if decoupled_weight_decay else "fused_adam_flat_"
+
+
+def fused_adam_flat_(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, state_steps, *,
+                     decoupled_weight_decay: bool, backend=None, **kwargs) -> None:
+    """The Adam (or AdamW) step on flat state buffers (see ``flat_offsets``) on ``backend``."""
+    _run(adam_flat_op(decoupled_weight_decay), backend, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
+         state_steps, **kwargs)
+
+
+flat_offsets = ref.flat_offsets
 
 
 def fused_sgd_(params, grads, momentum_buffers, *, backend=None, **kwargs) -> None:

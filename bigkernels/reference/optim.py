@@ -15,6 +15,11 @@ Gradient multiplier, shared by every op (see :func:`grad_multiplier`):
 when ``grad_norm`` is given and ``max_grad_norm > 0`` (torch.nn.utils.clip_grad_norm_'s rule);
 ``grad_norm`` is the global L2 norm of the (still scaled) gradients.
 
+Flat state (``fused_adam_flat_`` / ``fused_adamw_flat_``): the state of every param of the call
+in one 1-D buffer per state name, param ``i`` at elements ``[offsets[i], offsets[i] + numel_i)``
+with :func:`flat_offsets` (each piece starts on a 64-byte boundary), and the step counters in one
+1-D fp32 tensor (``state_steps[i]`` is param ``i``'s). Same maths as the list form.
+
 Pruning masks: ``masks`` (optional) holds one bool tensor per param, shaped like it. After the
 update, every param element whose mask is False is set to exactly zero (a select, so even a
 NaN update leaves a pruned weight at zero); optimizer states are updated as without masks. This
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
+FLAT_ALIGN_BYTES = 64  # each param's piece of a flat state buffer starts on this boundary
 
 
 def grad_multiplier(
@@ -73,6 +79,13 @@ def check_masks(op: str, params: Sequence[Tensor], masks: Optional[Sequence[Tens
                              f"got shape {tuple(m.shape)} on {m.device}")
 
 
+def check_lengths(op: str, params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
+    """Every list holds one tensor per param."""
+    for name, ts in lists.items():
+        if len(ts) != len(params):
+            raise ValueError(f"{op}: expected {len(params)} {name} (one per param), got {len(ts)}")
+
+
 def _masked(pf: Tensor, masks: Optional[Sequence[Tensor]], i: int) -> Tensor:
     """The updated param (maths dtype) with its pruned elements (mask False) set to zero."""
     return pf if masks is None else torch.where(masks[i], pf, 0.0)
@@ -101,7 +114,10 @@ def fused_adam_(
     masks: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """Adam / AdamW step over lists of tensors (torch.optim.Adam(W) semantics)."""
-    check_masks("fused_adamw_" if decoupled_weight_decay else "fused_adam_", params, masks)
+    op = "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
+    check_lengths(op, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+                  **(dict(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else {}))
+    check_masks(op, params, masks)
     skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
@@ -133,6 +149,60 @@ def fused_adam_(
         _commit(state_steps[i], state_steps[i] + 1, skip)
 
 
+def flat_offsets(numels: Sequence[int], element_size: int) -> list:
+    """Where each param's piece starts in a flat state buffer (elements), followed by the
+    buffer's length: pieces in param order, each starting on a ``FLAT_ALIGN_BYTES`` boundary
+    (relative to the buffer's start), no padding after the last one."""
+    align = max(1, FLAT_ALIGN_BYTES // element_size)
+    out, pos = [], 0
+    for n in numels:
+        out.append(pos)
+        pos += -(-int(n) // align) * align
+    last = out[-1] + int(numels[-1]) if out else 0
+    return out + [last]
+
+
+def check_flat(op: str, name: str, buffer: Tensor, params: Sequence[Tensor], steps: bool = False) -> None:
+    """A flat buffer of ``params``' state: 1-D, contiguous, on their device, of their dtype (fp32
+    step counters with ``steps``) and long enough."""
+    if not params:
+        return
+    p0 = params[0]
+    dtype = torch.float32 if steps else p0.dtype
+    need = len(params) if steps else flat_offsets([p.numel() for p in params], p0.element_size())[-1]
+    if (not isinstance(buffer, Tensor) or buffer.dim() != 1 or not buffer.is_contiguous()
+            or buffer.dtype != dtype or buffer.device != p0.device or buffer.numel() < need):
+        got = (f"{buffer.dtype} of shape {tuple(buffer.shape)} on {buffer.device}"
+               + ("" if buffer.is_contiguous() else ", not contiguous")) if isinstance(buffer, Tensor) else type(buffer).__name__
+        raise ValueError(f"{op}: expected {name} to be a contiguous 1-D {dtype} tensor of >= {need} elements on "
+                         f"{p0.device} (flat state of {len(params)} params), got {got}")
+
+
+def flat_views(buffer: Tensor, params: Sequence[Tensor], steps: bool = False) -> list:
+    """The per-param pieces of a flat buffer (shaped like each param; 0-d for step counters)."""
+    if steps:
+        return [buffer[i] for i in range(len(params))]
+    offsets = flat_offsets([p.numel() for p in params], buffer.element_size())
+    return [buffer[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params)]
+
+
+def fused_adam_flat_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
+                     max_exp_avg_sq: Optional[Tensor], state_steps: Tensor, *, amsgrad: bool,
+                     decoupled_weight_decay: bool, **kwargs) -> None:
+    """:func:`fused_adam_` on flat state buffers (see the module docstring)."""
+    op = "fused_adamw_flat_" if decoupled_weight_decay else "fused_adam_flat_"
+    check_flat(op, "exp_avg", exp_avg, params)
+    check_flat(op, "exp_avg_sq", exp_avg_sq, params)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError(f"{op}: amsgrad=True needs max_exp_avg_sq")
+        check_flat(op, "max_exp_avg_sq", max_exp_avg_sq, params)
+    check_flat(op, "state_steps", state_steps, params, steps=True)
+    fused_adam_(params, grads, flat_views(exp_avg, params), flat_views(exp_avg_sq, params),
+                flat_views(max_exp_avg_sq, params) if amsgrad else [], flat_views(state_steps, params, steps=True),
+                amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay, **kwargs)
+
+
 def fused_sgd_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -156,6 +226,7 @@ def fused_sgd_(
     ``momentum_buffers`` is empty when ``momentum == 0``; with ``is_first_step`` the buffers are
     written with the (decayed) gradient instead of being blended, as torch does on the first step.
     """
+    check_lengths("fused_sgd_", params, grads=grads, **(dict(momentum_buffers=momentum_buffers) if momentum != 0 else {}))
     check_masks("fused_sgd_", params, masks)
     skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
