@@ -7,14 +7,19 @@ and the gradient multiplier, as the reference computes them in Python/double).
 
 Two launch paths share each kernel body (``USE_TABLE`` constexpr):
 
-* **table** (eager calls on real tensors, the fast path): ONE launch over every tensor. A device
+* **table** (eager calls on real tensors -- ``nn.Parameter`` included --, the fast path): ONE
+  launch over every tensor. A device
   int64 table holds, per tensor, the address of each operand (params, grads, states, step), its
   numel, and per program a packed ``(tensor index << 32) | chunk index`` entry; each program
   updates one CHUNK of one tensor, BLOCK elements at a time. The table depends only on the
   addresses and numels, so it is cached by them (an optimizer's tensors keep their addresses from
   step to step, so after the first step a call does no host->device copy).
   The step counters are read by the update kernel (as step + 1) and bumped afterwards by a
-  second tiny launch, so no program reads a step another one already bumped.
+  second tiny launch, so no program reads a step another one already bumped. When every data
+  tensor starts 16-byte aligned (checked when the table is built) the kernel is told so
+  (``ALIGNED``: ``tl.multiple_of`` on the loaded addresses) and the whole BLOCKs of each chunk
+  run unmasked, so their loads and stores are 16-byte vectors; the last partial block is masked.
+  Unaligned tensors take the same kernel without the hint (scalar accesses).
 * **per-tensor** (when the op is traced by torch.compile / export / fake tensors, where data
   pointers do not exist): the same kernel launched once per tensor with real pointer arguments,
   so Inductor sees ordinary user-defined Triton kernels; steps are bumped with

@@ -12,15 +12,16 @@ Ops (``bigkernels`` namespace; same schemas and semantics as their namesakes in
     One tensor-core GEMM kernel (``a [M, K] @ b [N, K].T``, int8 x int8 -> int32 ``tl.dot``),
     grouped (GROUP_M) tile order for L2 reuse, with either the raw int32 store or the fused
     epilogue ``acc * a_scale[m] * b_scale[n] + bias`` cast to ``out_dtype``. Autotuned on GPU
-    over configs for sm_80 / sm_90 (those that do not fit a device's shared memory are skipped by
-    the autotuner), keyed on an M bucket, N and K; small M (<= 64) and large M have separate
-    config lists.
+    over configs for sm_80 / sm_90 (those whose estimated shared memory exceeds the device's are
+    pruned before any launch: _common.smem_pruner), keyed on an M bucket, N and K; small M (<= 64)
+    and large M have separate config lists.
 ``w8a16_mm_triton(x, w_int8, w_scale, bias) -> x.dtype``
     The int8 weight tile is converted to x's dtype in registers and fed to ``tl.dot`` with fp32
     accumulation (IEEE fp32 products for fp32 x); ``w_scale[n]`` and the bias are applied in the
     epilogue. For M <= 16 (memory bound: every weight byte is read once) a split-K variant with
     narrow-M tiles spreads the weight over enough programs to fill the GPU; its fp32 partials are
-    summed in a fixed order by a second small kernel that applies scale, bias and the cast.
+    summed in a fixed order by a second small kernel that applies scale, bias and the cast. fp32 x
+    has its own config lists (IEEE FMA products: moderate tiles).
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one small fixed config (no
 autotuning: it is far too slow there) chosen so that tiny test shapes still cover several tiles,

@@ -11,20 +11,23 @@ Ops (``bigkernels`` namespace; same schemas and semantics as the kernel ops of
     each block column and the block (K-major), and ``tl.dot``-s them into an fp32 accumulator; the
     epilogue adds the bias and casts. Programs are visited in grouped order (GROUP_M M tiles sweep
     the block rows together) so x tiles and blocks are reused from L2. Empty block rows give the
-    bias (or 0). Autotuned on GPU per M bucket / N / density bucket; some large-M configs take two
+    bias (or 0). Autotuned on GPU per M bucket / N / density bucket (configs pruned by their
+    estimated shared memory; fp32 / mixed dtypes have their own lists); some large-M configs take two
     stored blocks per step (PAIR: one dot of depth 2B over an x tile gathered from both block
     columns). For M <= 16 (decode) a variant with BLOCK_M = 16 splits every block row over N
     (BLOCK_N in 16..128, at most B), so
     each block row's weights are streamed by several programs and the GPU is filled; no reduction
     pass is needed since the split is over outputs.
 ``sparse24_mm_triton(x, values, meta, bias)``
-    2:4 weights expanded tile by tile in registers (each weight of a ``[BLOCK_K, BLOCK_N]`` tile is
-    picked from ``values`` by the positions in ``meta``) and fed to a dense ``tl.dot``. It does the
+    2:4 weights expanded tile by tile (each weight of a ``[BLOCK_K, BLOCK_N]`` tile is one masked
+    gather from ``values`` at the position ``meta`` gives, 0 where pruned) and fed to a dense ``tl.dot``. It does the
     dense amount of maths (no sparse tensor cores, ``mma.sp``): a correctness / fallback path, not a
     fast one; the speed-up of 2:4 comes from the CUDA C++ (cuSPARSELt-style) kernels.
 ``csr_mm_triton(x, crow, col, values, bias)``
-    Unstructured CSR: one program per (block of output rows, M tile); for each of its rows it
-    gathers the x columns named by ``col`` and reduces in fp32 on CUDA cores. A fallback path.
+    Unstructured CSR: one program per (M tile, block of output rows) -- M tiles on grid axis 0 (up
+    to 2^31 - 1), row blocks on axis 1 (65,535; more rows per program when N needs it); for each
+    of its rows it gathers the x columns named by ``col`` and reduces in fp32 on CUDA cores. A
+    fallback path.
 
 Precision: when x and the weights share a dtype the tiles go to ``tl.dot`` as they are (fp32 with
 ``input_precision="ieee"``, so no TF32); when they differ both tiles are converted to fp32 (IEEE)
