@@ -17,8 +17,6 @@ columns (GEMMs), with the tolerances of DESIGN.md.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 
 import pytest
 import torch
@@ -175,17 +173,20 @@ def test_optimizer_bf16_tensor_over_2_31_elements(backend):
 # ----- quantize ---------------------------------------------------------------------------------------
 
 
+def _quantize_op(backend):
+    if backend == "cuda-c++":
+        _require_cuda_kernel("quantize_per_token")
+        return OPS.quantize_per_token
+    _require_triton()
+    return OPS.quantize_per_token_triton
+
+
 @pytest.mark.parametrize("backend", ["cuda-c++", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("K", [8193, 16384, 40000])
 def test_quantize_k_over_8192(backend, dtype, K):
     """Rows longer than Triton's 8,192-wide block take two sweeps; the CUDA kernel one block per row."""
-    if backend == "cuda-c++":
-        _require_cuda_kernel("quantize_per_token")
-        op = OPS.quantize_per_token
-    else:
-        _require_triton()
-        op = OPS.quantize_per_token_triton
+    op = _quantize_op(backend)
     x = (torch.randn(300, K, device="cuda") * 3).to(dtype)
     x[1] = 0
     x[2, K - 1] = float("nan")
@@ -199,12 +200,7 @@ def test_quantize_k_over_8192(backend, dtype, K):
 def test_quantize_tensor_over_2_31_elements(backend):
     """x [262,145, 8,192] bf16 (4 GiB, 2^31 + 8,192 elements), checked on rows at both ends."""
     _require_memory(12)
-    if backend == "cuda-c++":
-        _require_cuda_kernel("quantize_per_token")
-        op = OPS.quantize_per_token
-    else:
-        _require_triton()
-        op = OPS.quantize_per_token_triton
+    op = _quantize_op(backend)
     K = 8192
     M = 2**31 // K + 1
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -162,17 +162,24 @@ def _keep(pf, keep, offs, mask, HAS_MASK: tl.constexpr, FULL: tl.constexpr):
 
 
 @triton.jit
-def _adam_block(p, g, m, v, vmax, keep, offs, mask, mult, step_size, bias_correction2_sqrt,
-                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-                HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MASK: tl.constexpr, FULL: tl.constexpr):
-    """One block of the Adam update (all masked unless FULL)."""
+def _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, FULL: tl.constexpr):
+    """(fp32 gradient, unscaled / clipped / negated as asked, fp32 param) of one block."""
     gf = _ld(g, offs, mask, FULL)
     if HAS_GRAD_SCALE or CLIP:
         gf = gf * mult
     if MAXIMIZE:
         gf = -gf
-    pf = _ld(p, offs, mask, FULL)
+    return gf, _ld(p, offs, mask, FULL)
+
+
+@triton.jit
+def _adam_block(p, g, m, v, vmax, keep, offs, mask, mult, step_size, bias_correction2_sqrt,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+                HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MASK: tl.constexpr, FULL: tl.constexpr):
+    """One block of the Adam update (all masked unless FULL)."""
+    gf, pf = _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE, CLIP, MAXIMIZE, FULL)
     if HAS_WD:
         if DECOUPLED:
             pf = pf * decay
@@ -247,12 +254,7 @@ def _sgd_block(p, g, buf, keep, offs, mask, mult, lr, momentum, one_minus_dampen
                HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                HAS_MASK: tl.constexpr, FULL: tl.constexpr):
     """One block of the SGD update (all masked unless FULL)."""
-    gf = _ld(g, offs, mask, FULL)
-    if HAS_GRAD_SCALE or CLIP:
-        gf = gf * mult
-    if MAXIMIZE:
-        gf = -gf
-    pf = _ld(p, offs, mask, FULL)
+    gf, pf = _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE, CLIP, MAXIMIZE, FULL)
     if HAS_WD:
         gf = gf + weight_decay * pf
     if HAS_MOMENTUM:
