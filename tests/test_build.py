@@ -168,3 +168,16 @@ def test_cuda_kernels_do_not_spill_registers():
                 name = None
     assert entries >= 10, f"found only {entries} kernels in the ptxas report"
     assert not problems, "\n".join(problems)
+
+
+def test_cslt_plan_count_needs_no_gpu():
+    """sparse24_cslt_plans (the cuSPARSELt plan-cache size the GPU tests watch) is callable anywhere:
+    0 plans without a GPU, 0 as well where the extension has no cuSPARSELt kernels."""
+    from bigkernels.ops import sparse_cuda
+
+    if torch.cuda.is_available():  # other tests in this process may have built plans
+        assert sparse_cuda.plan_count() >= 0
+        return
+    assert sparse_cuda.plan_count() == 0
+    if has_kernel("sparse24_cslt_mm", "CUDA"):  # built with cuSPARSELt: the count op is registered too
+        assert torch.ops.bigkernels.sparse24_cslt_plans() == 0

@@ -17,7 +17,6 @@ columns (GEMMs), with the tolerances of DESIGN.md.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -507,7 +507,8 @@ def aot_cases():
 
     GEMMs: every config each autotuner's pruner keeps, for bf16 (and fp32 x for w8a16); fp16
     shares bf16's code shape and shared memory, so it compiles the first kept config per target;
-    masked-K (EVEN_K=False), raw int32 and split-K variants likewise. Memory-bound kernels (w8a16
+    so do the raw int32 and unsplit variants, and the masked-K one (EVEN_K=False, with K and the
+    strides not multiples of 16: Triton specialises on that, and a failure can depend on it). Memory-bound kernels (w8a16
     M <= 16 and its split-K epilogue, quantize) must vectorise their hot loads on aligned tensors."""
     import dataclasses
 
@@ -528,7 +529,8 @@ def aot_cases():
         for c in _first_per_arch(c for c in full if c.arch in AOT_TARGETS):
             cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, SCALED=False, HAS_BIAS=False),
                                              signature=dict(int8_sig, c_ptr="*i32"), note="int32 out"))
-            cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), note="masked K"))
+            cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), aligned=None,
+                                             note="masked K, odd K and strides"))
 
     for (small, fp32), tuned in _W8A16_TUNED.items():
         bucket = f"M{'<=' if small else '>'}{W8A16_SMALL_M}"
@@ -544,7 +546,7 @@ def aot_cases():
             if dt != "fp16":
                 for c in _first_per_arch(c for c in full if c.arch in AOT_TARGETS):
                     cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), vector_loads=0,
-                                                     note="masked K"))
+                                                     aligned=None, note="masked K, odd K and strides"))
                     if small:
                         cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, SPLIT_K=1), note="no split"))
 

@@ -244,7 +244,7 @@ _BSR_LARGE_M = [(128, 4, 3, 8, False), (128, 8, 3, 8, False), (256, 8, 3, 8, Fal
 # bsr_mm, M <= 16, 16-bit: (BLOCK_N, warps, stages); BLOCK_M = 16, BLOCK_N <= B.
 _BSR_SMALL_M = [(16, 4, 4), (32, 4, 4), (64, 4, 4), (64, 4, 6), (128, 4, 4)]
 # bsr_mm, fp32 / mixed: (BLOCK_M, BLOCK_N, warps, stages), BLOCK_N <= B (at most 64: a slice of the block).
-_BSR_FP32_LARGE_M = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 3)]
+_BSR_FP32_LARGE_M = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
 _BSR_FP32_SMALL_M = [(16, 64, 4, 2), (16, 32, 4, 3)]
 _BSR_KEY = ["M_BUCKET", "N", "DENSITY"]
 
@@ -541,7 +541,8 @@ def aot_cases():
             full = tuned_cases(tuned.kernel, sig, flags, f"sparse24_mm/{xt}x{vt}/{bucket}", aligned=s24_aligned)
             cases += full if i == 0 else _first_per_arch(full)
             if i == 0:
-                cases += [dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), note="masked K")
+                cases += [dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), aligned=None,
+                                             note="masked K, odd K and strides")
                           for c in _first_per_arch(c for c in full if c.arch in AOT_TARGETS)]
 
     bsr_aligned = ("x_ptr", "crow_ptr", "col_ptr", "blk_ptr", "bias_ptr", "out_ptr", "N", "stride_xm", "stride_om")
