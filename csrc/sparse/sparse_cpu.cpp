@@ -12,11 +12,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "sparse/sparse_cpu.h"
 
 namespace bigkernels::sparse::cpu {
@@ -131,6 +133,50 @@ void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t
   });
 }
 
+// The AVX2 engines (sparse_cpu_panels.h) from these batch sizes (below them the kernels above,
+// which need no packing, are as fast or faster); CSR only from kCsrPanelDensity stored entries
+// per weight, where its per-entry kernels cost more than the dense product on decoded panels
+// (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
+// about even; 90% sparse: the x-chunk kernel 4x ahead).
+constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48;
+constexpr double kCsrPanelDensity = 0.4;
+
+int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
+  const char* v = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");
+  return v ? std::atoll(v) : dflt;
+}
+
+// x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
+// by 128 output features) in parallel: fn(m0, m1, n0, n1) runs one.
+template <class Fn>
+void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, const Fn& fn) {
+  const int64_t M = a.M, K = a.K, panels = (M + kPanelRows - 1) / kPanelRows;
+  keep = at::empty({packed_a_floats(M, K)}, at::TensorOptions().dtype(at::kFloat));
+  float* ap = keep.data_ptr<float>();
+  at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K * kPanelRows, 1)),
+                   [&](int64_t p0, int64_t p1) { k.pack_a_f32(a.x, K, M, K, p0, p1, ap); });
+  a.a_packed = ap;
+  bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, fn);
+}
+
+// x packed in groups of R = lane_rows(M) rows, each [K][R] (zero rows past M), then blocks of
+// whole groups by up to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
+template <class Fn>
+void run_lanes(SparseArgs& a, at::Tensor& keep, const Fn& fn) {
+  const int64_t R = lane_rows(a.M), M = a.M, K = a.K, groups = (M + R - 1) / R;
+  keep = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = keep.data_ptr<float>();
+  const float* src = a.x;
+  at::parallel_for(0, groups * K, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t g = i / K, kk = i % K;
+      for (int64_t l = 0; l < R; ++l) dst[i * R + l] = g * R + l < M ? src[(g * R + l) * K + kk] : 0.0f;
+    }
+  });
+  a.a_packed = dst;
+  bigkernels::for_each_engine_block(M, a.N, R, 256, 8, 128, fn);
+}
+
 at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
                       const at::Tensor& values_in, const std::optional<at::Tensor>& bias) {
   const char* op = "csr_mm";
@@ -153,6 +199,13 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   if (a.M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
   std::atomic<int64_t> bad{0};
+  if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) && double(nnz) >= kCsrPanelDensity * double(N) * double(a.K)) {
+    at::Tensor packed;
+    run_panels(k, a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });
+    if (bad.load() == 0) return p.out;
+    bad = 0;  // unsorted rows or columns out of range: the kernels below take the first, report the second
+    a.a_packed = nullptr;
+  }
   if (a.M < kCsrTransposeM) {
     // gathers: rows of x stay in L1/L2, blocks of output features in parallel
     const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
@@ -214,6 +267,11 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   const int64_t M = a.M;
   if (M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
+  if (k.bsr_panels && M >= panel_min_rows(kBsrPanelMinRows)) {
+    at::Tensor packed;
+    run_panels(k, a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.bsr_panels(a, m0, m1, n0, n1); });
+    return p.out;
+  }
   if (M < kBsrTransposeM) {
     at::parallel_for(0, nbr, 1, [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
     return p.out;
@@ -261,6 +319,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   a.meta = meta.data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
   if (a.M == 0 || N == 0) return p.out;
+  if (k.sparse24_lanes && a.M >= 2) {
+    at::Tensor packed;
+    run_lanes(a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
+    return p.out;
+  }
   if (a.M == 1) {  // one dot product per feature, x read in place, blocks of features in parallel
     for_each_block(a.M, N, 1, 1, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       k.sparse24_rows(a, m0, m1, n0, n1);

@@ -1,0 +1,47 @@
+// Work distribution shared by the CPU kernel bindings (they include torch headers; the kernels
+// themselves stay pointer-level).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace bigkernels {
+
+// fn(u) for every u in [0, units), on all of at::parallel_for's threads, each thread taking the
+// next unit when it finishes one: a thread slowed down (another process on its core) does fewer
+// units instead of holding the others at the end of a static split.
+template <class Fn>
+void parallel_units(int64_t units, const Fn& fn) {
+  if (units <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u);
+  });
+}
+
+// fn(m0, m1, n0, n1) over blocks of out [M, N] for a cache-blocked engine: blocks of rows start
+// at multiples of row_step (at most max_rows rows), blocks of columns at multiples of col_step
+// (cols wide); both halve (columns first) until every thread gets about four. Threads take blocks
+// as they finish one (parallel_units); blocks sharing columns are consecutive.
+template <class Fn>
+void for_each_engine_block(int64_t M, int64_t N, int64_t row_step, int64_t max_rows, int64_t col_step, int64_t cols,
+                           const Fn& fn) {
+  if (M == 0 || N == 0) return;
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  auto up = [](int64_t v, int64_t to) { return (v + to - 1) / to * to; };
+  int64_t mb = std::min(up(M, row_step), std::max(row_step, max_rows / row_step * row_step)), nb = up(cols, col_step);
+  auto count = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  while (count() < want && nb > col_step) nb = std::max(col_step, up(nb / 2, col_step));
+  while (count() < want && mb > row_step) mb = std::max(row_step, up(mb / 2, row_step));
+  const int64_t mblocks = (M + mb - 1) / mb;
+  parallel_units(count(), [&](int64_t u) {
+    const int64_t mi = u % mblocks, ni = u / mblocks;
+    fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
+  });
+}
+
+}  // namespace bigkernels
