@@ -208,3 +208,57 @@ def test_layers_built_under_inference_mode(fresh_decisions, forced):
         x = torch.randn(3, 64)
         assert_close(q(x), lin(x), rtol=2e-2, atol=2e-2, what="QuantLinear")
         assert_close(sparse(x), lin(x), rtol=1e-5, atol=1e-5, what="SparseLinear")
+
+
+def test_timing_synchronises_the_devices_the_paths_run_on(monkeypatch):
+    """Defect: the timing called torch.cuda.synchronize() (the current device only), so a layer on
+    another GPU was timed by its launch overhead. Every CUDA device the paths run on is waited
+    for by index, around every timed call; CPU paths wait for nothing."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    paths = {"kernel": lambda: torch.zeros(1), "dense": lambda: torch.ones(1)}
+    _dispatch._time(paths, torch.device("cuda", 1))
+    assert synced and all(d == torch.device("cuda", 1) for d in synced)
+    synced.clear()
+    _dispatch._time(paths, (torch.device("cuda", 2), torch.device("cpu"), torch.device("cuda", 1)))
+    assert set(synced) == {torch.device("cuda", 1), torch.device("cuda", 2)}
+    assert synced.count(torch.device("cuda", 1)) == synced.count(torch.device("cuda", 2))
+    synced.clear()
+    _dispatch._time(paths, torch.device("cpu"))
+    assert synced == []
+
+
+def test_layers_time_on_their_own_devices(monkeypatch):
+    """pick() hands the timing the input's and the stored weight's devices (not the current one)."""
+    seen = []
+    real_time = _dispatch._time
+    monkeypatch.setattr(_dispatch, "_time", lambda paths, device: (seen.append(device), real_time(paths, device))[1])
+    _, sparse = _layer("2:4", seed=11)
+    q = bk.nn.QuantLinear.from_linear(nn.Linear(64, 32), mode="w8a16")
+    with torch.no_grad():
+        sparse(torch.randn(3, 64))
+        q(torch.randn(3, 64))
+    assert seen == [(torch.device("cpu"), torch.device("cpu"))] * 2
+
+
+@pytest.mark.cuda
+def test_layers_on_a_second_gpu_are_timed_there(fresh_decisions, monkeypatch):
+    """Layers on cuda:1 while cuda:0 is current: the dispatch waits for cuda:1 around each timed
+    call and the chosen path computes the layer."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    real_sync, synced = torch.cuda.synchronize, []
+
+    def sync(device=None):
+        synced.append(torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device()))
+        real_sync(device)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    torch.cuda.set_device(0)
+    lin, sparse = _layer("2:4", seed=12, device="cuda:1", dtype=torch.bfloat16)
+    q = bk.nn.QuantLinear.from_linear(nn.Linear(64, 48).to("cuda:1"), mode="w8a16")
+    x = torch.randn(300, 64, device="cuda:1", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_close(sparse(x), lin(x), rtol=2e-2, atol=2e-2, what="SparseLinear on cuda:1")
+        q(x.float())
+    assert synced and torch.device("cuda", 1) in synced and torch.device("cuda", 0) not in synced

@@ -82,9 +82,26 @@ def can_dispatch(x: Tensor, values: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[str, float]:
-    """Best-of wall time per path (synchronised on CUDA), paths alternating; one warm-up call each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _synchronizer(devices) -> Callable[[], None]:
+    """Waits for the work queued on every CUDA device among ``devices`` (each by its own index:
+    ``torch.cuda.synchronize()`` alone waits for the current device only, and a layer placed on
+    another GPU would be timed by its launch overhead)."""
+    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+    if not cuda:
+        return lambda: None
+
+    def sync() -> None:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
+    return sync
+
+
+def _time(paths: Dict[str, Callable[[], Tensor]], device) -> Dict[str, float]:
+    """Best-of wall time per path, paths alternating; one warm-up call each. ``device`` (one or a
+    collection): where the paths run; every CUDA device among them is synchronised around each
+    timed call."""
+    sync = _synchronizer([device] if isinstance(device, (torch.device, str)) else device)
     for fn in paths.values():
         fn()
     best = {name: math.inf for name in paths}
@@ -101,10 +118,11 @@ def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[
     return best
 
 
-def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> str:
-    """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use.
-    Names other than those of DENSE_PATHS are kernel paths; a forced mode picks the first kernel
-    path, or the first dense one."""
+def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device) -> str:
+    """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use on
+    ``device`` (a device or a collection of them: the devices the paths' tensors are on, each
+    synchronised when timing). Names other than those of DENSE_PATHS are kernel paths; a forced
+    mode picks the first kernel path, or the first dense one."""
     forced = mode()
     if forced != "measure" or len(paths) == 1:
         want_dense = forced == "dense"
@@ -129,7 +147,9 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     if budget > 0 and (dense_bytes <= budget or stored_bytes(layer) >= dense_bytes):
         paths["dense"] = lambda: dense_linear(layer, "dense", x, stored)
     paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
-    path = choose(key + (rows_bucket(x.shape[0]),), paths, x.device)
+    # timed on the devices of the input and of the layer's stored weight (the same, for a layer
+    # that runs): both are synchronised, whichever device is current
+    path = choose(key + (rows_bucket(x.shape[0]),), paths, (x.device, stored.device))
     layer._routes.put(x, path)
     if path != "dense":
         layer._dense.drop()

@@ -138,7 +138,7 @@ void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t
 // per weight, where its per-entry kernels cost more than the dense product on decoded panels
 // (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
 // about even; 90% sparse: the x-chunk kernel 4x ahead).
-constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48;
+constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 2;
 constexpr double kCsrPanelDensity = 0.4;
 
 int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
@@ -319,7 +319,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   a.meta = meta.data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
   if (a.M == 0 || N == 0) return p.out;
-  if (k.sparse24_lanes && a.M >= 2) {
+  if (k.sparse24_lanes && a.M >= panel_min_rows(kSparse24LanesMinRows)) {
     at::Tensor packed;
     run_lanes(a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
     return p.out;
