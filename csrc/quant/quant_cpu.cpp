@@ -78,7 +78,7 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds
 // up to 256 rows of a and ~256 KiB of b (nb rows of b_row_bytes each), so those b rows stay in L2
 // while the kernel's row tiles pass over them; blocks shrink (columns first: M = 1 splits N) until
-// every thread gets about four.
+// every thread gets about four; small products run on fewer threads (bigkernels::threads_for).
 template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
@@ -91,7 +91,8 @@ void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   while (blocks() < want && mb > kM) mb = std::max<int64_t>(kM, mb / 2 / kM * kM);
   const int64_t mblocks = (M + mb - 1) / mb;
   // Consecutive blocks share their b rows (column-block major), so a thread reuses them in L2.
-  at::parallel_for(0, blocks(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks(), bigkernels::grain_for(blocks(), double(M) * double(N) * double(b_row_bytes)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk % mblocks, ni = blk / mblocks;
       fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
@@ -111,8 +112,8 @@ int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (
 // The panel engine's blocks of out [M, N]: up to 264 rows (their packed a stays in L2 next to the
 // block's sums) by 128 columns.
 template <class Fn>
-void for_each_panel_block(int64_t M, int64_t N, const Fn& fn) {
-  bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, fn);
+void for_each_panel_block(int64_t M, int64_t N, int64_t K, const Fn& fn) {
+  bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, double(M) * double(N) * double(K), fn);
 }
 
 // a [M, K] packed for the panel engine by pack(p0, p1) over row panels, in parallel.
@@ -164,7 +165,7 @@ at::Tensor int8_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const float
     const int8_t* av = a.data_ptr<int8_t>();
     pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_i8(av, a.stride(0), M, K, p0, p1, app); });
     g.a_packed = app;
-    for_each_panel_block(M, N, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_panels(g, m0, m1, n0, n1); });
+    for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_panels(g, m0, m1, n0, n1); });
     return out;
   }
   for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_gemm(g, m0, m1, n0, n1); });
@@ -211,7 +212,7 @@ at::Tensor w8a16_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at
     const DType dt = float_dtype(x);
     pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_f32(dt, x.data_ptr(), x.stride(0), M, K, p0, p1, app); });
     g.a_packed = app;
-    for_each_panel_block(M, N, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_panels(g, m0, m1, n0, n1); });
+    for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_panels(g, m0, m1, n0, n1); });
     return out;
   }
   const at::Tensor x = x_in.scalar_type() == at::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);

@@ -117,15 +117,16 @@ Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int
 
 // Runs fn(m0, m1, n0, n1) over a grid of row blocks (multiples of m_step, at least m_min rows)
 // and feature blocks (at least n_min), small enough that every thread gets about four; blocks
-// are ordered row-block major so a thread's consecutive blocks share their rows of x.
+// are ordered row-block major so a thread's consecutive blocks share their rows of x. `work`
+// (multiply-adds) caps the threads for small products (bigkernels::threads_for).
 template <class Fn>
-void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, const Fn& fn) {
+void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, double work, const Fn& fn) {
   if (M == 0 || N == 0) return;
   const int64_t want = 4 * int64_t(at::get_num_threads());
   int64_t mb = std::max<int64_t>(m_step, std::min<int64_t>((M + m_step - 1) / m_step * m_step, m_max));
   int64_t nb = std::max<int64_t>(n_min, (N + want - 1) / want);
   const int64_t mblocks = (M + mb - 1) / mb, nblocks = (N + nb - 1) / nb;
-  at::parallel_for(0, mblocks * nblocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, mblocks * nblocks, bigkernels::grain_for(mblocks * nblocks, work), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk / nblocks, ni = blk % nblocks;
       fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
@@ -149,20 +150,20 @@ int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (
 // x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
 // by 128 output features) in parallel: fn(m0, m1, n0, n1) runs one.
 template <class Fn>
-void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, const Fn& fn) {
+void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
   const int64_t M = a.M, K = a.K, panels = (M + kPanelRows - 1) / kPanelRows;
   keep = at::empty({packed_a_floats(M, K)}, at::TensorOptions().dtype(at::kFloat));
   float* ap = keep.data_ptr<float>();
   at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K * kPanelRows, 1)),
                    [&](int64_t p0, int64_t p1) { k.pack_a_f32(a.x, K, M, K, p0, p1, ap); });
   a.a_packed = ap;
-  bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, fn);
+  bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, work, fn);
 }
 
 // x packed in groups of R = lane_rows(M) rows, each [K][R] (zero rows past M), then blocks of
 // whole groups by up to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
 template <class Fn>
-void run_lanes(SparseArgs& a, at::Tensor& keep, const Fn& fn) {
+void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
   const int64_t R = lane_rows(a.M), M = a.M, K = a.K, groups = (M + R - 1) / R;
   keep = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
   float* dst = keep.data_ptr<float>();
@@ -174,7 +175,7 @@ void run_lanes(SparseArgs& a, at::Tensor& keep, const Fn& fn) {
     }
   });
   a.a_packed = dst;
-  bigkernels::for_each_engine_block(M, a.N, R, 256, 8, 128, fn);
+  bigkernels::for_each_engine_block(M, a.N, R, 256, 8, 128, work, fn);
 }
 
 at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
@@ -201,7 +202,8 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   std::atomic<int64_t> bad{0};
   if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) && double(nnz) >= kCsrPanelDensity * double(N) * double(a.K)) {
     at::Tensor packed;
-    run_panels(k, a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });
+    run_panels(k, a, packed, double(a.M) * double(N) * double(a.K),
+               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });
     if (bad.load() == 0) return p.out;
     bad = 0;  // unsorted rows or columns out of range: the kernels below take the first, report the second
     a.a_packed = nullptr;
@@ -209,7 +211,8 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   if (a.M < kCsrTransposeM) {
     // gathers: rows of x stay in L1/L2, blocks of output features in parallel
     const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
-    const int64_t grain = std::max<int64_t>(1, (1 << 14) / (per_row * a.M));
+    const int64_t grain = std::max(std::max<int64_t>(1, (1 << 14) / (per_row * a.M)),
+                                   bigkernels::grain_for(N, double(nnz) * double(a.M)));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
   } else {
     // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
@@ -227,7 +230,7 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
       }
     });
     a.xt = xtp;
-    for_each_block(M, N, CH, CH, 16, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    for_each_block(M, N, CH, CH, 16, double(nnz) * double(M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       bad += k.csr_rows(a, m0, m1, n0, n1);
     });
   }
@@ -269,11 +272,13 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   const Kernels& k = best_kernels();
   if (k.bsr_panels && M >= panel_min_rows(kBsrPanelMinRows)) {
     at::Tensor packed;
-    run_panels(k, a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.bsr_panels(a, m0, m1, n0, n1); });
+    run_panels(k, a, packed, double(M) * double(nnzb) * double(B * B),
+               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.bsr_panels(a, m0, m1, n0, n1); });
     return p.out;
   }
   if (M < kBsrTransposeM) {
-    at::parallel_for(0, nbr, 1, [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
+    at::parallel_for(0, nbr, bigkernels::grain_for(nbr, double(nnzb) * double(B * B) * double(M)),
+                     [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
     return p.out;
   }
   // one scratch buffer per thread: the widest block row, transposed to fp32
@@ -321,11 +326,12 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   if (a.M == 0 || N == 0) return p.out;
   if (k.sparse24_lanes && a.M >= panel_min_rows(kSparse24LanesMinRows)) {
     at::Tensor packed;
-    run_lanes(a, packed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
+    run_lanes(a, packed, double(a.M) * double(N) * double(K / 2),
+              [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
     return p.out;
   }
   if (a.M == 1) {  // one dot product per feature, x read in place, blocks of features in parallel
-    for_each_block(a.M, N, 1, 1, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    for_each_block(a.M, N, 1, 1, 8, double(N) * double(K / 2), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       k.sparse24_rows(a, m0, m1, n0, n1);
     });
     return p.out;
@@ -349,7 +355,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   // rows of x in blocks whose packed copy stays in L2 while each tile of features' weights, read
   // once from memory, meets all of them
   const int64_t mb = std::max<int64_t>(4, std::min<int64_t>(64, kSparse24PackedX / std::max<int64_t>(K, 1) / 4 * 4));
-  for_each_block(a.M, N, 4, mb, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for_each_block(a.M, N, 4, mb, 8, double(N) * double(K / 2) * double(a.M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     k.sparse24_rows(a, m0, m1, n0, n1);
   });
   return p.out;
