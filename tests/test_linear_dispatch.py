@@ -36,7 +36,7 @@ def test_choose_measures_once_and_keeps_the_faster(slow):
     want = "dense" if slow == "kernel" else "kernel"
     assert _dispatch.choose("k", paths, cpu) == want
     measured = len(calls)
-    assert measured == 4  # a warm-up and one timed round per path: a 2x faster path wins at once
+    assert 4 <= measured <= 2 * (1 + _dispatch.MAX_ROUNDS)  # a warm-up and 1 (a 2x faster path wins at once) to 7 rounds per path
     assert _dispatch.choose("k", paths, cpu) == want and len(calls) == measured  # not measured again
     assert _dispatch.choices() == {"k": want}
 
