@@ -264,16 +264,27 @@ def test_layers_on_a_second_gpu_are_timed_there(fresh_decisions, monkeypatch):
     assert synced and torch.device("cuda", 1) in synced and torch.device("cuda", 0) not in synced
 
 
-def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds():
-    """A dense path as fast as the kernel does not win (within 5%, timing noise would decide);
-    cheap paths are timed more than three rounds (best of up to seven)."""
-    calls = []
-    paths = {"kernel": _slow(0.003, calls, "kernel"), "dense": _slow(0.003, calls, "dense")}
-    assert _dispatch.choose("close", paths, torch.device("cpu")) == "kernel"
-    calls.clear()
-    fast = {"kernel": _slow(0.0, calls, "kernel"), "dense": _slow(0.0, calls, "dense")}
-    _dispatch.choose("cheap", fast, torch.device("cpu"))
-    assert len(calls) == 2 * (1 + _dispatch.MAX_ROUNDS)
-    calls.clear()
-    clear_winner = {"kernel": _slow(0.004, calls, "kernel"), "dense": _slow(0.0, calls, "dense")}
-    assert _dispatch.choose("clear", clear_winner, torch.device("cpu")) == "dense"
+def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch):
+    """On a fake clock (each path call advances it by its cost): a dense path within 5% of the
+    kernel does not win (timing noise would decide), one 10% faster does; cheap paths get up to
+    seven timed rounds, costly ones three, and a 2x faster path wins after one."""
+    clock = [0.0]
+    monkeypatch.setattr(_dispatch.time, "perf_counter", lambda: clock[0])
+
+    def run(costs, key):
+        calls = []
+
+        def path(name):
+            def fn():
+                calls.append(name)
+                clock[0] += costs[name]
+                return torch.zeros(1)
+            return fn
+
+        choice = _dispatch.choose(key, {name: path(name) for name in costs}, torch.device("cpu"))
+        return choice, len(calls) // len(costs) - 1  # timed rounds (after one warm-up call each)
+
+    assert run({"kernel": 1e-3, "dense": 0.97e-3}, "close") == ("kernel", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 1e-3, "dense": 0.9e-3}, "faster") == ("dense", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 0.1, "dense": 0.09}, "costly") == ("dense", 3)
+    assert run({"kernel": 0.1, "dense": 0.04}, "clear") == ("dense", 1)
