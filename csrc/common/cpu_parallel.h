@@ -18,7 +18,8 @@ inline int64_t threads_for(double work) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(work / kWorkPerThread)));
 }
 
-// The at::parallel_for grain that splits `items` over at most threads_for(work) threads.
+// The at::parallel_for grain that splits `items` over at most threads_for(work) threads (for
+// copies and conversions, count ~4 multiply-adds of work per element).
 inline int64_t grain_for(int64_t items, double work) {
   const int64_t t = threads_for(work);
   return std::max<int64_t>(1, (items + t - 1) / t);

@@ -120,7 +120,7 @@ void for_each_panel_block(int64_t M, int64_t N, int64_t K, const Fn& fn) {
 template <class Pack>
 void pack_panels(int64_t M, int64_t K, const Pack& pack) {
   const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K * kPanelRows, 1)),
+  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
                    [&](int64_t p0, int64_t p1) { pack(p0, p1); });
 }
 
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, bigkernels::grain_for(M, 4.0 * double(M) * double(K)), [&](int64_t r0, int64_t r1) {
     k.quantize_rows(dt, xp, ldx, K, r0, r1, qp, sp);
   });
   return {q, scale};

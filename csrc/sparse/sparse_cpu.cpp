@@ -154,7 +154,7 @@ void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, 
   const int64_t M = a.M, K = a.K, panels = (M + kPanelRows - 1) / kPanelRows;
   keep = at::empty({packed_a_floats(M, K)}, at::TensorOptions().dtype(at::kFloat));
   float* ap = keep.data_ptr<float>();
-  at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K * kPanelRows, 1)),
+  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
                    [&](int64_t p0, int64_t p1) { k.pack_a_f32(a.x, K, M, K, p0, p1, ap); });
   a.a_packed = ap;
   bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, work, fn);
@@ -168,7 +168,8 @@ void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
   keep = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
   float* dst = keep.data_ptr<float>();
   const float* src = a.x;
-  at::parallel_for(0, groups * K, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, groups * K, bigkernels::grain_for(groups * K, 4.0 * double(groups * R) * double(K)),
+                   [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t g = i / K, kk = i % K;
       for (int64_t l = 0; l < R; ++l) dst[i * R + l] = g * R + l < M ? src[(g * R + l) * K + kk] : 0.0f;
@@ -220,7 +221,8 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
     at::Tensor xt = at::empty({chunks * K * CH}, p.x32.options());
     float* xtp = xt.data_ptr<float>();
     const float* xp = a.x;
-    at::parallel_for(0, chunks * K, 256, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, chunks * K, bigkernels::grain_for(chunks * K, 4.0 * double(chunks * CH) * double(K)),
+                     [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t c = i / K, kk = i % K;
         for (int64_t l = 0; l < CH; ++l) {
@@ -343,7 +345,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   {
     float* dst = xpack.data_ptr<float>();
     const float* src = a.x;
-    at::parallel_for(0, a.M, 4, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, a.M, std::max<int64_t>(4, bigkernels::grain_for(a.M, 4.0 * double(a.M) * double(K))),
+                     [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         float* d = dst + m / PR * (steps * PR * PK + kSparse24PackPad) + m % PR * PK;
         for (int64_t s = 0; s < steps; ++s)

@@ -143,7 +143,7 @@ void pack_a_f32(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t p0, i
 // acc[c * ld + r] += sum over the kept weights of feature c in groups [0, groups) of
 // value * x[r, input], for the RV * 8 rows of xa ([4 * groups][RV * 8] fp32).
 template <int RV, int NC>
-void s24_lane_tile(const float* xa, const float* const v[NC], const uint8_t* const mt[NC], int64_t groups, float* acc,
+void s24_lane_tile(const float* xa, const float* const* v, const uint8_t* const* mt, int64_t groups, float* acc,
                    int64_t ld) {
   constexpr int R = RV * 8;
   __m256 s[NC][RV];
@@ -170,53 +170,52 @@ void s24_lane_tile(const float* xa, const float* const v[NC], const uint8_t* con
     }
 }
 
-// Features [n, n + nc) (nc <= NC) against row groups [m0, m1) of R rows, k in [k0, k0 + kc).
+// Features [n, n + nc) (nc <= NC) against one group of R rows of x (xa: at k0), k0 .. k0 + kc.
 template <int RV, int NC>
-void s24_lane_cols(const SparseArgs& a, const float* const v[NC], const uint8_t* const mt[NC], int nc, int64_t k0,
-                   int64_t kc, int64_t m0, int64_t m1, float* acc, int64_t ld) {
-  constexpr int R = RV * 8;
-  const int64_t groups = kc / 4;
-  for (int64_t m = m0; m < m1; m += R) {
-    const float* xa = a.a_packed + (m / R) * a.K * R + k0 * R;
-    float* t = acc + (m - m0);
-    // (the last strip of a block may be narrower)
-    if (nc == NC) s24_lane_tile<RV, NC>(xa, v, mt, groups, t, ld);
-    else if (nc == 1) s24_lane_tile<RV, 1>(xa, v, mt, groups, t, ld);
-    else if (nc == 2) s24_lane_tile<RV, (NC > 2 ? 2 : 1)>(xa, v, mt, groups, t, ld);
-    else if (nc == 3) s24_lane_tile<RV, (NC > 3 ? 3 : 1)>(xa, v, mt, groups, t, ld);
-    else if (nc == 4) s24_lane_tile<RV, (NC > 4 ? 4 : 1)>(xa, v, mt, groups, t, ld);
-    else s24_lane_tile<RV, (NC > 5 ? 5 : 1)>(xa, v, mt, groups, t, ld);
-  }
+void s24_lane_strip(const float* xa, const float* const* v, const uint8_t* const* mt, int nc, int64_t groups,
+                    float* acc, int64_t ld) {
+  // (the last strip of a block may be narrower)
+  if (nc == NC) s24_lane_tile<RV, NC>(xa, v, mt, groups, acc, ld);
+  else if (nc == 1) s24_lane_tile<RV, 1>(xa, v, mt, groups, acc, ld);
+  else if (nc == 2) s24_lane_tile<RV, (NC > 2 ? 2 : 1)>(xa, v, mt, groups, acc, ld);
+  else if (nc == 3) s24_lane_tile<RV, (NC > 3 ? 3 : 1)>(xa, v, mt, groups, acc, ld);
+  else if (nc == 4) s24_lane_tile<RV, (NC > 4 ? 4 : 1)>(xa, v, mt, groups, acc, ld);
+  else s24_lane_tile<RV, (NC > 5 ? 5 : 1)>(xa, v, mt, groups, acc, ld);
 }
 
+// For each block of K: each group of R rows of x (its block: 16 KB, in L1) meets every feature of
+// the unit in strips of NC, whose values and meta (a few hundred bytes per strip) stream from L2.
 template <class T, int RV, int NC>
 void sparse24_lanes_rv(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int R = RV * 8;
-  constexpr int64_t KC = 4096 / R;  // R x KC fp32 of x (16 KB) per tile
+  constexpr int64_t KC = 4096 / R;  // R x KC fp32 of x (16 KB) per block
   static thread_local std::vector<float> acc_buf, vbuf;
-  const int64_t K = a.K, rows = gemm::round_up(m1 - m0, R);
-  acc_buf.assign(size_t((n1 - n0) * rows), 0.0f);
-  vbuf.resize(size_t(NC * KC / 2));
+  static thread_local std::vector<const float*> vptr;
+  static thread_local std::vector<const uint8_t*> mptr;
+  const int64_t K = a.K, rows = gemm::round_up(m1 - m0, R), cols = n1 - n0;
+  acc_buf.assign(size_t(cols * rows), 0.0f);
+  vptr.resize(size_t(cols));
+  mptr.resize(size_t(cols));
+  if (!std::is_same_v<T, float>) vbuf.resize(size_t(cols * (KC / 2)));
   const T* values = static_cast<const T*>(a.w);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, K - k0);
-    for (int64_t n = n0; n < n1; n += NC) {
-      const int nc = int(std::min<int64_t>(NC, n1 - n));
-      const float* v[NC];
-      const uint8_t* mt[NC];
-      for (int c = 0; c < NC; ++c) {
-        const int64_t f = n + std::min(c, nc - 1);
-        mt[c] = a.meta + f * (K / 4) + k0 / 4;
-        const T* src = values + f * (K / 2) + k0 / 2;
-        if constexpr (std::is_same_v<T, float>) {
-          v[c] = src;
-        } else {  // the strip's values as fp32, once per block
-          float* d = vbuf.data() + c * (KC / 2);
-          for (int64_t j = 0; j < kc / 2; ++j) d[j] = Vec1::load(src + j).x;
-          v[c] = d;
-        }
+    for (int64_t c = 0; c < cols; ++c) {
+      mptr[size_t(c)] = a.meta + (n0 + c) * (K / 4) + k0 / 4;
+      const T* src = values + (n0 + c) * (K / 2) + k0 / 2;
+      if constexpr (std::is_same_v<T, float>) {
+        vptr[size_t(c)] = src;
+      } else {  // the block's values as fp32, once for all row groups
+        float* d = vbuf.data() + c * (KC / 2);
+        for (int64_t j = 0; j < kc / 2; ++j) d[j] = Vec1::load(src + j).x;
+        vptr[size_t(c)] = d;
       }
-      s24_lane_cols<RV, NC>(a, v, mt, nc, k0, kc, m0, m1, acc_buf.data() + (n - n0) * rows, rows);
+    }
+    for (int64_t m = m0; m < m1; m += R) {
+      const float* xa = a.a_packed + (m / R) * K * R + k0 * R;
+      for (int64_t c = 0; c < cols; c += NC)
+        s24_lane_strip<RV, NC>(xa, vptr.data() + c, mptr.data() + c, int(std::min<int64_t>(NC, cols - c)), kc / 4,
+                               acc_buf.data() + c * rows + (m - m0), rows);
     }
   }
   for (int64_t m = m0; m < m1; ++m)
