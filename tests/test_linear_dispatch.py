@@ -3,6 +3,7 @@ forced modes, and SparseLinear's dense fallback (cached weight kept in step with
 values; training and torch.compile never dispatched)."""
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -288,3 +289,31 @@ def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch
     assert run({"kernel": 1e-3, "dense": 0.9e-3}, "faster") == ("dense", _dispatch.MAX_ROUNDS)
     assert run({"kernel": 0.1, "dense": 0.09}, "costly") == ("dense", 3)
     assert run({"kernel": 0.1, "dense": 0.04}, "clear") == ("dense", 1)
+
+
+@pytest.mark.parametrize("variant", ["w8a16", "w8a8", "2:4", "block", "unstructured"])
+def test_llama_variants_compute_their_dense_model(fresh_decisions, variant):
+    """A Hugging Face Llama (built from a config) compressed as benchmarks/bench_models.py does it:
+    the compressed model's hidden states match the dense model's (the pruned one for the sparse
+    variants) at one token and at 2 x 24 tokens (48 rows: the CPU engines' batch sizes), on the
+    kernel paths (the measured choice may pick the dense product for such small layers)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(13)
+    dense = transformers.LlamaModel(cfg).eval()
+    if variant in ("w8a16", "w8a8"):
+        want_model, model = dense, bk.quantize_(copy.deepcopy(dense), mode=variant)
+        tol = 5e-2
+    else:
+        want_model = copy.deepcopy(dense)
+        bk.prune_(want_model, sparsity=0.5, pattern=variant, block_size=16)
+        model = bk.sparse.sparsify_(copy.deepcopy(want_model), pattern=variant, block_size=16)
+        tol = 1e-4
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert ("QuantLinear" if variant.startswith("w8") else "SparseLinear") in kinds and "Linear" not in kinds
+    fresh_decisions("kernel")
+    for ids in (torch.randint(0, 97, (1, 1)), torch.randint(0, 97, (2, 24))):
+        with torch.no_grad():
+            got, want = model(ids).last_hidden_state, want_model(ids).last_hidden_state
+        assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), what=f"{variant} {ids.shape}")

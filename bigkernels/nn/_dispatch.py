@@ -10,6 +10,13 @@ A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and 
   is not smaller than the dense weight anyway (CSR below ~50% sparsity). 0 disables it: the
   dispatcher then never keeps more memory than the compressed layer.
 
+On AVX2 CPUs the kernel paths themselves already run the dense product on decompressed panels
+where the format's own kernel would lose (csrc/common/cpu_gemm_avx2.h: int8 weights, BSR blocks
+and dense-enough CSR are decoded per k-block into a cache-sized dense panel and multiplied by a
+register-blocked micro-kernel, which runs at ~80% of the FMA peak where MKL's sgemm reaches ~50-60%
+on such CPUs), so for layers over the cache limit the kernel path is the fast fallback and
+``"decompress"`` rarely wins.
+
 Which is fastest depends on the machine, the layer's shape and batch size and its density: small
 layers and low sparsity lose to dense BLAS on the CPU, kernel launch overheads differ between GPUs.
 Rather than a crossover table measured on one machine, the first call for a key (device, dtype,
