@@ -266,9 +266,10 @@ def test_layers_on_a_second_gpu_are_timed_there(fresh_decisions, monkeypatch):
 
 
 def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch):
-    """On a fake clock (each path call advances it by its cost): a dense path within 5% of the
-    kernel does not win (timing noise would decide), one 10% faster does; cheap paths get up to
-    seven timed rounds, costly ones three, and a 2x faster path wins after one."""
+    """On a fake clock (each path call advances it by its cost): per-call decompression within 5%
+    of the kernel does not win (timing noise would decide), 10% faster does; the cached dense
+    weight wins when faster at all; cheap paths get up to seven timed rounds, costly ones three,
+    and a 2x faster path wins after one."""
     clock = [0.0]
     monkeypatch.setattr(_dispatch.time, "perf_counter", lambda: clock[0])
 
@@ -285,8 +286,9 @@ def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch
         choice = _dispatch.choose(key, {name: path(name) for name in costs}, torch.device("cpu"))
         return choice, len(calls) // len(costs) - 1  # timed rounds (after one warm-up call each)
 
-    assert run({"kernel": 1e-3, "dense": 0.97e-3}, "close") == ("kernel", _dispatch.MAX_ROUNDS)
-    assert run({"kernel": 1e-3, "dense": 0.9e-3}, "faster") == ("dense", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 1e-3, "decompress": 0.97e-3}, "close") == ("kernel", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 1e-3, "decompress": 0.9e-3}, "faster") == ("decompress", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 1e-3, "dense": 0.97e-3, "decompress": 0.96e-3}, "cached") == ("dense", _dispatch.MAX_ROUNDS)
     assert run({"kernel": 0.1, "dense": 0.09}, "costly") == ("dense", 3)
     assert run({"kernel": 0.1, "dense": 0.04}, "clear") == ("dense", 1)
 

@@ -23,9 +23,9 @@ Rather than a crossover table measured on one machine, the first call for a key 
 layer shape and format, batch size bucket) times every path on the real input and later calls
 reuse the winner: within the memory rule above, the layer runs at least as fast as the dense
 product it replaced, as measured on that machine (once, best of three timed calls per path, up to
-seven for calls that take under a few milliseconds; a dense path wins only when it is 5% faster
-than the kernel. A decision taken while the machine was disturbed can still be off: ``clear()``
-measures again).
+seven for calls that take under a few milliseconds; ``"decompress"``, which builds a whole dense
+weight per call, wins only when it is 5% faster than every other path. A decision taken while the
+machine was disturbed can still be off: ``clear()`` measures again).
 
 Dispatched: calls that want no gradient (inference: grad mode off, or neither the input nor the
 layer's stored weight requires one). ``torch.compile`` / CUDA-graph capture and training run the
@@ -49,7 +49,7 @@ _CHOICES: Dict[Hashable, str] = {}
 _MODES = ("measure", "kernel", "dense")
 FAST_ENOUGH = 2.0  # after one timed round, a path this many times faster than the rest wins
 MAX_ROUNDS, MORE_ROUNDS_S = 7, 0.05  # best of 3 timed rounds, of up to 7 while they take < 50 ms in all
-KERNEL_MARGIN = 0.95  # a dense path must beat the best kernel path by 5% (else timing noise decides)
+KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths by 5% (else timing noise decides)
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
 _cache_bytes = None
@@ -146,11 +146,11 @@ def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device) -> str
         with torch.no_grad():
             times = _time(paths, device)
         hit = min(times, key=times.get)
-        kernels = [name for name in times if name not in DENSE_PATHS]
-        if hit in DENSE_PATHS and kernels:  # the kernel unless a dense path is clearly faster:
-            best_kernel = min(kernels, key=times.get)  # it keeps no dense copy and moves less memory
-            if times[hit] > KERNEL_MARGIN * times[best_kernel]:
-                hit = best_kernel
+        others = [name for name in times if name != "decompress"]
+        if hit == "decompress" and others:  # a whole dense weight per call: only when clearly faster
+            runner_up = min(others, key=times.get)
+            if times[hit] > KERNEL_MARGIN * times[runner_up]:
+                hit = runner_up
         _CHOICES[key] = hit
     return hit
 

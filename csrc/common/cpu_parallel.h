@@ -10,11 +10,11 @@
 
 namespace bigkernels {
 
-// Threads worth waking for `work` multiply-adds: one per 2^20 (some 50-100 us on one core), at
-// most at::get_num_threads(). A small product runs on the calling thread: waking a second thread
-// costs microseconds, and on a busy machine the wait for a free core can cost milliseconds.
+// Threads worth waking for `work` multiply-adds: one per 2^18 (some 25 us on one core), at most
+// at::get_num_threads(). A small product runs on the calling thread: waking a second thread costs
+// microseconds, and on a busy machine the wait for a free core can cost milliseconds.
 inline int64_t threads_for(double work) {
-  constexpr double kWorkPerThread = double(1 << 20);
+  constexpr double kWorkPerThread = double(1 << 18);
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(work / kWorkPerThread)));
 }
 
