@@ -231,7 +231,7 @@ def test_large_k_and_many_threads_match():
 
 
 # The AVX2 engines (sparse_cpu_panels.h; BSR from 16 rows, CSR from 48 rows at >= 40% stored, 2:4
-# from 2 rows): several row blocks (> 264 rows), k blocks (> 256 inputs; BSR: one per block) and
+# from 4 rows): several row blocks (> 264 rows), k blocks (> 256 inputs; BSR: one per block) and
 # feature blocks (> 128, not a multiple of 16), row groups of 16 and 32 with partial ones (2:4),
 # every weight dtype.
 ENGINE_SHAPES = [(16, 520, 150), (50, 264, 40), (300, 136, 133)]

@@ -157,43 +157,36 @@ inline void ukernel_i16(int64_t kc2, const int32_t* a, const int32_t* b, int32_t
 //     j0 + kc2), as [kc][16] floats / [kc2][16] int32 pairs; false when it is all zero
 //   void store(int64_t m, int64_t n, int64_t cnt, const float* / const int32_t* acc): row m's
 //     sums for features n .. n + cnt - 1 -> the output
-template <class Dec>
-void unit_f32(Dec& dec, const float* ap, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+template <class T, class Dec, class Micro>
+void unit(Dec& dec, const T* ap, int64_t depth, int64_t kcmax, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+          Micro micro) {
   if (m0 >= m1 || n0 >= n1) return;
-  static thread_local std::vector<float> acc_buf, b_buf;
-  const int64_t mp = row_panels(m1 - m0), nw = round_up(n1 - n0, kNR), kcmax = std::max<int64_t>(1, dec.k_block());
-  acc_buf.assign(size_t(mp * kMR * nw), 0.0f);
+  static thread_local std::vector<T> acc_buf, b_buf;  // (one pair per element type)
+  const int64_t mp = row_panels(m1 - m0), nw = round_up(n1 - n0, kNR);
+  acc_buf.assign(size_t(mp * kMR * nw), T(0));
   b_buf.resize(size_t(kcmax * kNR) + 16);
-  float* acc = acc_buf.data();
-  float* b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b_buf.data()) + 63) & ~uintptr_t(63));
-  for (int64_t k0 = 0; k0 < K; k0 += kcmax) {
-    const int64_t kc = std::min(kcmax, K - k0);
+  T* acc = acc_buf.data();
+  T* b = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(b_buf.data()) + 63) & ~uintptr_t(63));
+  for (int64_t k0 = 0; k0 < depth; k0 += kcmax) {
+    const int64_t kc = std::min(kcmax, depth - k0);
     for (int64_t j = 0; j < nw; j += kNR) {
       if (!dec.pack(n0 + j, k0, kc, b)) continue;
-      for (int64_t p = 0; p < mp; ++p) ukernel_f32(kc, ap + ((m0 / kMR + p) * K + k0) * kMR, b, acc + p * kMR * nw + j, nw);
+      for (int64_t p = 0; p < mp; ++p) micro(kc, ap + ((m0 / kMR + p) * depth + k0) * kMR, b, acc + p * kMR * nw + j, nw);
     }
   }
   for (int64_t m = m0; m < m1; ++m) dec.store(m, n0, n1 - n0, acc + (m - m0) * nw);
 }
 
+// fp32: depth K, k-blocks of dec.k_block().
+template <class Dec>
+void unit_f32(Dec& dec, const float* ap, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  unit(dec, ap, K, std::max<int64_t>(1, dec.k_block()), m0, m1, n0, n1, ukernel_f32);
+}
+
+// int16 pairs: depth ceil(K / 2) pairs, k-blocks of kKC2 pairs (the decoder gets pair indices).
 template <class Dec>
 void unit_i16(Dec& dec, const int32_t* ap, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m0 >= m1 || n0 >= n1) return;
-  static thread_local std::vector<int32_t> acc_buf, b_buf;
-  const int64_t K2 = (K + 1) / 2, mp = row_panels(m1 - m0), nw = round_up(n1 - n0, kNR);
-  acc_buf.assign(size_t(mp * kMR * nw), 0);
-  b_buf.resize(size_t(kKC2 * kNR) + 16);
-  int32_t* acc = acc_buf.data();
-  int32_t* b = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(b_buf.data()) + 63) & ~uintptr_t(63));
-  for (int64_t j0 = 0; j0 < K2; j0 += kKC2) {
-    const int64_t kc2 = std::min(kKC2, K2 - j0);
-    for (int64_t j = 0; j < nw; j += kNR) {
-      if (!dec.pack(n0 + j, j0, kc2, b)) continue;
-      for (int64_t p = 0; p < mp; ++p)
-        ukernel_i16(kc2, ap + ((m0 / kMR + p) * K2 + j0) * kMR, b, acc + p * kMR * nw + j, nw);
-    }
-  }
-  for (int64_t m = m0; m < m1; ++m) dec.store(m, n0, n1 - n0, acc + (m - m0) * nw);
+  unit(dec, ap, (K + 1) / 2, kKC2, m0, m1, n0, n1, ukernel_i16);
 }
 
 // ------------------------------------------------------------------ panel writers for decoders

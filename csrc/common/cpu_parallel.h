@@ -10,11 +10,14 @@
 
 namespace bigkernels {
 
-// Threads worth waking for `work` multiply-adds: one per 2^18 (some 25 us on one core), at most
-// at::get_num_threads(). A small product runs on the calling thread: waking a second thread costs
-// microseconds, and on a busy machine the wait for a free core can cost milliseconds.
+// Threads worth waking for `work` multiply-adds: one per 2^21 (some 0.1-0.2 ms on one core), at
+// most at::get_num_threads(). A small product runs on the calling thread: waking a second thread
+// costs microseconds on an idle machine, but on a busy one the caller spins at the end of the
+// parallel region until the other thread gets a core (measured on the shared 2-core VM, load ~15:
+// a one-token forward of a 1024-wide Llama burned 4x the dense model's CPU time in those waits
+// when every 1024 x 1024 product used both threads).
 inline int64_t threads_for(double work) {
-  constexpr double kWorkPerThread = double(1 << 18);
+  constexpr double kWorkPerThread = double(1 << 21);
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(work / kWorkPerThread)));
 }
 

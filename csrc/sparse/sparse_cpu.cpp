@@ -138,8 +138,9 @@ void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t
 // which need no packing, are as fast or faster); CSR only from kCsrPanelDensity stored entries
 // per weight, where its per-entry kernels cost more than the dense product on decoded panels
 // (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
-// about even; 90% sparse: the x-chunk kernel 4x ahead).
-constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 2;
+// about even; 90% sparse: the x-chunk kernel 4x ahead). 2:4 with rows along the lanes: 2 rows
+// 0.9x dense vs 1.5x for the permute tiles, 4 rows even, 8 rows 2.0x vs 1.6x.
+constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 4;
 constexpr double kCsrPanelDensity = 0.4;
 
 int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
@@ -160,23 +161,30 @@ void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, 
   bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, work, fn);
 }
 
-// x packed in groups of R = lane_rows(M) rows, each [K][R] (zero rows past M), then blocks of
-// whole groups by up to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
-template <class Fn>
-void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
-  const int64_t R = lane_rows(a.M), M = a.M, K = a.K, groups = (M + R - 1) / R;
-  keep = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = keep.data_ptr<float>();
-  const float* src = a.x;
+// x [M, K] (fp32, row stride K) as groups of R rows, each [K][R] (rows past M zero): input k of a
+// group's R rows is R contiguous floats (the CSR chunks and the 2:4 lanes kernels read it so).
+at::Tensor pack_row_groups(const float* x, int64_t M, int64_t K, int64_t R) {
+  const int64_t groups = (M + R - 1) / R;
+  at::Tensor packed = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
   at::parallel_for(0, groups * K, bigkernels::grain_for(groups * K, 4.0 * double(groups * R) * double(K)),
                    [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t g = i / K, kk = i % K;
-      for (int64_t l = 0; l < R; ++l) dst[i * R + l] = g * R + l < M ? src[(g * R + l) * K + kk] : 0.0f;
+      for (int64_t l = 0; l < R; ++l) dst[i * R + l] = g * R + l < M ? x[(g * R + l) * K + kk] : 0.0f;
     }
   });
-  a.a_packed = dst;
-  bigkernels::for_each_engine_block(M, a.N, R, 256, 8, 128, work, fn);
+  return packed;
+}
+
+// x packed in groups of R = lane_rows(M) rows (pack_row_groups), then blocks of whole groups by up
+// to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
+template <class Fn>
+void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
+  const int64_t R = lane_rows(a.M);
+  keep = pack_row_groups(a.x, a.M, a.K, R);
+  a.a_packed = keep.data_ptr<float>();
+  bigkernels::for_each_engine_block(a.M, a.N, R, 256, 8, 128, work, fn);
 }
 
 at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
@@ -217,20 +225,9 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
   } else {
     // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
-    const int64_t CH = k.csr_chunk(a.M), chunks = (a.M + CH - 1) / CH, K = a.K, M = a.M;
-    at::Tensor xt = at::empty({chunks * K * CH}, p.x32.options());
-    float* xtp = xt.data_ptr<float>();
-    const float* xp = a.x;
-    at::parallel_for(0, chunks * K, bigkernels::grain_for(chunks * K, 4.0 * double(chunks * CH) * double(K)),
-                     [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t c = i / K, kk = i % K;
-        for (int64_t l = 0; l < CH; ++l) {
-          const int64_t m = c * CH + l;
-          xtp[i * CH + l] = m < M ? xp[m * K + kk] : 0.0f;
-        }
-      }
-    });
+    const int64_t CH = k.csr_chunk(a.M), M = a.M;
+    const at::Tensor xt = pack_row_groups(a.x, M, a.K, CH);
+    const float* xtp = xt.data_ptr<float>();
     a.xt = xtp;
     for_each_block(M, N, CH, CH, 16, double(nnz) * double(M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       bad += k.csr_rows(a, m0, m1, n0, n1);

@@ -21,6 +21,20 @@ namespace {
 namespace sc = bigkernels::sparse::cpu;
 static_assert(gemm::kMR == sc::kPanelRows && gemm::kNR == sc::kPanelCols, "sparse_cpu.h's panel shape must be the engine's");
 
+// fn(tag) with decltype(tag)::type the stored weights' element type.
+template <class T>
+struct Type {
+  using type = T;
+};
+template <class Fn>
+auto by_weight_type(DType dt, const Fn& fn) {
+  switch (dt) {
+    case DType::f32: return fn(Type<float>{});
+    case DType::bf16: return fn(Type<bf16_t>{});
+    default: return fn(Type<fp16_t>{});
+  }
+}
+
 // out[m, n .. n + cnt) = acc + bias.
 inline void store_sums(const SparseArgs& a, int64_t m, int64_t n, int64_t cnt, const float* acc) {
   for (int64_t j = 0; j < cnt; ++j) store_out(a.out_dtype, a.out, m * a.N + n + j, acc[j] + bias_of(a, n + j));
@@ -73,11 +87,7 @@ void bsr_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64
 }
 
 void bsr_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  switch (a.w_dtype) {
-    case DType::f32: return bsr_panels_t<float>(a, m0, m1, n0, n1);
-    case DType::bf16: return bsr_panels_t<bf16_t>(a, m0, m1, n0, n1);
-    default: return bsr_panels_t<fp16_t>(a, m0, m1, n0, n1);
-  }
+  by_weight_type(a.w_dtype, [&](auto t) { bsr_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
 // ------------------------------------------------------------------ CSR panels
@@ -128,11 +138,7 @@ int64_t csr_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, in
 }
 
 int64_t csr_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  switch (a.w_dtype) {
-    case DType::f32: return csr_panels_t<float>(a, m0, m1, n0, n1);
-    case DType::bf16: return csr_panels_t<bf16_t>(a, m0, m1, n0, n1);
-    default: return csr_panels_t<fp16_t>(a, m0, m1, n0, n1);
-  }
+  return by_weight_type(a.w_dtype, [&](auto t) { return csr_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
 void pack_a_f32(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t p0, int64_t p1, float* dst) {
@@ -230,11 +236,7 @@ void sparse24_lanes_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, i
 }
 
 void sparse24_lanes(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  switch (a.w_dtype) {
-    case DType::f32: return sparse24_lanes_t<float>(a, m0, m1, n0, n1);
-    case DType::bf16: return sparse24_lanes_t<bf16_t>(a, m0, m1, n0, n1);
-    default: return sparse24_lanes_t<fp16_t>(a, m0, m1, n0, n1);
-  }
+  by_weight_type(a.w_dtype, [&](auto t) { sparse24_lanes_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
 }  // namespace
