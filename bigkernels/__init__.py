@@ -6,7 +6,7 @@
     bk.info()                                                # versions, CPU features, kernels per op
 """
 from bigkernels import ops  # noqa: F401  (defines every torch.ops.bigkernels.* op, loads _C)
-from bigkernels import nn, optim, quant, sparse
+from bigkernels import distributed, nn, optim, quant, sparse
 from bigkernels._info import info
 from bigkernels.quant import quantize_
 from bigkernels.sparse import prune_
@@ -15,4 +15,4 @@ from bigkernels import integrations as _integrations
 _integrations.install()  # save_pretrained / from_pretrained of compressed HF models (transformers not imported here)
 
 __version__ = "0.1.0"
-__all__ = ["info", "nn", "optim", "ops", "prune_", "quant", "quantize_", "sparse", "__version__"]
+__all__ = ["distributed", "info", "nn", "optim", "ops", "prune_", "quant", "quantize_", "sparse", "__version__"]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from bigkernels.nn import _dispatch, _layers
 from bigkernels.ops.quant import quant_linear, quantize_per_token, w8a8_quantizes_activations
 from bigkernels.nn._checks import check_linear_input, check_weight_dtype
+from bigkernels.ops._dtensor import is_dtensor
 from bigkernels.reference import quant as ref
 
 MODES = ("w8a8", "w8a16")
@@ -170,9 +171,13 @@ class QuantLinear(nn.Module):
         return _dispatch.pick(self, x2, key, {"kernel": functools.partial(self._kernel_forward, x2)}, stored)
 
     def forward(self, x: Tensor) -> Tensor:
+        stored = self._buffers["weight_int8"]
+        if is_dtensor(stored):  # split by bk.distributed.ColwiseParallel / RowwiseParallel
+            from bigkernels import distributed
+
+            return distributed.quant_linear_forward(self, x)
         check_linear_input("QuantLinear", x, self.in_features)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        stored = self._buffers["weight_int8"]
         if _dispatch.can_dispatch(x2, stored):
             path = self._routes.get(x2) or self._choose(x2, stored)
             out = self._kernel_forward(x2) if path == "kernel" else _dispatch.dense_linear(self, path, x2, stored)

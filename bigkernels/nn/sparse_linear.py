@@ -152,6 +152,8 @@ class SparseLinear(nn.Module):
             key = prefix + name
             if key in state_dict and getattr(self, name, None) is not None:
                 current = getattr(self, name)
+                if tuple(state_dict[key].shape) == tuple(current.shape):
+                    continue  # same sizes: loaded in place (FSDP2's sharded params stay what they are)
                 empty = torch.empty_like(state_dict[key], dtype=current.dtype, device=current.device)
                 if isinstance(current, nn.Parameter):
                     setattr(self, name, nn.Parameter(empty, requires_grad=current.requires_grad))

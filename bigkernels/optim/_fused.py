@@ -337,23 +337,19 @@ class FusedOptimizerMixin:
         return out
 
     def _step_masks(self, bucket: Bucket, owners: Optional[list]) -> Optional[List[Tensor]]:
-        """The pruning masks the op applies (None: not pruned); local shards for DTensor params,
-        whose masks must be DTensors placed like them."""
+        """The pruning masks the op applies (None: not pruned): local shards placed like their
+        DTensor params (``bigkernels.distributed.local_masks``: a full-size mask made before
+        sharding is split once per mask version), checked before anything is written."""
         if owners is None:
             return None
-        masks = list(map(_WEIGHT_MASK, owners))
         if bucket.spec is None:
-            return masks
-        mesh, placements = bucket.spec
-        out = []
-        for m, owner in zip(masks, owners):
-            if not (isinstance(m, DTensor) and m.device_mesh == mesh and tuple(m.placements) == placements):
-                raise ValueError(
-                    f"{type(self).__name__}: the pruning mask (weight_mask) of a {type(owner).__name__} is "
-                    f"{_dtensor._describe(m)} but its weight is a DTensor on {mesh} with placements {placements}: "
-                    "the mask must be sharded like its weight")
-            out.append(m._local_tensor)
-        return out
+            return list(map(_WEIGHT_MASK, owners))  # plain params: the buffers (the op checks them)
+        from bigkernels import distributed
+
+        try:
+            return distributed.local_masks(owners)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: pruning mask: {e}") from e
 
     def _state_lists(self, bucket: Bucket, params: List[Tensor], names: tuple):
         """State lists of ``params`` (local shards for DTensors) and, with ``_state_made_by_step``,

@@ -9,7 +9,10 @@ bool buffer shaped like its ``weight``). Two mechanisms then keep pruned weights
 * for every other optimizer, a global ``torch.optim`` post-step hook zeroes the pruned weights
   that optimizer updates (one pass: the ``apply_masks_`` op, one call per device and dtype). It
   skips the modules the optimizer has already masked in its step (``optimizer._masks_in_step``:
-  ids of those modules), so a fused optimizer pays nothing extra.
+  ids of those modules), so a fused optimizer pays nothing extra. A pre-step hook prepares and
+  checks every mask first (for sharded weights: their local shards, see
+  :mod:`bigkernels.distributed`), so a mask that cannot be applied raises before the optimizer
+  writes anything, rather than after its update un-zeroed pruned weights.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from bigkernels.ops import optim as optim_ops
 _PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _HOOK = None
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (key, modules to mask)
+_READY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (local weights, masks) this step
+_PRE_HOOK = None
 version = 0  # bumped whenever a mask is registered or replaced
 
 
@@ -47,10 +52,11 @@ def masked_modules() -> Dict[int, nn.Module]:
     return {id(m.weight): m for m in list(_PRUNED) if getattr(m, "weight_mask", None) is not None}
 
 
-def _reapply_masks(optimizer, args, kwargs) -> None:
-    """Post-step hook of every torch optimizer: the pruned weights this optimizer updates back to
-    zero, except those its own fused step already masked. Which modules that is depends only on
-    the optimizer's param groups and the registered masks, so it is worked out once per change."""
+def _prepare_masks(optimizer, args, kwargs) -> None:
+    """Pre-step hook of every torch optimizer: which pruned weights this optimizer updates, except
+    those its own fused step masks (worked out once per change of its param groups or of the
+    registered masks), and their masks as local tensors, all checked, before the step writes."""
+    _READY.pop(optimizer, None)
     if not _PRUNED:
         return
     key = optimizer_key(optimizer)
@@ -61,19 +67,29 @@ def _reapply_masks(optimizer, args, kwargs) -> None:
         plan = (key, [m for m in masked_modules().values() if id(m.weight) in mine and id(m) not in done])
         _PLANS[optimizer] = plan
     if plan[1]:
+        from bigkernels import distributed
+
+        _READY[optimizer] = (list(map(distributed.local, (m.weight for m in plan[1]))),
+                             distributed.local_masks(plan[1]))
+
+
+def _reapply_masks(optimizer, args, kwargs) -> None:
+    """Post-step hook of every torch optimizer: the pruned weights the pre-step hook prepared back
+    to zero (nothing left to check)."""
+    ready = _READY.pop(optimizer, None)
+    if ready is not None:
         with torch.no_grad():
-            _apply(plan[1])
+            _apply(*ready)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _apply(mods) -> None:
-    """weight = where(weight_mask, weight, 0) for ``mods``: bigkernels' ``apply_masks_`` op, one
-    call per (device, dtype), for contiguous float weights; ``_foreach_mul_`` for the rest."""
+def _apply(weights, masks) -> None:
+    """weight = where(mask, weight, 0) for plain (local) tensors: bigkernels' ``apply_masks_`` op,
+    one call per (device, dtype), for contiguous float weights; ``_foreach_mul_`` for the rest."""
     groups: Dict[tuple, tuple] = {}
-    for m in mods:
-        w, k = m.weight, m.weight_mask
+    for w, k in zip(weights, masks):
         fits = w.dtype in _KERNEL_DTYPES and w.is_contiguous() and k.is_contiguous() and k.dtype == torch.bool
         ws, ks = groups.setdefault((w.device, w.dtype, fits), ([], []))
         ws.append(w)
@@ -86,6 +102,8 @@ def _apply(mods) -> None:
 
 
 def _ensure_hook() -> None:
-    global _HOOK
+    global _HOOK, _PRE_HOOK
+    if _PRE_HOOK is None:
+        _PRE_HOOK = torch_optimizer.register_optimizer_step_pre_hook(_prepare_masks)
     if _HOOK is None:
         _HOOK = torch_optimizer.register_optimizer_step_post_hook(_reapply_masks)

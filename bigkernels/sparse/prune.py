@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from bigkernels import distributed
 from bigkernels.nn import _layers
 from bigkernels.nn._checks import KERNEL_DTYPES
 from bigkernels.sparse import masks as M
@@ -36,18 +37,18 @@ def input_norms(model: nn.Module, linears: Dict[str, nn.Module], calibration_dat
         sq[fqn] = s if fqn not in sq else sq[fqn] + s
 
     run_calibration(call, model, linears, calibration_data, record)
+    distributed.wanda_norms_sum_(sq, linears)  # sharded layers: over every rank's data, so the masks agree
     return {k: v.sqrt() for k, v in sq.items()}
 
 
 def apply_mask_(linear: nn.Module, mask: Tensor) -> None:
     """Zero the pruned weights in place and keep the mask as the ``weight_mask`` buffer. ``mask``
-    is shaped like ``linear.weight`` itself ([in, out] for a Hugging Face Conv1D)."""
-    mask = mask.to(device=linear.weight.device, dtype=torch.bool).contiguous()
-    prev = getattr(linear, "weight_mask", None)
-    if prev is not None:
-        mask = mask & prev  # pruned weights never come back
+    is shaped like ``linear.weight`` itself ([in, out] for a Hugging Face Conv1D), whole; for a
+    sharded (DTensor) weight the buffer is this rank's shard of it, placed like the weight. Pruned
+    weights never come back (the new mask is ANDed with the layer's)."""
+    mask = distributed.combine_masks(linear, mask)
     with torch.no_grad():
-        linear.weight.mul_(mask)
+        distributed.local(linear.weight).mul_(distributed.local(mask))
     linear.register_buffer("weight_mask", mask)
     mask_registry.register(linear)
 
@@ -62,13 +63,15 @@ def compute_masks(model: nn.Module, linears: Dict[str, nn.Module], sparsity: flo
     if missed:
         raise ValueError(f"prune_: method='wanda': calibration_data never reached {_layers.names(missed)}; "
                          f"leave them out with filter_fn or use method='magnitude'")
-    scores = {fqn: M.score(_layers.linear_weight(m), method, norms.get(fqn)) for fqn, m in linears.items()}
+    def scores(fqn, m):  # a sharded weight is scored whole (one all-gather): exact sparsity, same mask on every rank
+        return M.score(distributed.full_tensor(_layers.linear_weight(m)), method, norms.get(fqn))
+
     if scope == "global":
-        return M.global_unstructured_masks(scores, sparsity)
+        return M.global_unstructured_masks({fqn: scores(fqn, m) for fqn, m in linears.items()}, sparsity)
     masks = {}
-    for fqn, s in scores.items():
+    for fqn, m in linears.items():  # one layer's scores at a time
         try:
-            masks[fqn] = M.make_mask(s, pattern, sparsity, block_size)
+            masks[fqn] = M.make_mask(scores(fqn, m), pattern, sparsity, block_size)
         except ValueError as e:
             raise ValueError(f"prune_: layer {fqn!r}: {e}") from e
     return masks
@@ -245,6 +248,11 @@ def sparsify_(model: nn.Module, pattern: Optional[str] = None, block_size: Optio
         fmt = pattern if pattern is not None else M.sparse_format(recorded[0])
         bs = block_size or (recorded[1] if recorded is not None and recorded[0] == "block" else 64)
         in_f, out_f = _layers.features(layer)
+        if distributed.is_dtensor(layer.weight):
+            errors.append(f"{fqn}: its weight is {distributed._describe(layer.weight)} (FSDP2 / tensor parallel); "
+                          "compress a whole copy: load get_model_state_dict(model, options=StateDictOptions("
+                          "full_state_dict=True)) into an unsharded model and sparsify_ that")
+            continue
         if layer.weight.dtype not in KERNEL_DTYPES:
             errors.append(f"{fqn}: weight dtype {str(layer.weight.dtype)[6:]} (SparseLinear computes in "
                           f"{', '.join(str(d)[6:] for d in KERNEL_DTYPES)}; cast the model first)")
