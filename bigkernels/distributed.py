@@ -174,8 +174,6 @@ def _partition_quant(style: str, src_data_rank: Optional[int], name: str, module
     if device_mesh.ndim != 1:
         raise ValueError(f"bk.distributed.{style.capitalize()}Parallel: QuantLinear {name!r}: expected a 1-D device mesh "
                          f"(the tensor-parallel dimension, e.g. mesh['tp']), got {device_mesh.ndim} dimensions")
-    if is_dtensor(module._buffers.get("weight_int8")):
-        raise ValueError(f"bk.distributed.{style.capitalize()}Parallel: QuantLinear {name!r} is already split")
     for key, pl in _quant_placements(style).items():
         if key == "bias":
             b = module.bias
@@ -228,8 +226,10 @@ def quant_linear_forward(layer: nn.Module, x: Tensor) -> Tensor:
     bias = layer.bias
     lb = bias.to_local().float() if (bias is not None and colwise) else None
     out = quant_linear(xl, local(w), local(layer._buffers["weight_scale"]), lb, layer.mode)
-    if colwise:
-        return DTensor.from_local(out, mesh, [Shard(out.dim() - 1)], run_check=False)
+    if colwise:  # (uneven shards: the global shape cannot be inferred from the local one)
+        shape = (*out.shape[:-1], layer.out_features)
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        return DTensor.from_local(out, mesh, [Shard(out.dim() - 1)], run_check=False, shape=shape, stride=stride)
     out = DTensor.from_local(out, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
     return out if bias is None else out + bias.to(out.dtype)
 
