@@ -146,6 +146,37 @@ def combine_masks(module: nn.Module, mask: Tensor) -> Tensor:
     return mask
 
 
+def expect_masks_(model: nn.Module, keys) -> List[str]:
+    """Give the layers whose ``weight_mask`` a checkpoint holds (``keys``: its state-dict names,
+    e.g. those of ``torch.distributed.checkpoint``'s metadata; other names are ignored) a
+    keep-everything mask, placed like the weight (only the local shard is allocated for a
+    DTensor weight), so that loading the checkpoint restores the masks: DCP loads only the
+    entries the model has, and a model rebuilt to resume has no masks yet. Layers that have a
+    mask keep it. Returns the layers' names."""
+    from bigkernels.sparse import mask_registry
+
+    names = []
+    for key in keys:
+        if not key.endswith(".weight_mask"):
+            continue
+        fqn = key[: -len(".weight_mask")]
+        try:
+            layer = model.get_submodule(fqn)
+        except AttributeError:
+            continue
+        w = getattr(layer, "weight", None)
+        if not isinstance(w, Tensor) or getattr(layer, "weight_mask", None) is not None:
+            continue
+        ones = torch.ones(local(w).shape, dtype=torch.bool, device=local(w).device)
+        if is_dtensor(w):
+            ones = DTensor.from_local(ones, w.device_mesh, w.placements, run_check=False, shape=w.shape,
+                                      stride=w.stride())
+        layer.register_buffer("weight_mask", ones)
+        mask_registry.register(layer)
+        names.append(fqn)
+    return names
+
+
 def wanda_norms_sum_(squares: dict, linears: dict) -> None:
     """Wanda's per-input-feature sums of squares, summed in place over the ranks of each sharded
     layer's mesh (every rank may have run different calibration data; the masks must agree)."""
@@ -289,4 +320,4 @@ def __getattr__(name: str):
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ColwiseParallel", "RowwiseParallel", "full_tensor", "local_masks", "mask_like_weight", "shard_like"]
+__all__ = ["ColwiseParallel", "RowwiseParallel", "expect_masks_", "full_tensor", "local_masks", "mask_like_weight", "shard_like"]
