@@ -13,6 +13,7 @@ from torch import nn
 
 import bigkernels as bk
 from bigkernels import distributed as bkd
+from bigkernels.sparse import mask_registry
 from test_optim_distributed import CLIP, LR, STEPS, _fsdp, _full, _full_params, _loss, _max_rel_diff, _mesh, _model
 
 SPARSITY = 0.5
@@ -92,6 +93,7 @@ def _training_body():
         opt = bk.optim.FusedAdamW(model.parameters(), lr=LR, max_grad_norm=CLIP)
         norms = _run(model, opt)
         assert opt._masks_in_step, f"{what}: the fused step should apply the masks itself"
+        assert mask_registry._PLANS[opt][2] == [], f"{what}: the post-step hook should leave them to the step"
         for s, (a, b) in enumerate(zip(norms, ref_norms)):
             assert abs(a - b) <= 2e-6 * b, f"{what} step {s}: global norm {a!r} vs clip_grad_norm_'s {b!r}"
         diffs[what] = _max_rel_diff(_full_params(model), expected)

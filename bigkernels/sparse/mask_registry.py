@@ -27,7 +27,7 @@ from bigkernels.ops import optim as optim_ops
 
 _PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _HOOK = None
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (key, modules to mask)
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (key, masked in step, modules to mask)
 _READY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (local weights, masks) this step
 _PRE_HOOK = None
 version = 0  # bumped whenever a mask is registered or replaced
@@ -60,17 +60,19 @@ def _prepare_masks(optimizer, args, kwargs) -> None:
     if not _PRUNED:
         return
     key = optimizer_key(optimizer)
+    # a fused optimizer says which masks its step applies once it has made its buckets (in its
+    # first step: until then, this hook re-applies them too)
+    done = getattr(optimizer, "_masks_in_step", ())
     plan = _PLANS.get(optimizer)
-    if plan is None or plan[0] != key:
-        done = getattr(optimizer, "_masks_in_step", ())
+    if plan is None or plan[0] != key or plan[1] is not done:
         mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        plan = (key, [m for m in masked_modules().values() if id(m.weight) in mine and id(m) not in done])
+        plan = (key, done, [m for m in masked_modules().values() if id(m.weight) in mine and id(m) not in done])
         _PLANS[optimizer] = plan
-    if plan[1]:
+    if plan[2]:
         from bigkernels import distributed
 
-        _READY[optimizer] = (list(map(distributed.local, (m.weight for m in plan[1]))),
-                             distributed.local_masks(plan[1]))
+        _READY[optimizer] = (list(map(distributed.local, (m.weight for m in plan[2]))),
+                             distributed.local_masks(plan[2]))
 
 
 def _reapply_masks(optimizer, args, kwargs) -> None:
