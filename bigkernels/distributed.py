@@ -238,6 +238,9 @@ def quant_linear_forward(layer: nn.Module, x: Tensor) -> Tensor:
 
     w = layer._buffers["weight_int8"]
     mesh = w.device_mesh
+    if tuple(w.placements) not in ((Shard(0),), (Shard(1),)):
+        raise ValueError(f"QuantLinear: its int8 weight is {_describe(w)}; tensor parallelism splits it Shard(0) "
+                         "(bk.distributed.ColwiseParallel) or Shard(1) (RowwiseParallel) on a 1-D mesh")
     colwise = w.placements[0] == Shard(0)
     if not is_dtensor(x):
         raise TypeError(f"QuantLinear split for tensor parallelism ({_describe(w)}) expects a DTensor input (what "

@@ -21,6 +21,7 @@ import bigkernels as bk
 from bigkernels import distributed as bkd
 from test_optim_distributed import (CLIP, LR, STEPS, _dcp, _dcp_load, _fsdp, _full, _full_params, _max_rel_diff, _mesh,
                                     _model, _train)
+from test_distributed_pruning import torch_reference
 
 
 # ----- FSDP2 ------------------------------------------------------------------------------------------
@@ -39,12 +40,8 @@ def _fsdp_body():
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = _mesh()
-    ref = _fsdp(_compressed(), mesh)
-    ref_norms = _train(ref, torch.optim.AdamW(ref.parameters(), lr=LR, foreach=True), STEPS, clip_by_torch=True)
-    expected = _full_params(ref)
-    torch_fused = _fsdp(_compressed(), mesh)
-    _train(torch_fused, torch.optim.AdamW(torch_fused.parameters(), lr=LR, fused=True), STEPS, clip_by_torch=True)
-    bound = 2 * _max_rel_diff(_full_params(torch_fused), expected) + 1e-6
+    expected, ref_norms, bound = torch_reference(lambda: _fsdp(_compressed(), mesh),
+                                                 lambda m, opt: _train(m, opt, STEPS, clip_by_torch=True))
 
     start = _compressed()
     int8_before = {n: b.clone() for n, b in start.named_buffers() if b.dtype == torch.int8}

@@ -7,6 +7,9 @@ The bodies run in the session's two worker ranks (``dist_workers``, tests/_dist.
 there; the model, data and training helpers are tests/test_optim_distributed.py's."""
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,6 +54,19 @@ def _run(model: nn.Module, opt, steps: int = STEPS, clip_by_torch: bool = False)
     return norms
 
 
+def torch_reference(build, train) -> tuple:
+    """The reference of the training tests: ``build()`` (an FSDP2 model) trained by ``train(model,
+    optimizer)`` with torch.optim.AdamW (for-each) -> (its full params, its norms, the bound): as
+    close to it as torch's own fused AdamW is (DESIGN.md: inside a training loop, rounding
+    compounds), twice that plus 1e-6."""
+    ref = build()
+    norms = train(ref, torch.optim.AdamW(ref.parameters(), lr=LR, foreach=True))
+    expected = _full_params(ref)
+    torch_fused = build()
+    train(torch_fused, torch.optim.AdamW(torch_fused.parameters(), lr=LR, fused=True))
+    return expected, norms, 2 * _max_rel_diff(_full_params(torch_fused), expected) + 1e-6
+
+
 def _pruned(when: str, mesh, ddp: bool = False) -> nn.Module:
     model = _model()
     if when == "before":
@@ -68,16 +84,12 @@ def _training_body():
     mesh = _mesh()
     # reference: torch.optim.AdamW (for-each) on FSDP2 + clip_grad_norm_, masks from prune_ before sharding
     # (re-applied by the post-step hook on the local shards)
-    ref = _pruned("before", mesh)
-    ref_norms = _run(ref, torch.optim.AdamW(ref.parameters(), lr=LR, foreach=True), clip_by_torch=True)
-    expected = _full_params(ref)
-    torch_fused = _pruned("before", mesh)
-    _run(torch_fused, torch.optim.AdamW(torch_fused.parameters(), lr=LR, fused=True), clip_by_torch=True)
-    bound = 2 * _max_rel_diff(_full_params(torch_fused), expected) + 1e-6
+    expected, ref_norms, bound = torch_reference(lambda: _pruned("before", mesh),
+                                                 lambda m, opt: _run(m, opt, clip_by_torch=True))
 
     # masks made before and after sharding are the same masks (scores of the whole weight)
     after = _pruned("after", mesh)
-    masks_before, masks_after = _full_masks(ref), _full_masks(after)
+    masks_before, masks_after = _full_masks(_pruned("before", mesh)), _full_masks(after)
     assert masks_before.keys() == masks_after.keys() and len(masks_before) == 8, sorted(masks_before)
     for n in masks_before:
         assert torch.equal(masks_before[n], masks_after[n]), n
@@ -205,3 +217,33 @@ def test_a_step_with_a_bad_mask_raises_before_writing(dist_workers):
     """torch's AdamW (pre-step hook) and FusedAdamW (in-step masks) refuse a mask that cannot
     serve its sharded weight before the update: params and state untouched."""
     dist_workers.run(_raising_body)
+
+
+# ----- Hugging Face GPT-2 (Conv1D: transposed weights) ------------------------------------------------------
+def _hf_body():
+    mesh = _mesh()
+    plain = bk.prune_(_model(kind="hf-gpt2"), 0.5)
+    before = _fsdp(bk.prune_(_model(kind="hf-gpt2"), 0.5), mesh)
+    after = bk.prune_(_fsdp(_model(kind="hf-gpt2"), mesh), 0.5)
+    masks = {n: _full(m.weight_mask) for n, m in plain.named_modules() if getattr(m, "weight_mask", None) is not None}
+    assert len(masks) == 8, sorted(masks)  # c_attn, c_proj, c_fc, mlp.c_proj of 2 blocks; the tied head is left alone
+    for model in (before, after):
+        got = {n: _full(m.weight_mask) for n, m in model.named_modules() if getattr(m, "weight_mask", None) is not None}
+        assert got.keys() == masks.keys() and all(torch.equal(got[n], masks[n]) for n in masks)
+        opt = bk.optim.FusedAdamW(model.parameters(), lr=LR, max_grad_norm=CLIP)
+        for s in range(3):
+            _loss(model, s).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for n, m in model.named_modules():
+            if getattr(m, "weight_mask", None) is not None:
+                assert not bool((_full(m.weight)[~masks[n]] != 0).any()), n
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_gpt2_conv1d_pruned_before_or_after_fully_shard(dist_workers):
+    """GPT-2's Conv1D layers (weights stored [in, out]) pruned before or after fully_shard get the
+    unsharded model's masks, and FusedAdamW keeps their zeros."""
+    dist_workers.run(_hf_body)
