@@ -155,6 +155,12 @@ def prune_(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstructured
     bigkernels' fused optimizers apply the mask inside their step, any other torch optimizer gets
     it re-applied by a post-step hook (see :mod:`bigkernels.sparse.mask_registry`). Invalid
     arguments raise before anything changes.
+
+    Sharded models (FSDP2's ``fully_shard``, tensor parallel; call it on every rank): a DTensor
+    weight is scored whole (one all-gather per layer), so the sparsity is exact over the full
+    tensor and every rank makes the same mask, which is then kept sharded like the weight; Wanda's
+    norms are summed over every rank's calibration data. Pruning before sharding works too (the
+    optimizers use the full mask's shard; see :mod:`bigkernels.distributed`).
     """
     return _prune(model, sparsity, pattern, block_size, method, filter_fn, calibration_data, scope)
 
