@@ -175,6 +175,12 @@ def _tp_body():
     yb.square().sum().backward()
     assert _rel(yb, ya) <= 2e-6 and _rel(xb.grad, xa.grad) <= 2e-6, (_rel(yb, ya), _rel(xb.grad, xa.grad))
     assert split[0].weight_int8.to_local().shape == (16, 16) and split[2].weight_int8.to_local().shape == (16, 16)
+    # sequence-parallel layouts: each rank holds its rows of the input and gets its rows of the output
+    seq = parallelize_module(copy.deepcopy(mlp), mesh, {
+        "0": bk.distributed.ColwiseParallel(input_layouts=Shard(0)),
+        "2": bk.distributed.RowwiseParallel(output_layouts=Shard(0))})
+    rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+    assert _rel(seq(x[rows]), ya[rows].detach()) <= 2e-6
     assert set(split.state_dict()) == set(mlp.state_dict())
     # nn.Linear through our styles is torch's; torch's own styles refuse QuantLinear (hence ours)
     lin = nn.Linear(16, 8)
