@@ -151,6 +151,21 @@ def _masks_body():
     for n in want:
         assert torch.equal(want[n], got[n]), ("wanda", n)
 
+    # HSDP (a 2-D mesh: replicated over dim 0, sharded over dim 1): masks made before and after sharding
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hsdp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    want = _full_masks(bk.prune_(_model(), 0.5))
+    for model in (_fsdp(bk.prune_(_model(), 0.5), hsdp), bk.prune_(_fsdp(_model(), hsdp), 0.5)):
+        got = _full_masks(model)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+        for make in (lambda ps: torch.optim.AdamW(ps, lr=LR), lambda ps: bk.optim.FusedAdamW(ps, lr=LR)):
+            opt = make(model.parameters())
+            _loss(model, 0).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _assert_pruned_zero(model, f"HSDP {type(opt).__name__}")
+
     # a mask made before sharding: split once per mask version, then reused
     model = _fsdp(bk.prune_(_model(), 0.5), mesh)
     layer = next(m for m in _linears(model).values() if getattr(m, "weight_mask", None) is not None)
@@ -181,8 +196,8 @@ def _masks_body():
 
 def test_masks_follow_sharded_weights(dist_workers):
     """prune_ on sharded weights gives the unsharded masks (unstructured, 2:4, block, global scope;
-    Wanda over every rank's calibration data), exact sparsity; a mask made before sharding is
-    split once per version; GradualPruner under FSDP2."""
+    Wanda over every rank's calibration data; HSDP's 2-D mesh), exact sparsity; a mask made before
+    sharding is split once per version; GradualPruner under FSDP2."""
     dist_workers.run(_masks_body)
 
 
