@@ -93,7 +93,8 @@ def mask_like_weight(module: nn.Module) -> Tensor:
     """``module.weight_mask`` placed like ``module.weight``: the buffer itself when it already is
     (plain weight and mask, or a DTensor mask placed like its DTensor weight); for a plain
     full-size mask of a DTensor weight, this rank's shard as a DTensor, made once per mask version
-    (the mask object and its in-place version) and weight placement, then reused. Raises a
+    (the mask object and its in-place version) and weight placement, then reused (also for a
+    whole mask held as a replicated DTensor, as ``parallelize_module`` leaves it). Raises a
     ValueError naming the layer when the mask cannot serve its weight."""
     w, m = module.weight, getattr(module, "weight_mask", None)
     if not isinstance(m, Tensor) or m.dtype != torch.bool:
@@ -105,17 +106,22 @@ def mask_like_weight(module: nn.Module) -> Tensor:
         if m.shape != w.shape:
             raise ValueError(f"{_layer(module)}: weight_mask has shape {tuple(m.shape)}, its weight {tuple(w.shape)}")
         return m
+    full = m
     if is_dtensor(m):
-        if not placed_like(m, w):
+        if placed_like(m, w):
+            return m
+        # a whole mask that a DTensor API replicated (parallelize_module replicates the buffers it
+        # does not split): its local tensor is the full mask
+        if not (m.device_mesh == w.device_mesh and m.shape == w.shape and all(p.is_replicate() for p in m.placements)):
             raise ValueError(f"{_layer(module)}: weight_mask is {_describe(m)} (shape {tuple(m.shape)}) but its weight "
                              f"is {_describe(w)} (shape {tuple(w.shape)}): a sharded mask must be placed like its weight")
-        return m
+        full = m._local_tensor
     spec = (w.device_mesh, tuple(w.placements), tuple(w.shape), w._local_tensor.device)
     hit = _MASK_SHARDS.get(module)
-    if hit is not None and hit[0] is m and hit[1] == m._version and hit[2] == spec:
+    if hit is not None and hit[0] is full and hit[1] == full._version and hit[2] == spec:
         return hit[3]
-    shard = shard_like(m, w, f"{_layer(module)}.weight_mask")
-    _MASK_SHARDS[module] = (m, m._version, spec, shard)
+    shard = shard_like(full, w, f"{_layer(module)}.weight_mask")
+    _MASK_SHARDS[module] = (full, full._version, spec, shard)
     return shard
 
 

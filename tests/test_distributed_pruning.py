@@ -166,6 +166,25 @@ def _masks_body():
             opt.zero_grad(set_to_none=True)
             _assert_pruned_zero(model, f"HSDP {type(opt).__name__}")
 
+    # tensor-parallel weights (Shard(0) colwise, Shard(1) rowwise), pruned before or after splitting
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def mlp():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16))
+
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    want = {n: m.weight_mask.clone() for n, m in bk.prune_(mlp(), 0.5, filter_fn=lambda m, n: True).named_children()
+            if isinstance(m, nn.Linear)}
+    for model in (parallelize_module(bk.prune_(mlp(), 0.5, filter_fn=lambda m, n: True), mesh, plan),
+                  bk.prune_(parallelize_module(mlp(), mesh, plan), 0.5, filter_fn=lambda m, n: True)):
+        assert all(torch.equal(_full(model.get_submodule(n).weight_mask), k) for n, k in want.items())
+        opt = bk.optim.FusedAdamW(model.parameters(), lr=LR)
+        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+        opt.step()
+        for n, k in want.items():
+            assert not bool((_full(model.get_submodule(n).weight)[~k] != 0).any()), ("TP", n)
+
     # a mask made before sharding: split once per mask version, then reused
     model = _fsdp(bk.prune_(_model(), 0.5), mesh)
     layer = next(m for m in _linears(model).values() if getattr(m, "weight_mask", None) is not None)
@@ -196,7 +215,7 @@ def _masks_body():
 
 def test_masks_follow_sharded_weights(dist_workers):
     """prune_ on sharded weights gives the unsharded masks (unstructured, 2:4, block, global scope;
-    Wanda over every rank's calibration data; HSDP's 2-D mesh), exact sparsity; a mask made before
+    Wanda over every rank's calibration data; HSDP's 2-D mesh; tensor-parallel weights), exact sparsity; a mask made before
     sharding is split once per version; GradualPruner under FSDP2."""
     dist_workers.run(_masks_body)
 
