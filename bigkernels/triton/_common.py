@@ -280,9 +280,20 @@ def smem_pruner(estimate: Estimate):
     return prune
 
 
+AUTOTUNERS: List[Any] = []  # every autotuner made by autotune() (the AOT test checks their configs are compiled)
+
+
 def autotune(configs, key, estimate: Estimate):
     """``triton.autotune(configs, key)`` whose configs are pruned by :func:`smem_pruner(estimate)`."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": smem_pruner(estimate)})
+    decorate = triton.autotune(configs=configs, key=key,
+                               prune_configs_by={"early_config_prune": smem_pruner(estimate)})
+
+    def register(fn):
+        tuner = decorate(fn)
+        AUTOTUNERS.append(tuner)
+        return tuner
+
+    return register
 
 
 def tile_smem(config, stages: Optional[int] = None, **tiles: Tuple[Tuple[str, str], int]) -> int:

@@ -234,7 +234,7 @@ def aot_cases():
     with the widest config. Pointers, V and the row strides are 16-divisible (what the JIT
     specialises to for vocabularies such as 32,000 or 128,256; other V compile the same code with
     scalar accesses): then the logits are read in 16-byte vectors in both passes (student and
-    teacher, twice) and the gradients written in 16-byte vectors."""
+    teacher, twice) and the gradients written in 16-byte vectors (``vector_bytes=16``)."""
     import dataclasses
 
     from bigkernels.triton._common import AOT_TARGETS, tuned_cases
@@ -256,12 +256,13 @@ def aot_cases():
                    gs_ptr=f"*{dt}", gt_ptr=f"*{dt}", V="i32", stride_s="i64", stride_t="i64", temperature="fp32",
                    inv_t="fp32", alpha="fp32", ignore_index="i64")
         tuned = tuned_cases(_kd_tuned, sig, everything, f"kd_loss/{dt}", aligned=aligned, vector_bytes=16)
-        # loads: student and teacher in both passes; stores: both gradients in pass 2
-        cases += [dataclasses.replace(c, vector_loads=vectors(c, size, 4), vector_stores=vectors(c, size, 2))
+        # loads: student and teacher in both passes; stores: both gradients (pass 2, and the zeros of
+        # ignored rows)
+        cases += [dataclasses.replace(c, vector_loads=vectors(c, size, 4), vector_stores=vectors(c, size, 4))
                   for c in tuned]
         for arch in AOT_TARGETS:
             widest = max((c for c in tuned if c.arch == arch), key=lambda c: c.constexprs["BLOCK_V"])
-            for flags, loads, stores, note in ((training, 4, 1, "training call"), (loss_only, 2, 0, "loss only")):
+            for flags, loads, stores, note in ((training, 4, 2, "training call"), (loss_only, 2, 0, "loss only")):
                 c = dataclasses.replace(widest, constexprs=dict(widest.constexprs, **flags), note=note)
                 cases.append(dataclasses.replace(c, vector_loads=vectors(c, size, loads),
                                                  vector_stores=vectors(c, size, stores)))

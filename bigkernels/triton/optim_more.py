@@ -643,7 +643,7 @@ def aot_cases():
     pointers) and the unaligned table path (scalar accesses, must compile). The whole blocks' loads
     and stores of every streamed tensor must be 16-byte vectors where aligned. Adafactor: each pass
     of the factored (R x C, C a multiple of 16) and vector (numel a multiple of 16) kernels, whose
-    gradient / state loads must be vectorised (the column-factor pass reads 4 floats per thread)."""
+    gradient / state loads (and the updates' stores) must be 16-byte vectors."""
     from bigkernels.triton._common import AOT_TARGETS, AOTCase
 
     warps = _tri.NUM_WARPS
@@ -669,7 +669,8 @@ def aot_cases():
             aligned = tuple(n for n, t in sig.items() if t.startswith("*")) + tuple(
                 n for n in ints if n in kernel.arg_names)
             cases.append(AOTCase(kernel, flags, sig, num_warps=warps, arch=arch, aligned=aligned,
-                                 group=f"{group}/{dt}", vector_loads=loads, vector_stores=stores, note=path))
+                                 group=f"{group}/{dt}", vector_loads=loads, vector_stores=stores, vector_bytes=16,
+                                 note=path))
 
         per_thread = block // (32 * warps)
         for dt in ("fp32", "bf16"):
@@ -690,15 +691,16 @@ def aot_cases():
             sizes = ("C", "numel")
             add(_adafactor_stats_kernel, dt, dict(amp, **tiles), "adafactor/factored",
                 vectors(dt, 2, per_tile), ints=sizes)  # g, p
+            cols = vectors("fp32", 1, ADAFACTOR_COLS_BLOCK // (32 * warps))  # col_part read, col_scale written
             add(_adafactor_cols_kernel, dt, dict(HAS_FOUND_INF=True, BLOCK_C=ADAFACTOR_COLS_BLOCK, BLOCK_R=SUM_BLOCK),
-                "adafactor/factored", vectors("fp32", 1, ADAFACTOR_COLS_BLOCK // (32 * warps)), ints=sizes)  # col_part
+                "adafactor/factored", cols, cols, ints=sizes)
             add(_adafactor_usq_kernel, dt, dict(amp, **tiles), "adafactor/factored", vectors(dt, 1, per_tile),
                 ints=sizes)  # g
             add(_adafactor_apply_kernel, dt, dict(amp, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK, **tiles),
-                "adafactor/factored", vectors(dt, 2, per_tile), ints=sizes)  # g, p
+                "adafactor/factored", vectors(dt, 2, per_tile), vectors(dt, 1, per_tile), ints=sizes)  # g, p; p
             vec = dict(amp, CHUNK=chunk, BLOCK=block)
             add(_adafactor_vec_stats_kernel, dt, vec, "adafactor/vector", vectors(dt, 3, per_thread),
                 ints=sizes)  # g, v, p
             add(_adafactor_vec_apply_kernel, dt, dict(vec, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK),
-                "adafactor/vector", vectors(dt, 3, per_thread), ints=sizes)  # g, v, p
+                "adafactor/vector", vectors(dt, 3, per_thread), vectors(dt, 2, per_thread), ints=sizes)  # g, v, p; v, p
     return cases
