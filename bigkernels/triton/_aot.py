@@ -6,9 +6,9 @@ case and exits non-zero on a failure.
 
 What it reports per case: whether it compiled (else the error's first lines), the shared memory
 Triton allocated (``metadata.shared``), and the global accesses in the PTX (vectorised
-``ld.global*.v2/.v4`` and scalar loads, vectorised stores). It also finds every ``@triton.jit`` function in the
-modules (by their source) and which of them no case's kernel calls, directly or through other
-``@triton.jit`` helpers.
+``ld.global*.v2/.v4`` and scalar loads, vectorised stores). It also finds every ``@triton.jit``
+function in the modules (by their source) and which of them no case's kernel calls, directly or
+through other ``@triton.jit`` helpers.
 """
 from __future__ import annotations
 

@@ -146,12 +146,14 @@ _INTERPRET_BLOCK_V = 32
 
 
 def _kd_smem(config, named_args, kwargs) -> int:
-    """Shared memory of a config (bytes): only the cross-warp reductions' scratch, one fp32 per warp
-    for each of the (at most four) reductions in flight; Triton allocates 4 bytes per warp."""
+    """Shared memory of a config (bytes), an upper bound: the kernel has no tiles in shared memory,
+    only the cross-warp reductions' scratch (one fp32 per warp; Triton 3.8 allocates 4 bytes per
+    warp in all), counted here for four reductions in flight."""
     return 16 * config.num_warps
 
 
 _kd_tuned = autotune(CONFIGS, key=["V", "GRAD_S", "GRAD_T", "CE_SEP"], estimate=_kd_smem)(_kd_loss_fwd_kernel)
+
 
 def _check(op: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor,
            temperature: float, alpha: float, ignore_index: Optional[int]) -> None:
