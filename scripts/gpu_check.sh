@@ -12,8 +12,9 @@
 #   2. the AOT compile test under this machine's Triton (checks the shared-memory estimates there)
 #   3. tests/test_gpu_sizes_cuda.py (issue 9: GPU sizes, > 2^31 elements, cuda:1, plans, launches)
 #   4. every other `-m cuda` test                 (pytest-xdist over 8 workers when installed)
-#   5. the Triton kernel tests on the GPU         (the -m triton_interpret files, run on cuda)
-#   6. the benchmarks in quick mode, JSON rows in $OUT/bench.json
+#   5. the Triton kernel tests on the GPU         (every -m triton_interpret file, run on cuda: optim,
+#      optim_new (RMSprop/Adafactor/Lion), quant, sparse, distill)
+#   6. the benchmarks in quick mode (optim, quant, sparse, distill), JSON rows in $OUT/bench.json
 #
 # Knobs: BUDGET=seconds; SANITIZE=1 adds compute-sanitizer memcheck over the CUDA C++ op tests
 # (slow; off by default); FULL=1 runs the benchmarks' full grids instead of phases 2-5 (a second
@@ -89,16 +90,17 @@ fi
 
 quick=$([ "${FULL:-0}" = 1 ] && echo "" || echo "--quick")
 benchcap=$([ "${FULL:-0}" = 1 ] && echo 300 || echo 60)
-for b in optim quant sparse; do
+BENCHES="optim quant sparse distill"
+for b in $BENCHES; do
   phase "6 bench_$b" "$benchcap" "$OUT/bench.log" $PY "benchmarks/bench_$b.py" --device cuda $quick \
     --out "$OUT/bench_$b.json"
 done
 # One JSON file (the tool returns at most 8 files).
-$PY - "$OUT" <<'EOF' >>"$SUMMARY" 2>&1
+$PY - "$OUT" $BENCHES <<'EOF' >>"$SUMMARY" 2>&1
 import json, os, sys
 out = sys.argv[1]
 rows = {}
-for b in ("optim", "quant", "sparse"):
+for b in sys.argv[2:]:
     p = os.path.join(out, f"bench_{b}.json")
     if os.path.exists(p):
         with open(p) as f:

@@ -1,7 +1,7 @@
 """Triton kernels of RMSprop / Lion / Adafactor (bigkernels.triton.optim_more) vs
 bigkernels.reference.optim, under the Triton interpreter on CPU tensors (own pytest process with
 TRITON_INTERPRET=1) or on a GPU: both launch paths (the one-launch table, traced per tensor),
-misaligned views (the table path's per-tensor alignment check), masks, GradScaler, clipping,
+misaligned views (the table path's host alignment check), masks, GradScaler, clipping,
 found_inf, opcheck and torch.compile."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ skip_module_without_triton_runtime()
 import bigkernels.ops.optim  # noqa: E402,F401  (defines the main schemas)
 from bigkernels.reference import optim as ref  # noqa: E402
 from bigkernels.triton import optim as tri  # noqa: E402
-from bigkernels.triton import optim_more  # noqa: E402,F401  (registers the ops)
+from bigkernels.triton import optim_more  # noqa: E402  (registers the ops)
 
 pytestmark = pytest.mark.triton_interpret
 
@@ -112,16 +112,49 @@ def test_traced_path_matches_reference(name):
     _compare(got, want, torch.float32, f"traced {name}")
 
 
+def _table_launches(monkeypatch) -> list:
+    """The ALIGNED flag of every table-path launch of the RMSprop / Lion kernels (through the
+    module's launcher, which is how they launch)."""
+    seen, real = [], optim_more.launcher
+
+    def launcher(kernel, traced=True):
+        launch = real(kernel, traced)
+        if traced or kernel not in (optim_more._rmsprop_kernel, optim_more._lion_kernel):
+            return launch
+
+        class Spy:
+            def __getitem__(self, grid):
+                run = launch[grid]
+
+                def call(*args, **kwargs):
+                    seen.append(kwargs["ALIGNED"])
+                    return run(*args, **kwargs)
+
+                return call
+
+        return Spy()
+
+    monkeypatch.setattr(optim_more, "launcher", launcher)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["rmsprop", "lion"])
-def test_table_path_with_misaligned_views(name):
-    """Views one element off a 16-byte boundary (flat-buffer state) take the unaligned loop."""
+def test_table_path_with_misaligned_views(name, monkeypatch):
+    """Aligned tensors take the table path's vectorised loop (ALIGNED); with views one element off
+    a 16-byte boundary (flat-buffer state) among them, the unaligned one, with the same results."""
     gen = torch.Generator().manual_seed(200)
-    lists, kw, op, reference = (rmsprop if name == "rmsprop" else lion)(gen, torch.float32, shapes=[(129,), (70,)])
-    lists[0][0], lists[2][1] = _misaligned(lists[0][0]), _misaligned(lists[2][1])
+    make = rmsprop if name == "rmsprop" else lion
+    launches = _table_launches(monkeypatch)
     tri.clear_table_cache()
+    got, want = _run(make(gen, torch.float32, shapes=[(129,), (70,)]))
+    _compare(got, want, torch.float32, f"aligned {name}")
+    assert launches == [True, True], launches  # one launch per step, vectorised
+    lists, kw, op, reference = make(gen, torch.float32, shapes=[(129,), (70,)])
+    lists[0][0], lists[2][1] = _misaligned(lists[0][0]), _misaligned(lists[2][1])
+    launches.clear()
     got, want = _run((lists, kw, op, reference))
     _compare(got, want, torch.float32, f"misaligned {name}")
-    assert len(tri._TABLE_CACHE) > 0  # eager calls took the one-launch table path
+    assert launches == [False, False], launches
 
 
 @pytest.mark.parametrize("name", ["rmsprop", "lion", "adafactor"])

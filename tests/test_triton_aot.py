@@ -11,9 +11,13 @@ included), in a process pool, and checks what a GPU run would otherwise be the f
 - a config the pruner keeps that does not fit the architecture's shared memory, and a dispatch
   group (kernel, dtype, M bucket) with no fitting config on sm_80, sm_86/89 or sm_90 (Triton's
   autotuner launches a config that does not fit when it is the only one or the best left);
-- hot loads of memory-bound kernels (optimizer steps, w8a16 GEMV, quantize) that are not
-  vectorised (``ld.global.v2/.v4`` or 8/16-byte ``cp.async``) where the tensors are aligned;
-- a ``@triton.jit`` function that no case compiles (a new kernel without cases fails here).
+- hot loads of memory-bound kernels (optimizer steps on both launch paths, w8a16 GEMV, quantize,
+  the distillation loss) that are not vectorised (``ld.global.v2/.v4`` or 8/16-byte ``cp.async``;
+  16-byte ones where a case asks) where the tensors are aligned, and their stores likewise;
+- a ``@triton.jit`` function that no case compiles (a new kernel without cases fails here), and an
+  autotuner none of whose configs a case compiles;
+- a kernel module that launches or autotunes a kernel other than through ``_common.launcher`` /
+  ``_common.autotune`` (the device guard and the shared-memory pruner).
 
 Runs in the main (non-interpreter) pytest process; ~2 minutes of 2 CPUs, most of it in Triton's
 LLVM and ptxas stages.
@@ -62,7 +66,8 @@ def test_every_triton_jit_function_has_aot_cases(compiled):
 
 def test_every_module_declares_cases_for_every_target(compiled):
     cases, _, _ = compiled
-    assert set(cases) >= {"bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse"}
+    assert set(cases) >= {"bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse",
+                          "bigkernels.triton.distill", "bigkernels.triton.optim_more"}
     for module, cs in cases.items():
         archs = {c.arch for c in cs}
         assert set(_common.AOT_TARGETS) <= archs, f"{module}: cases for {sorted(archs)}, expected {_common.AOT_TARGETS}"
@@ -98,16 +103,59 @@ def test_every_dispatch_group_keeps_a_fitting_config_on_every_target(compiled):
 
 def test_hot_loads_of_memory_bound_kernels_are_vectorised(compiled):
     _, _, results = compiled
-    checked = [r for r in results if r.ok and r.case.vector_loads]
+    checked = [r for r in results if r.ok and (r.case.vector_loads or r.case.vector_stores)]
     assert len(checked) >= 10, "expected the optimizer, w8a16 GEMV and quantize cases to check their loads"
     scalar = [r for r in checked if r.vector_loads < r.case.vector_loads
               or (r.case.max_scalar_loads is not None and r.scalar_loads > r.case.max_scalar_loads)]
     assert not scalar, (f"{len(scalar)} memory-bound kernels load scalars where the tensors are aligned "
                         f"(want >= the case's vector_loads):\n{_fmt(scalar)}")
+    narrow = [r for r in checked if r.vector_stores < r.case.vector_stores]
+    assert not narrow, (f"{len(narrow)} memory-bound kernels store scalars where the tensors are aligned "
+                        f"(want >= the case's vector_stores):\n{_fmt(narrow)}")
     kernels = {r.case.kernel.__name__ for r in checked}
     for name in ("_adam_kernel", "_sgd_kernel", "_quantize_per_token_kernel", "_w8a16_kernel",
-                 "_splitk_epilogue_kernel"):
+                 "_splitk_epilogue_kernel", "_rmsprop_kernel", "_lion_kernel", "_adafactor_stats_kernel",
+                 "_adafactor_cols_kernel", "_adafactor_usq_kernel", "_adafactor_apply_kernel",
+                 "_adafactor_vec_stats_kernel", "_adafactor_vec_apply_kernel", "_kd_loss_fwd_kernel"):
         assert name in kernels, f"no vectorisation case for {name}"
+
+
+def test_both_launch_paths_of_table_kernels_are_vectorised(compiled):
+    """Kernels with an address-table path (``USE_TABLE``) and a per-tensor path vectorise on both,
+    on every target: the table path only through the host's alignment check and
+    ``tl.multiple_of``, which a change to the kernel can silently lose (the per-tensor path gets it
+    from Triton's specialisation of aligned pointer arguments)."""
+    _, _, results = compiled
+    paths = collections.defaultdict(set)  # (kernel, arch) -> USE_TABLE values with vectorised cases
+    for r in results:
+        c = r.case
+        if "USE_TABLE" in c.constexprs:
+            key = (c.kernel.__name__, c.arch)
+            paths[key] |= {bool(c.constexprs["USE_TABLE"])} if r.ok and 0 < c.vector_loads <= r.vector_loads else set()
+    kernels = {k for k, _ in paths}
+    assert {"_adam_kernel", "_sgd_kernel", "_sum_of_squares_kernel", "_rmsprop_kernel", "_lion_kernel"} <= kernels
+    missing = [f"{k} on sm_{a}: vectorised cases only with USE_TABLE in {sorted(p)}"
+               for (k, a), p in sorted(paths.items()) if p != {True, False}]
+    assert not missing, "\n".join(missing)
+
+
+def test_every_autotuner_has_compiled_configs(compiled):
+    """Every autotuner made by _common.autotune (one per config list the dispatch can pick) has
+    configs compiled by the cases: an autotuner or config list added without cases fails here.
+    (Modules may compile a sample of a list whose code shape another list already covers, e.g.
+    bsr_mm's smaller block sizes, so not every config of every list.)"""
+    cases, _, _ = compiled
+    built = collections.defaultdict(set)
+    for cs in cases.values():
+        for c in cs:
+            built[id(c.kernel)].add((tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages))
+    tuners = [t for t in _common.AUTOTUNERS if t.fn.__module__.startswith(_aot.PACKAGE)]
+    assert {t.fn.__name__ for t in tuners} >= {"_kd_loss_fwd_kernel", "_sparse24_kernel", "_bsr_kernel",
+                                               "_int8_gemm_kernel"}
+    missing = [f"{t.fn.__name__}: none of {[str(c) for c in t.configs]}" for t in tuners
+               if not any(set(cfg.kwargs.items()) <= set(cx) and (w, st) == (cfg.num_warps, cfg.num_stages)
+                          for cfg in t.configs for cx, w, st in built[id(t.fn)])]
+    assert not missing, "autotuners none of whose configs an AOT case compiles:\n  " + "\n  ".join(missing)
 
 
 # ----- the pruner, called directly ---------------------------------------------------------------
@@ -130,6 +178,11 @@ def _tuners():
                 dt = "*fp32" if fp32 else "*bf16"
                 out.append((f"bsr{b}/{small}/{fp32}", sparse._bsr_tuned(b, small, fp32).kernel,
                             {"x_ptr": dt, "blk_ptr": dt}, dict(B=b, TO_FP32=False)))
+    from bigkernels.triton import distill
+
+    for dt in ("*fp32", "*bf16"):
+        out.append((f"kd_loss/{dt}", distill._kd_tuned, {"s_ptr": dt, "t_ptr": dt, "gs_ptr": dt, "gt_ptr": dt},
+                    dict(GRAD_S=True, GRAD_T=True)))
     return out
 
 
@@ -265,18 +318,65 @@ def test_launcher_runs_under_the_first_tensors_device(monkeypatch):
     assert entered == [torch.device("cuda", 1)] and len(calls) == 2
 
 
-def test_kernel_modules_launch_only_through_the_shared_launcher():
-    """No module wraps or runs a kernel itself: the device guard lives in _common.launcher alone."""
+def _launch_problems(name: str) -> list:
+    """How module ``name`` launches or autotunes a kernel other than through _common (empty: none)."""
+    import ast
     import inspect
     import re
 
-    for name in _aot.kernel_modules():
-        if name.endswith("._common"):
-            continue
-        src = inspect.getsource(importlib.import_module(name))
-        assert "wrap_triton" not in src, f"{name} calls wrap_triton: launch through _common.launcher"
-        bare = re.findall(r"\b(_\w+_kernel)\[", src)
-        assert not bare, f"{name} launches {bare} directly: use _common.launcher(kernel)[grid](...)"
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    mod = importlib.import_module(name)
+    src = inspect.getsource(mod)
+    problems = []
+    if "wrap_triton" in src:
+        problems.append(f"{name} calls wrap_triton: launch through _common.launcher")
+    if "triton.autotune" in src:
+        problems.append(f"{name} calls triton.autotune: use _common.autotune (shared-memory pruner)")
+    for bare in re.findall(r"\b(_\w+_kernel)\[", src):
+        problems.append(f"{name} launches {bare} directly: use _common.launcher(kernel)[grid](...)")
+    # kernels and autotuners held in module globals, subscripted ([grid]) or run (.run / .warmup)
+    kernels = {k for k, v in vars(mod).items() if isinstance(v, (JITFunction, Autotuner))}
+    for node in ast.walk(ast.parse(src)):
+        target = node.value if isinstance(node, (ast.Subscript, ast.Attribute)) else None
+        if isinstance(target, ast.Name) and target.id in kernels and (
+                isinstance(node, ast.Subscript) or node.attr in ("run", "warmup")):
+            problems.append(f"{name} launches {target.id} directly (line {node.lineno}): use "
+                            f"_common.launcher({target.id})[grid](...)")
+    return problems
+
+
+def test_kernel_modules_launch_only_through_the_shared_launcher():
+    """No module wraps or runs a kernel itself: the device guard lives in _common.launcher alone,
+    and every autotuner is made by _common.autotune (the shared-memory pruner). Checked on every
+    module of bigkernels.triton, so a new kernel module is covered too."""
+    modules = [n for n in _aot.kernel_modules() if not n.endswith("._common")]
+    assert {"bigkernels.triton.distill", "bigkernels.triton.optim_more", "bigkernels.triton.optim"} <= set(modules)
+    problems = [p for name in modules for p in _launch_problems(name)]
+    assert not problems, "\n".join(problems)
+
+
+def test_direct_launches_are_caught(tmp_path, monkeypatch):
+    """The check above sees a kernel or an autotuner held in a global launched without the launcher."""
+    _fake_module(tmp_path, monkeypatch, "_fake_direct", """
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _zero(x_ptr, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
+
+        _tuned = triton.autotune([triton.Config({"BLOCK": 16})], key=[])(_zero)
+
+        def launch(x):
+            _zero[(1,)](x, BLOCK=16)
+            _tuned.run(x, grid=(1,))
+    """)
+    problems = _launch_problems("bigkernels.triton._fake_direct")
+    assert len(problems) == 3, problems
+    for what in ("calls triton.autotune", "launches _zero directly", "launches _tuned directly"):
+        assert any(what in p for p in problems), (what, problems)
 
 
 def test_is_real_tensor_accepts_parameters_not_fakes():

@@ -5,10 +5,10 @@ machine with another Triton version: ``python -m bigkernels.triton._aot`` prints
 case and exits non-zero on a failure.
 
 What it reports per case: whether it compiled (else the error's first lines), the shared memory
-Triton allocated (``metadata.shared``), and the global loads in the PTX (vectorised
-``ld.global*.v2/.v4`` and scalar ones). It also finds every ``@triton.jit`` function in the
-modules (by their source) and which of them no case's kernel calls, directly or through other
-``@triton.jit`` helpers.
+Triton allocated (``metadata.shared``), and the global accesses in the PTX (vectorised
+``ld.global*.v2/.v4`` and scalar loads, vectorised stores). It also finds every ``@triton.jit``
+function in the modules (by their source) and which of them no case's kernel calls, directly or
+through other ``@triton.jit`` helpers.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 PACKAGE = "bigkernels.triton"
 _VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.v[248]\.")
 _ANY_LOAD = re.compile(r"\bld\.global\.")
+_VECTOR_STORE = re.compile(r"\bst\.global(?:\.[\w:]+)*?\.v[248]\.")
+_VECTOR_WIDTH = re.compile(r"\.v([248])\.[bfsu](\d+)\b")  # elements x bits
 # Pipelined loads (sm_80+): cp.async of 16 or 8 bytes per thread is a vector load, of 4 a scalar one.
 _ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
 
@@ -41,6 +43,7 @@ class Result:
     shared: int = 0
     vector_loads: int = 0
     scalar_loads: int = 0
+    vector_stores: int = 0
     seconds: float = 0.0  # CPU seconds of the compile
 
 
@@ -138,21 +141,37 @@ def _case(module: str, index: int):
 def count_loads(ptx: str) -> Tuple[int, int]:
     """(vectorised, scalar) global loads in ``ptx``: ``ld.global`` (vector: ``.v2``/``.v4``) and
     ``cp.async`` global-to-shared copies (vector: 8 or 16 bytes)."""
-    vec = scalar = 0
+    return count_accesses(ptx)[:2]
+
+
+def _width(line: str) -> int:
+    m = _VECTOR_WIDTH.search(line)
+    return int(m.group(1)) * int(m.group(2)) // 8 if m else 0
+
+
+def count_accesses(ptx: str, vector_bytes: int = 0) -> Tuple[int, int, int]:
+    """(vectorised loads, scalar loads, vectorised stores) of global memory in ``ptx``: ``ld.global``
+    / ``st.global`` (vector: ``.v2``/``.v4``) and ``cp.async`` global-to-shared copies (vector: 8 or
+    16 bytes). With ``vector_bytes``, only vectors at least that wide count (narrower ones count as
+    neither vector nor scalar)."""
+    vec = scalar = stores = 0
     for line in ptx.splitlines():
         if _ANY_LOAD.search(line):
-            if _VECTOR_LOAD.search(line):
-                vec += 1
-            else:
+            if not _VECTOR_LOAD.search(line):
                 scalar += 1
+            elif _width(line) >= vector_bytes:
+                vec += 1
+        elif _VECTOR_STORE.search(line):
+            stores += _width(line) >= vector_bytes
         else:
             m = _ASYNC_COPY.search(line)
             if m:
-                if int(m.group(1), 0) >= 8:
-                    vec += 1
-                else:
+                size = int(m.group(1), 0)
+                if size < 8:
                     scalar += 1
-    return vec, scalar
+                elif size >= vector_bytes:
+                    vec += 1
+    return vec, scalar, stores
 
 
 def compile_case(case) -> Tuple[bool, str, int, str]:
@@ -181,8 +200,8 @@ def _run(case):
     _quiet_mlir()
     t = _cpu_seconds()
     ok, err, shared, ptx = compile_case(case)
-    vec, scalar = count_loads(ptx) if ok else (0, 0)
-    return ok, err, shared, vec, scalar, _cpu_seconds() - t
+    vec, scalar, stores = count_accesses(ptx, case.vector_bytes) if ok else (0, 0, 0)
+    return ok, err, shared, vec, scalar, stores, _cpu_seconds() - t
 
 
 def _quiet_mlir() -> None:
@@ -204,7 +223,7 @@ def _cpu_seconds() -> float:
 def _job_key(case) -> tuple:
     return (id(case.kernel), tuple(sorted((k, repr(v)) for k, v in case.constexprs.items())),
             tuple(sorted(case.full_signature().items())), tuple(sorted(case.attrs())), case.num_warps,
-            case.num_stages, case.compile_arch)
+            case.num_stages, case.compile_arch, case.vector_bytes)
 
 
 def compile_all(cases: Dict[str, list], workers: Optional[int] = None) -> List[Result]:
@@ -236,8 +255,8 @@ def compile_all(cases: Dict[str, list], workers: Optional[int] = None) -> List[R
                 done[key] = f.result()
     results = []
     for module, i, key in owners:
-        ok, err, shared, vec, scalar, secs = done[key]
-        results.append(Result(module, i, cases[module][i], ok, err, shared, vec, scalar, secs))
+        ok, err, shared, vec, scalar, stores, secs = done[key]
+        results.append(Result(module, i, cases[module][i], ok, err, shared, vec, scalar, stores, secs))
     return results
 
 
@@ -260,7 +279,7 @@ def main(argv: Sequence[str] = ()) -> int:
         status = "ok " if r.ok and fit else "BAD"
         bad += status == "BAD"
         print(f"{status} {r.seconds:5.1f}s shared={r.shared:6d}/{c.shared_limit} est={c.estimate} "
-              f"ld.v={r.vector_loads} ld.s={r.scalar_loads} {c.group} {c.describe()}"
+              f"ld.v={r.vector_loads} ld.s={r.scalar_loads} st.v={r.vector_stores} {c.group} {c.describe()}"
               + (f"\n    {r.error}" if not r.ok else ""))
     for p in problems:
         print("PROBLEM", p)

@@ -36,8 +36,9 @@ LLVM -> PTX -> cubin with ptxas, no GPU needed) and asserts that
   are exactly the configs the pruner keeps, so this checks the pruner's estimate is not too low;
 - every ``group`` (kernel, dtype, M bucket reachable from the dispatch) keeps at least one case on
   every target (:data:`SMEM_LIMITS`: sm_80, sm_86/89 with sm_80's code, sm_90);
-- cases with ``vector_loads = n`` have at least n vectorised global loads (``ld.global*.v2``/``.v4``)
-  and at most ``max_scalar_loads`` scalar ones in the PTX;
+- cases with ``vector_loads = n`` have at least n vectorised global loads (``ld.global*.v2``/``.v4``;
+  with ``vector_bytes = 16`` only 16-byte ones count) and at most ``max_scalar_loads`` scalar ones
+  in the PTX, and cases with ``vector_stores = n`` at least n vectorised global stores;
 - every ``@triton.jit`` function of every module is a case's kernel or called (transitively) by
   one: a new kernel without a case fails the test, naming it.
 
@@ -279,9 +280,20 @@ def smem_pruner(estimate: Estimate):
     return prune
 
 
+AUTOTUNERS: List[Any] = []  # every autotuner made by autotune() (the AOT test checks their configs are compiled)
+
+
 def autotune(configs, key, estimate: Estimate):
     """``triton.autotune(configs, key)`` whose configs are pruned by :func:`smem_pruner(estimate)`."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": smem_pruner(estimate)})
+    decorate = triton.autotune(configs=configs, key=key,
+                               prune_configs_by={"early_config_prune": smem_pruner(estimate)})
+
+    def register(fn):
+        tuner = decorate(fn)
+        AUTOTUNERS.append(tuner)
+        return tuner
+
+    return register
 
 
 def tile_smem(config, stages: Optional[int] = None, **tiles: Tuple[Tuple[str, str], int]) -> int:
@@ -310,7 +322,9 @@ class AOTCase:
     ``aligned``: arguments specialised as 16-divisible (Triton's runtime does so for pointers whose
     address and ints whose value are multiples of 16); default: every pointer argument.
     ``group``: the dispatch class (e.g. ``"w8a16/bf16/M<=16"``) that must keep a fitting case on
-    every target. ``vector_loads`` / ``max_scalar_loads``: PTX load counts (0 / None: unchecked).
+    every target. ``vector_loads`` / ``max_scalar_loads`` / ``vector_stores``: PTX access counts
+    (0 / None: unchecked); ``vector_bytes``: the width a vector access must have to count (0: any
+    ``.v2``/``.v4``; 16: 16-byte vectors only, e.g. ``ld.global.v4.b32``).
     """
 
     kernel: Any
@@ -323,6 +337,8 @@ class AOTCase:
     group: str = ""
     vector_loads: int = 0
     max_scalar_loads: Optional[int] = None
+    vector_stores: int = 0
+    vector_bytes: int = 0
     estimate: Optional[int] = None  # the pruner's shared-memory estimate (bytes), for tuned cases
     note: str = ""
 

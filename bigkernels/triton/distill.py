@@ -19,16 +19,15 @@ Labels are clamped into [0, V) before the student's label logit is read, so a ba
 reads out of bounds; ``bigkernels.nn.functional`` asserts their range (asynchronously on a GPU),
 and this op checks it on CPU tensors (interpreter).
 
-Autotuned on a GPU over BLOCK_V / warps per vocabulary size; under ``TRITON_INTERPRET=1`` one small
-fixed BLOCK_V so that tiny test rows span several chunks and a partial one.
-``AOT_CASES`` lists the (kernel, signature, constexprs) combinations the ahead-of-time compile
-test builds for sm_80 / sm_90 (every autotune config x fp32 / bf16 / fp16 x the bounding flag
-sets), each with its divisibility hints and compile options (``AotCase``).
+Autotuned on a GPU over BLOCK_V / warps per vocabulary size (``_common.autotune``: configs that
+cannot fit the device's shared memory are pruned); under ``TRITON_INTERPRET=1`` one small fixed
+BLOCK_V so that tiny test rows span several chunks and a partial one. Launched through
+``_common.launcher`` (the tensors' device and stream). ``aot_cases()`` lists what the ahead-of-time
+compile test (tests/test_triton_aot.py) builds for sm_80 / sm_90.
 """
 from __future__ import annotations
 
-import itertools
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -36,8 +35,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from bigkernels.triton._common import _INTERPRET, _check_runnable, _dummy
-from bigkernels.triton._common import _traced as _launch
+from bigkernels.triton._common import _INTERPRET, _check_runnable, _dummy, autotune, launcher
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -145,55 +143,16 @@ def _kd_loss_fwd_kernel(s_ptr, t_ptr, labels_ptr, scale_ptr, loss_ptr, gs_ptr, g
 CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=1)
            for bv, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))]
 _INTERPRET_BLOCK_V = 32
-_kd_tuned = triton.autotune(configs=CONFIGS, key=["V", "GRAD_S", "GRAD_T", "CE_SEP"])(_kd_loss_fwd_kernel)
-
-_TL_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
-class AotCase(tuple):
-    """One ahead-of-time compile case: unpacks as ``(kernel, signature, constexprs)``; ``attrs``
-    (the divisibility-by-16 hints the JIT derives at run time for aligned pointers and sizes) and
-    ``options`` (num_warps / num_stages of the autotune config) ride along.
-    ``triton.compile(case.source(), target=GPUTarget("cuda", cc, 32), options=case.options)``."""
-
-    def __new__(cls, kernel, signature: dict, constexprs: dict, attrs: dict, options: dict):
-        self = super().__new__(cls, (kernel, signature, constexprs))
-        self.attrs, self.options = attrs, options
-        return self
-
-    def source(self):
-        from triton.compiler import ASTSource
-
-        return ASTSource(self[0], self[1], self[2], self.attrs)
+def _kd_smem(config, named_args, kwargs) -> int:
+    """Shared memory of a config (bytes), an upper bound: the kernel has no tiles in shared memory,
+    only the cross-warp reductions' scratch (one fp32 per warp; Triton 3.8 allocates 4 bytes per
+    warp in all), counted here for four reductions in flight."""
+    return 16 * config.num_warps
 
 
-def _aot_cases() -> List[AotCase]:
-    """Every autotune config x logits dtype, each with the flag sets that bound the kernel's
-    variants: everything on (labels, ignore_index, cross-entropy at T != 1, both gradients: the
-    most live registers), the usual training call (ignore_index, student gradient) and the loss
-    alone; pointers, V and row strides divisible by 16 (what the JIT specialises to for vocabularies
-    such as 32,000 or 128,256; other V compile the same code with scalar loads). Mixed
-    student/teacher dtypes compile the same code."""
-    flag_sets = [dict(HAS_LABELS=True, HAS_IGNORE=True, CE=True, CE_SEP=True, GRAD_S=True, GRAD_T=True),
-                 dict(HAS_LABELS=True, HAS_IGNORE=True, CE=False, CE_SEP=False, GRAD_S=True, GRAD_T=False),
-                 dict(HAS_LABELS=False, HAS_IGNORE=False, CE=False, CE_SEP=False, GRAD_S=False, GRAD_T=False)]
-    names = _kd_loss_fwd_kernel.arg_names
-    aligned = ("s_ptr", "t_ptr", "labels_ptr", "scale_ptr", "loss_ptr", "gs_ptr", "gt_ptr", "V", "stride_s", "stride_t")
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    cases = []
-    for cfg, dtype, flags in itertools.product(CONFIGS, _TL_PTR, flag_sets):
-        ptr = _TL_PTR[dtype]
-        sig = {"s_ptr": ptr, "t_ptr": ptr, "labels_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
-               "gs_ptr": ptr, "gt_ptr": ptr, "V": "i32", "stride_s": "i64", "stride_t": "i64", "temperature": "fp32",
-               "inv_t": "fp32", "alpha": "fp32", "ignore_index": "i64"}
-        sig.update({k: "constexpr" for k in list(flags) + ["BLOCK_V"]})
-        cases.append(AotCase(_kd_loss_fwd_kernel, sig, dict(flags, **cfg.kwargs), attrs,
-                             dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
-    return cases
-
-
-# Ahead-of-time compile cases of this module's kernels (see AotCase).
-AOT_CASES = _aot_cases()
+_kd_tuned = autotune(CONFIGS, key=["V", "GRAD_S", "GRAD_T", "CE_SEP"], estimate=_kd_smem)(_kd_loss_fwd_kernel)
 
 
 def _check(op: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor,
@@ -261,7 +220,52 @@ def kd_loss_fwd_triton(student: Tensor, teacher: Tensor, labels: Optional[Tensor
             teacher.stride(0), float(temperature), 1.0 / float(temperature), float(alpha),
             int(ignore_index) if ignore_index is not None else 0)
     if _INTERPRET:
-        _launch(_kd_loss_fwd_kernel)[(n,)](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
+        launcher(_kd_loss_fwd_kernel)[(n,)](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
     else:
-        _launch(_kd_tuned)[(n,)](*args, **flags)
+        launcher(_kd_tuned)[(n,)](*args, **flags)
     return loss, gs, gt
+
+
+def aot_cases():
+    """The AOT compile cases of this module's kernel (convention: bigkernels/triton/_common.py).
+
+    Every autotune config the pruner keeps, per logits dtype (fp32 / bf16 / fp16; mixed
+    student/teacher dtypes compile the same code), with every feature on (labels, ignore_index,
+    cross-entropy at T != 1, both gradients: the most live registers); the usual training call
+    (ignore_index, student gradient only) and the loss alone compile once per target and dtype
+    with the widest config. Pointers, V and the row strides are 16-divisible (what the JIT
+    specialises to for vocabularies such as 32,000 or 128,256; other V compile the same code with
+    scalar accesses): then the logits are read in 16-byte vectors in both passes (student and
+    teacher, twice) and the gradients written in 16-byte vectors (``vector_bytes=16``)."""
+    import dataclasses
+
+    from bigkernels.triton._common import AOT_TARGETS, tuned_cases
+
+    everything = dict(HAS_LABELS=True, HAS_IGNORE=True, CE=True, CE_SEP=True, GRAD_S=True, GRAD_T=True)
+    training = dict(HAS_LABELS=True, HAS_IGNORE=True, CE=False, CE_SEP=False, GRAD_S=True, GRAD_T=False)
+    loss_only = dict(HAS_LABELS=False, HAS_IGNORE=False, CE=False, CE_SEP=False, GRAD_S=False, GRAD_T=False)
+    aligned = ("s_ptr", "t_ptr", "labels_ptr", "scale_ptr", "loss_ptr", "gs_ptr", "gt_ptr", "V", "stride_s",
+               "stride_t")
+
+    def vectors(case, size: int, streams: int) -> int:
+        """16-byte accesses of ``streams`` passes over a row chunk of BLOCK_V elements."""
+        per_thread = case.constexprs["BLOCK_V"] // (32 * case.num_warps)
+        return streams * max(1, per_thread * size // 16)
+
+    cases = []
+    for dt, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        sig = dict(s_ptr=f"*{dt}", t_ptr=f"*{dt}", labels_ptr="*i64", scale_ptr="*fp32", loss_ptr="*fp32",
+                   gs_ptr=f"*{dt}", gt_ptr=f"*{dt}", V="i32", stride_s="i64", stride_t="i64", temperature="fp32",
+                   inv_t="fp32", alpha="fp32", ignore_index="i64")
+        tuned = tuned_cases(_kd_tuned, sig, everything, f"kd_loss/{dt}", aligned=aligned, vector_bytes=16)
+        # loads: student and teacher in both passes; stores: both gradients (pass 2, and the zeros of
+        # ignored rows)
+        cases += [dataclasses.replace(c, vector_loads=vectors(c, size, 4), vector_stores=vectors(c, size, 4))
+                  for c in tuned]
+        for arch in AOT_TARGETS:
+            widest = max((c for c in tuned if c.arch == arch), key=lambda c: c.constexprs["BLOCK_V"])
+            for flags, loads, stores, note in ((training, 4, 2, "training call"), (loss_only, 2, 0, "loss only")):
+                c = dataclasses.replace(widest, constexprs=dict(widest.constexprs, **flags), note=note)
+                cases.append(dataclasses.replace(c, vector_loads=vectors(c, size, loads),
+                                                 vector_stores=vectors(c, size, stores)))
+    return cases

@@ -3,13 +3,12 @@
 ``fused_adafactor_triton_`` (schemas as the main ops but for ``masks``, a required list, empty for
 none: see ``bigkernels.triton.optim``). Maths exactly ``bigkernels.reference.optim``'s, in fp32.
 
-RMSprop and Lion are elementwise and use ``bigkernels.triton.optim``'s launch scheme: eagerly, ONE
-launch over every tensor through a cached device table of addresses (one program per CHUNK of
-one tensor); traced (torch.compile, fake tensors), one launch per tensor with real pointers. The
-hot loop runs over whole BLOCKs without a mask (the tail block is masked separately) and, on the
-table path, checks each tensor's addresses for 16-byte alignment at run time and tells the
-compiler (``tl.multiple_of``), so aligned tensors get 16-byte vector loads and stores
-(``ld.global.v4``; see ``AOT_CASES``) and misaligned ones (views into flat buffers) still work.
+RMSprop and Lion are elementwise and use ``bigkernels.triton.optim``'s launch scheme and device
+helpers: eagerly, ONE launch over every tensor through its cached device table of addresses (one
+program per CHUNK of one tensor; ``ALIGNED`` when the host found every tensor 16-byte aligned, so
+the whole BLOCKs run unmasked with 16-byte vector loads and stores, and unaligned views still
+work); traced (torch.compile, fake tensors), one launch per tensor with real pointers. Every launch
+goes through ``_common.launcher`` (device guard, tracing wrapper).
 
 Adafactor runs per param (its statistics are per-param reductions), with no host sync:
 factored params (a batch of R x C matrices) in four launches — statistics (one program per
@@ -26,64 +25,35 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bigkernels.reference.optim import check_adafactor_lists
 from bigkernels.triton import optim as _tri  # CHUNK / BLOCK / NUM_WARPS are read from it at call time
-from bigkernels.triton._common import _traced
+from bigkernels.triton._common import launcher
 from bigkernels.triton.optim import (
     _check_lengths,
     _contiguous_rows,
+    _full_end,
     _grad_multiplier,
     _grid_1d,
     _increment_steps_kernel,
     _increment_steps_traced,
+    _is_eager,
     _is_finite_step,
     _keep,
+    _ld,
     _locate,
     _mask_row,
     _row_ptr,
     _scalar_tensor,
+    _st,
     _table,
     _validate_rows,
 )
 
-_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _is_eager(*tensors: Tensor) -> bool:
-    """Real tensors (nn.Parameter included) outside any tracing: fake and functional tensors are
-    other subclasses of Tensor."""
-    return not torch.compiler.is_compiling() and all(type(t) in _EAGER_TYPES for t in tensors)
-
-
 # --------------------------------------------------------------------------------------------
-# Shared device helpers
+# Shared device helpers (the block loads / stores, table addresses and masking are optim's)
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _ld(ptr, offs, mask):
-    """fp32 values at ``ptr + offs`` (``mask`` None: a whole unmasked block)."""
-    if mask is None:
-        x = tl.load(ptr + offs)
-    else:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _st(ptr, offs, x, mask):
-    if mask is None:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
-    else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _addr(table, n_tensors, tid, ROW: tl.constexpr):
-    """Table row ``ROW``'s address of tensor ``tid`` (an int64)."""
-    return tl.load(table + ROW * n_tensors + tid)
 
 
 @triton.jit
@@ -106,49 +76,31 @@ def _mult_of(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE: tl.co
 @triton.jit
 def _rmsprop_block(p, g, sq, ga, buf, keep, offs, mask, mult, lr, alpha, one_minus_alpha, eps, weight_decay,
                    momentum, HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
-    gf = _ld(g, offs, mask) * mult
-    pf = _ld(p, offs, mask)
+                   HAS_MASK: tl.constexpr, FULL: tl.constexpr):
+    """One block of the RMSprop update (all masked unless FULL)."""
+    gf = _ld(g, offs, mask, FULL) * mult
+    pf = _ld(p, offs, mask, FULL)
     if HAS_WD:
         gf = gf + weight_decay * pf
-    sqf = _ld(sq, offs, mask) * alpha + one_minus_alpha * gf * gf
-    _st(sq, offs, sqf, mask)
+    sqf = _ld(sq, offs, mask, FULL) * alpha + one_minus_alpha * gf * gf
+    _st(sq, offs, sqf, mask, FULL)
     if CENTERED:
-        gaf = _ld(ga, offs, mask)
+        gaf = _ld(ga, offs, mask, FULL)
         if one_minus_alpha < 0.5:  # torch.lerp's formula
             gaf = gaf + one_minus_alpha * (gf - gaf)
         else:
             gaf = gf - (gf - gaf) * alpha
-        _st(ga, offs, gaf, mask)
+        _st(ga, offs, gaf, mask, FULL)
         avg = tl.sqrt_rn(sqf - gaf * gaf) + eps
     else:
         avg = tl.sqrt_rn(sqf) + eps
     if HAS_MOMENTUM:
-        bf = _ld(buf, offs, mask) * momentum + tl.div_rn(gf, avg)
-        _st(buf, offs, bf, mask)
+        bf = _ld(buf, offs, mask, FULL) * momentum + tl.div_rn(gf, avg)
+        _st(buf, offs, bf, mask, FULL)
         pf = pf - lr * bf
     else:
         pf = pf - lr * tl.div_rn(gf, avg)
-    if HAS_MASK:
-        if mask is None:
-            pf = tl.where(tl.load(keep + offs) != 0, pf, 0.0)
-        else:
-            pf = _keep(pf, keep, offs, mask, HAS_MASK)
-    _st(p, offs, pf, mask)
-
-
-@triton.jit
-def _rmsprop_loop(p, g, sq, ga, buf, keep, start, end, mult, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                  HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    full = start + (end - start) // BLOCK * BLOCK
-    for off in range(start, full, BLOCK):
-        _rmsprop_block(p, g, sq, ga, buf, keep, off + tl.arange(0, BLOCK), None, mult, lr, alpha, one_minus_alpha,
-                       eps, weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK)
-    if full < end:
-        offs = full + tl.arange(0, BLOCK)
-        _rmsprop_block(p, g, sq, ga, buf, keep, offs, offs < end, mult, lr, alpha, one_minus_alpha, eps,
-                       weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK)
+    _st(p, offs, _keep(pf, keep, offs, mask, HAS_MASK, FULL), mask, FULL)
 
 
 @triton.jit
@@ -157,34 +109,31 @@ def _rmsprop_kernel(
     p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, keep_ptr, numel,
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, max_grad_norm,
-    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, CENTERED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Table rows: 0 params, 1 grads, 2 square_avgs, 3 grad_avgs, 4 momentum_buffers, 5 steps, 6 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE, ALIGNED)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE, ALIGNED)
+        sq = _row_ptr(table, n_tensors, tid, 2, sq_ptr, USE_TABLE, ALIGNED)
+        ga = _row_ptr(table, n_tensors, tid, 3, ga_ptr, USE_TABLE, ALIGNED)
+        buf = _row_ptr(table, n_tensors, tid, 4, buf_ptr, USE_TABLE, ALIGNED)
+        keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK, ALIGNED)
         mult = _mult_of(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP, MAXIMIZE)
         end = tl.minimum(start + CHUNK, n)
-        if USE_TABLE:
-            # Addresses from the table: where all five are 16-byte aligned, say so to the compiler
-            # (vector access); the hint must sit on a value made here, not returned by a helper.
-            p, g = _addr(table, n_tensors, tid, 0), _addr(table, n_tensors, tid, 1)
-            sq, ga, buf = _addr(table, n_tensors, tid, 2), _addr(table, n_tensors, tid, 3), _addr(table, n_tensors, tid, 4)
-            if ((p | g | sq | ga | buf) % 16) == 0:
-                _rmsprop_loop(tl.multiple_of(p.to(p_ptr.dtype), 16), tl.multiple_of(g.to(g_ptr.dtype), 16),
-                              tl.multiple_of(sq.to(sq_ptr.dtype), 16), tl.multiple_of(ga.to(ga_ptr.dtype), 16),
-                              tl.multiple_of(buf.to(buf_ptr.dtype), 16), keep, start, end, mult, lr, alpha,
-                              one_minus_alpha, eps, weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK,
-                              BLOCK)
-            else:
-                _rmsprop_loop(p.to(p_ptr.dtype), g.to(g_ptr.dtype), sq.to(sq_ptr.dtype), ga.to(ga_ptr.dtype),
-                              buf.to(buf_ptr.dtype), keep, start, end, mult, lr, alpha, one_minus_alpha, eps,
-                              weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, BLOCK)
-        else:  # pointer arguments: Triton specialises their alignment itself
-            _rmsprop_loop(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, keep, start, end, mult, lr, alpha, one_minus_alpha,
-                          eps, weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, BLOCK)
+        full_end = _full_end(start, end, BLOCK)
+        for off in range(start, full_end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _rmsprop_block(p, g, sq, ga, buf, keep, offs, offs < end, mult, lr, alpha, one_minus_alpha, eps,
+                           weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, True)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _rmsprop_block(p, g, sq, ga, buf, keep, offs, offs < end, mult, lr, alpha, one_minus_alpha, eps,
+                           weight_decay, momentum, HAS_WD, CENTERED, HAS_MOMENTUM, HAS_MASK, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,32 +143,15 @@ def _rmsprop_kernel(
 
 @triton.jit
 def _lion_block(p, g, m, keep, offs, mask, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-                HAS_MASK: tl.constexpr):
-    gf = _ld(g, offs, mask) * mult
-    mf = _ld(m, offs, mask)
+                HAS_MASK: tl.constexpr, FULL: tl.constexpr):
+    """One block of the Lion update (all masked unless FULL)."""
+    gf = _ld(g, offs, mask, FULL) * mult
+    mf = _ld(m, offs, mask, FULL)
     c = mf * beta1 + one_minus_beta1 * gf
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))  # 0 -> 0 (signed), NaN -> NaN
-    pf = _ld(p, offs, mask) * decay - lr * sign
-    if HAS_MASK:
-        if mask is None:
-            pf = tl.where(tl.load(keep + offs) != 0, pf, 0.0)
-        else:
-            pf = _keep(pf, keep, offs, mask, HAS_MASK)
-    _st(p, offs, pf, mask)
-    _st(m, offs, mf * beta2 + one_minus_beta2 * gf, mask)
-
-
-@triton.jit
-def _lion_loop(p, g, m, keep, start, end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-               HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    full = start + (end - start) // BLOCK * BLOCK
-    for off in range(start, full, BLOCK):
-        _lion_block(p, g, m, keep, off + tl.arange(0, BLOCK), None, mult, lr, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, decay, HAS_MASK)
-    if full < end:
-        offs = full + tl.arange(0, BLOCK)
-        _lion_block(p, g, m, keep, offs, offs < end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                    decay, HAS_MASK)
+    pf = _ld(p, offs, mask, FULL) * decay - lr * sign
+    _st(p, offs, _keep(pf, keep, offs, mask, HAS_MASK, FULL), mask, FULL)
+    _st(m, offs, mf * beta2 + one_minus_beta2 * gf, mask, FULL)
 
 
 @triton.jit
@@ -228,27 +160,28 @@ def _lion_kernel(
     p_ptr, g_ptr, m_ptr, keep_ptr, numel,
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, max_grad_norm,
-    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE, ALIGNED)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE, ALIGNED)
+        m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE, ALIGNED)
+        keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK, ALIGNED)
         mult = _mult_of(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP, MAXIMIZE)
         end = tl.minimum(start + CHUNK, n)
-        if USE_TABLE:  # as in _rmsprop_kernel
-            p, g, m = _addr(table, n_tensors, tid, 0), _addr(table, n_tensors, tid, 1), _addr(table, n_tensors, tid, 2)
-            if ((p | g | m) % 16) == 0:
-                _lion_loop(tl.multiple_of(p.to(p_ptr.dtype), 16), tl.multiple_of(g.to(g_ptr.dtype), 16),
-                           tl.multiple_of(m.to(m_ptr.dtype), 16), keep, start, end, mult, lr, beta1, one_minus_beta1,
-                           beta2, one_minus_beta2, decay, HAS_MASK, BLOCK)
-            else:
-                _lion_loop(p.to(p_ptr.dtype), g.to(g_ptr.dtype), m.to(m_ptr.dtype), keep, start, end, mult, lr, beta1,
-                           one_minus_beta1, beta2, one_minus_beta2, decay, HAS_MASK, BLOCK)
-        else:
-            _lion_loop(p_ptr, g_ptr, m_ptr, keep, start, end, mult, lr, beta1, one_minus_beta1, beta2,
-                       one_minus_beta2, decay, HAS_MASK, BLOCK)
+        full_end = _full_end(start, end, BLOCK)
+        for off in range(start, full_end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _lion_block(p, g, m, keep, offs, offs < end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                        decay, HAS_MASK, True)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _lion_block(p, g, m, keep, offs, offs < end, mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                        decay, HAS_MASK, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,7 +407,7 @@ def _adafactor_vec_apply_kernel(
             v, u = _adafactor_vec_u(g_ptr, v_ptr, offs, mask, mult, w, one_minus_w, eps1_sq)
             tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
             pf = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay - step * u
-            pf = _keep(pf, keep_ptr, offs, mask, HAS_MASK)
+            pf = _keep(pf, keep_ptr, offs, mask, HAS_MASK, False)
             tl.store(p_ptr + offs, pf.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -518,16 +451,16 @@ def _elementwise(op: str, kernel, rows, names, mutated_rows, n_ptr_rows: int, ke
         if entry is None:  # some tensor is not contiguous: run on contiguous copies, copy back
             rows, write_back = _contiguous_rows(rows, mutated_rows)
             entry = _table(rows, device, chunk, op, names, step_rows=step_rows, cache=False)
-        table, total = entry
+        table, total, aligned = entry
         dummy = rows[0][0]
         ptrs = [row[0] for row in rows[:n_ptr_rows]]
         if total > 0:
-            wrap_triton(kernel)[(total,)](
+            launcher(kernel, traced=False)[(total,)](
                 table, n, *ptrs, rows[-1][0] if keep is not None else dummy, 0,
                 *_control(dummy, found_inf, grad_scale, grad_norm), *hyper,
-                USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=_tri.NUM_WARPS, **flags)
+                USE_TABLE=True, ALIGNED=aligned, CHUNK=chunk, BLOCK=block, num_warps=_tri.NUM_WARPS, **flags)
         if step_row is not None:
-            wrap_triton(_increment_steps_kernel)[(triton.cdiv(n, _tri.STEP_BLOCK),)](
+            launcher(_increment_steps_kernel, traced=False)[(triton.cdiv(n, _tri.STEP_BLOCK),)](
                 table, step_row * n, n, rows[step_row][0], found_inf if found_inf is not None else dummy,
                 HAS_FOUND_INF=found_inf is not None, BLOCK=_tri.STEP_BLOCK, num_warps=_tri.NUM_WARPS)
         for orig, tmp in write_back:
@@ -541,10 +474,10 @@ def _elementwise(op: str, kernel, rows, names, mutated_rows, n_ptr_rows: int, ke
         numel = rows[0][i].numel()
         if numel == 0:
             continue
-        _traced(kernel)[_grid_1d(numel, chunk)](
+        launcher(kernel)[_grid_1d(numel, chunk)](
             dummy, 1, *(row[i] for row in rows[:n_ptr_rows]), keep[i] if keep is not None else dummy, numel,
             *_control(dummy, found_inf, grad_scale, grad_norm), *hyper,
-            USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=_tri.NUM_WARPS, **flags)
+            USE_TABLE=False, ALIGNED=False, CHUNK=chunk, BLOCK=block, num_warps=_tri.NUM_WARPS, **flags)
     for orig, tmp in write_back:
         orig.copy_(tmp)
     if steps is not None:
@@ -644,7 +577,7 @@ def fused_adafactor_triton_(
     dummy = torch.empty(1, device=device, dtype=torch.float32)
     control = _control(dummy, found_inf, grad_scale, grad_norm)
     flags = dict(HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, CLIP=clip)
-    launch = wrap_triton if _is_eager(params[0], grads[0]) else _traced
+    traced = not _is_eager(params[0], grads[0])
     chunk, block, warps = _tri.CHUNK, _tri.BLOCK, _tri.NUM_WARPS
     inv_eps1 = 1.0 / eps1 if eps1 > 0 else float("inf")
     for i in range(n):
@@ -666,17 +599,17 @@ def fused_adafactor_triton_(
             col_scale = torch.empty(B * C, device=device, dtype=torch.float32)
             row_mean = torch.empty(B, device=device, dtype=torch.float32)
             tiles = dict(BLOCK_R=ADAFACTOR_BLOCK_R, BLOCK_C=ADAFACTOR_BLOCK_C)
-            launch(_adafactor_stats_kernel)[(parts,)](
+            launcher(_adafactor_stats_kernel, traced)[(parts,)](
                 g, p, rv, s, rows_out, col_part, p_part, R, C, bps, *control, max_grad_norm, beta2_decay, **flags,
                 **tiles, num_warps=warps)
-            launch(_adafactor_cols_kernel)[(B, triton.cdiv(C, ADAFACTOR_COLS_BLOCK))](
+            launcher(_adafactor_cols_kernel, traced)[(B, triton.cdiv(C, ADAFACTOR_COLS_BLOCK))](
                 cv, s, rows_out, col_part, col_scale, row_mean, R, C, bps, eps1, control[0], beta2_decay,
                 HAS_FOUND_INF=found_inf is not None, BLOCK_C=ADAFACTOR_COLS_BLOCK,
                 BLOCK_R=SUM_BLOCK, num_warps=warps)
-            launch(_adafactor_usq_kernel)[(parts,)](
+            launcher(_adafactor_usq_kernel, traced)[(parts,)](
                 g, rows_out, row_mean, col_scale, u_part, R, C, bps, *control, max_grad_norm, inv_eps1, **flags,
                 **tiles, num_warps=warps)
-            launch(_adafactor_apply_kernel)[(parts,)](
+            launcher(_adafactor_apply_kernel, traced)[(parts,)](
                 p, g, k, s, rows_out, row_mean, col_scale, p_part, u_part, R, C, bps, parts, numel, *control,
                 max_grad_norm, inv_eps1, lr, eps2, d, 1.0 - lr * weight_decay, **flags,
                 MAXIMIZE=bool(maximize), HAS_MASK=keep is not None, **tiles, SUM_BLOCK=SUM_BLOCK, num_warps=warps)
@@ -685,10 +618,10 @@ def fused_adafactor_triton_(
             parts = triton.cdiv(numel, chunk)
             p_part = torch.empty(parts, device=device, dtype=torch.float32)
             u_part = torch.empty(parts, device=device, dtype=torch.float32)
-            launch(_adafactor_vec_stats_kernel)[(parts,)](
+            launcher(_adafactor_vec_stats_kernel, traced)[(parts,)](
                 g, v, p, s, p_part, u_part, numel, *control, max_grad_norm, beta2_decay, eps1 * eps1, **flags,
                 CHUNK=chunk, BLOCK=block, num_warps=warps)
-            launch(_adafactor_vec_apply_kernel)[(parts,)](
+            launcher(_adafactor_vec_apply_kernel, traced)[(parts,)](
                 p, g, v, k, s, p_part, u_part, parts, numel, *control, max_grad_norm, beta2_decay, eps1 * eps1, lr,
                 eps2, d, 1.0 - lr * weight_decay, **flags, MAXIMIZE=bool(maximize),
                 HAS_MASK=keep is not None, CHUNK=chunk, BLOCK=block, SUM_BLOCK=SUM_BLOCK, num_warps=warps)
@@ -698,67 +631,76 @@ def fused_adafactor_triton_(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (sm_80 / sm_90, no GPU needed): (kernel, signature, constexprs).
-# Compiled with every pointer argument 16-byte aligned and the integer arguments named in
-# AOT_DIVISIBLE_INTS divisible by 16, as Triton specialises launches on aligned tensors and such
-# sizes. tests/test_optim_new_triton_aot.py compiles each for sm_80 and sm_90 and checks that the
-# hot loads of the elementwise kernels (both launch paths) and of the Adafactor passes are 16-byte
-# vector loads (ld.global.v4) in the PTX.
+# Ahead-of-time compile cases
 # --------------------------------------------------------------------------------------------
 
 
-def _sig(kernel, ptr_types: dict, default_ptr: str, ints=()) -> dict:
-    """Triton signature of ``kernel``: UPPER-case arguments are constexprs, ``ptr_types`` names the
-    pointers that are not ``default_ptr`` (the params' storage type), ``ints`` the int32 sizes,
-    other ``*_ptr`` / scratch arguments are ``default_ptr`` and the rest fp32 scalars."""
-    scratch = ("table", "rows_out", "col_part", "p_part", "u_part", "col_scale", "row_mean")
-    sig = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            sig[name] = "constexpr"
-        elif name in ptr_types:
-            sig[name] = ptr_types[name]
-        elif name in ints:
-            sig[name] = "i32"
-        elif name.endswith("_ptr") or name in scratch:
-            sig[name] = default_ptr
-        else:
-            sig[name] = "fp32"
-    return sig
+def aot_cases():
+    """The AOT compile cases of this module's kernels (convention: bigkernels/triton/_common.py).
 
+    Elementwise kernels (RMSprop with every state, Lion), fp32 and bf16: the aligned table path
+    (ALIGNED: the host checked the addresses), the per-tensor traced path (Triton specialises aligned
+    pointers) and the unaligned table path (scalar accesses, must compile). The whole blocks' loads
+    and stores of every streamed tensor must be 16-byte vectors where aligned. Adafactor: each pass
+    of the factored (R x C, C a multiple of 16) and vector (numel a multiple of 16) kernels, whose
+    gradient / state loads (and the updates' stores) must be 16-byte vectors."""
+    from bigkernels.triton._common import AOT_TARGETS, AOTCase
 
-def _aot_cases() -> list:
+    warps = _tri.NUM_WARPS
+    block, chunk = 1024, 8192  # the GPU values of optim.BLOCK / CHUNK
+    control = dict(found_inf_ptr="*fp32", grad_scale_ptr="*fp32", grad_norm_ptr="*fp32", max_grad_norm="fp32")
+    scratch = dict(s_ptr="*fp32", rows_out="*fp32", col_part="*fp32", p_part="*fp32", u_part="*fp32",
+                   col_scale="*fp32", row_mean="*fp32", keep_ptr="*u8")
+    scalars = ("lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "beta1", "one_minus_beta1",
+               "beta2", "one_minus_beta2", "decay", "beta2_decay", "eps1", "eps1_sq", "inv_eps1", "eps2", "d")
+    amp = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False)
+
+    def vectors(dt: str, tensors: int, per_thread: int) -> int:
+        """16-byte accesses of ``tensors`` streams of ``per_thread`` elements per thread."""
+        return tensors * max(1, per_thread * (4 if dt == "fp32" else 2) // 16)
+
     cases = []
-    flags = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, MAXIMIZE=False)
-    for dt in ("fp32", "bf16"):
-        for use_table in (True, False):
-            ptr = {"table": "*i64", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_norm_ptr": "*fp32",
-                   "keep_ptr": "*u8"}
-            ints = ("n_tensors", "numel")
-            block = dict(USE_TABLE=use_table, CHUNK=8192, BLOCK=1024, HAS_MASK=False)
-            cases.append((_rmsprop_kernel, _sig(_rmsprop_kernel, ptr, f"*{dt}", ints),
-                          dict(flags, **block, HAS_WD=True, CENTERED=True, HAS_MOMENTUM=True, NROWS=6)))
-            cases.append((_lion_kernel, _sig(_lion_kernel, ptr, f"*{dt}", ints), dict(flags, **block, NROWS=3)))
-        ptr = {"found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_norm_ptr": "*fp32", "keep_ptr": "*u8",
-               "s_ptr": "*fp32", "rows_out": "*fp32", "col_part": "*fp32", "p_part": "*fp32", "u_part": "*fp32",
-               "col_scale": "*fp32", "row_mean": "*fp32"}
-        ints = ("R", "C", "blocks_per_slice", "n_parts", "numel")
-        tiles = dict(BLOCK_R=ADAFACTOR_BLOCK_R, BLOCK_C=ADAFACTOR_BLOCK_C)
-        cases.append((_adafactor_stats_kernel, _sig(_adafactor_stats_kernel, ptr, f"*{dt}", ints),
-                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, **tiles)))
-        cases.append((_adafactor_cols_kernel, _sig(_adafactor_cols_kernel, ptr, f"*{dt}", ints),
-                      dict(HAS_FOUND_INF=True, BLOCK_C=ADAFACTOR_COLS_BLOCK, BLOCK_R=SUM_BLOCK)))
-        cases.append((_adafactor_usq_kernel, _sig(_adafactor_usq_kernel, ptr, f"*{dt}", ints),
-                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, **tiles)))
-        cases.append((_adafactor_apply_kernel, _sig(_adafactor_apply_kernel, ptr, f"*{dt}", ints),
-                      dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, MAXIMIZE=False, HAS_MASK=True,
-                           **tiles, SUM_BLOCK=SUM_BLOCK)))
-        vec = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, CHUNK=8192, BLOCK=1024)
-        cases.append((_adafactor_vec_stats_kernel, _sig(_adafactor_vec_stats_kernel, ptr, f"*{dt}", ints), vec))
-        cases.append((_adafactor_vec_apply_kernel, _sig(_adafactor_vec_apply_kernel, ptr, f"*{dt}", ints),
-                      dict(vec, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK)))
+    for arch in AOT_TARGETS:
+        def add(kernel, dt, flags, group, loads=0, stores=0, path="", ints=()):
+            sig = {n: f"*{dt}" for n in kernel.arg_names if n.endswith("_ptr") or n == "table"}
+            sig.update({n: t for n, t in {**control, **scratch, "table": "*i64"}.items() if n in kernel.arg_names})
+            sig.update({n: "fp32" for n in scalars if n in kernel.arg_names})
+            # 16-divisible: every pointer, and the sizes named in ``ints`` (Triton specialises on both)
+            aligned = tuple(n for n, t in sig.items() if t.startswith("*")) + tuple(
+                n for n in ints if n in kernel.arg_names)
+            cases.append(AOTCase(kernel, flags, sig, num_warps=warps, arch=arch, aligned=aligned,
+                                 group=f"{group}/{dt}", vector_loads=loads, vector_stores=stores, vector_bytes=16,
+                                 note=path))
+
+        per_thread = block // (32 * warps)
+        for dt in ("fp32", "bf16"):
+            for path, use_table, aligned in (("table", True, True), ("per-tensor", False, False),
+                                             ("table-unaligned", True, False)):
+                n = 0 if path == "table-unaligned" else 1
+                launch = dict(amp, USE_TABLE=use_table, ALIGNED=aligned, MAXIMIZE=False, HAS_MASK=False,
+                              CHUNK=chunk, BLOCK=block)
+                # p, g, square_avg, grad_avg, momentum buffer: loaded; all but g stored
+                add(_rmsprop_kernel, dt, dict(launch, HAS_WD=True, CENTERED=True, HAS_MOMENTUM=True, NROWS=6),
+                    f"rmsprop/{path}", vectors(dt, 5, per_thread) * n, vectors(dt, 4, per_thread) * n, path)
+                # p, g, exp_avg loaded; p, exp_avg stored
+                add(_lion_kernel, dt, dict(launch, NROWS=3), f"lion/{path}", vectors(dt, 3, per_thread) * n,
+                    vectors(dt, 2, per_thread) * n, path)
+            # Factored: BLOCK_R x BLOCK_C tiles; C (and so every row) a multiple of 16 elements.
+            tiles = dict(BLOCK_R=ADAFACTOR_BLOCK_R, BLOCK_C=ADAFACTOR_BLOCK_C)
+            per_tile = ADAFACTOR_BLOCK_R * ADAFACTOR_BLOCK_C // (32 * warps)
+            sizes = ("C", "numel")
+            add(_adafactor_stats_kernel, dt, dict(amp, **tiles), "adafactor/factored",
+                vectors(dt, 2, per_tile), ints=sizes)  # g, p
+            cols = vectors("fp32", 1, ADAFACTOR_COLS_BLOCK // (32 * warps))  # col_part read, col_scale written
+            add(_adafactor_cols_kernel, dt, dict(HAS_FOUND_INF=True, BLOCK_C=ADAFACTOR_COLS_BLOCK, BLOCK_R=SUM_BLOCK),
+                "adafactor/factored", cols, cols, ints=sizes)
+            add(_adafactor_usq_kernel, dt, dict(amp, **tiles), "adafactor/factored", vectors(dt, 1, per_tile),
+                ints=sizes)  # g
+            add(_adafactor_apply_kernel, dt, dict(amp, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK, **tiles),
+                "adafactor/factored", vectors(dt, 2, per_tile), vectors(dt, 1, per_tile), ints=sizes)  # g, p; p
+            vec = dict(amp, CHUNK=chunk, BLOCK=block)
+            add(_adafactor_vec_stats_kernel, dt, vec, "adafactor/vector", vectors(dt, 3, per_thread),
+                ints=sizes)  # g, v, p
+            add(_adafactor_vec_apply_kernel, dt, dict(vec, MAXIMIZE=False, HAS_MASK=True, SUM_BLOCK=SUM_BLOCK),
+                "adafactor/vector", vectors(dt, 3, per_thread), vectors(dt, 2, per_thread), ints=sizes)  # g, v, p; v, p
     return cases
-
-
-AOT_DIVISIBLE_INTS = ("C", "numel")
-AOT_CASES = _aot_cases()
