@@ -1,0 +1,347 @@
+"""Weight sharing: 1-D k-means codebooks for linear weights, and ``share_weights_()``, which swaps a
+model's linear-like layers for :class:`bigkernels.nn.CodebookLinear`.
+
+k-means in one dimension has structure a generic k-means does not use: clusters are intervals of
+the sorted values, separated by the midpoints between consecutive centroids. :func:`fit_codebook`
+runs Lloyd's algorithm on a fine histogram of each group's weights (per bin: total weight and
+weighted sum, ``bins`` bins between the group's min and max), where an iteration costs
+O(centroids x log bins) through prefix sums instead of a pass over the weights; then it takes two
+exact Lloyd steps on the weights themselves (assignment by ``searchsorted`` on the midpoints,
+centroids = weighted means of their clusters), so the result is a true Lloyd fixed point up to
+those steps: every weight maps to its nearest centroid, and every centroid is the (weighted) mean
+of the weights mapped to it. Initialisation: weighted quantiles ((j + 1/2) / C). A cluster left
+empty is re-seeded at the histogram bin with the largest weighted squared error. A 4096 x 4096
+layer takes well under a second or two on one CPU core (``benchmarks/bench_codebook.py`` times it).
+
+Weighted k-means (``sample_weight``): the error that matters is the layer's output error
+``sum_m (sum_k x[m, k] dW[n, k])^2``, whose diagonal approximation weights ``dW[n, k]^2`` by
+``E[x_k^2]`` (the diagonal of XᵀX / T; SqueezeLLM's sensitivity weighting with activation
+statistics instead of the Fisher information). :func:`share_weights_` collects those statistics
+from ``calibration_data``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from bigkernels.nn import _layers
+from bigkernels.nn.codebook_linear import CodebookLinear
+from bigkernels.reference import codebook as ref
+
+logger = logging.getLogger("bigkernels")
+
+METHODS = ("kmeans", "uniform")
+BITS = ref.BITS
+FilterFn = Callable[[nn.Module, str], bool]
+_CHUNK = 1 << 22  # elements per pass over a large weight (bounds the int64 temporaries)
+_MAX_BINS = 1 << 16
+_MAX_HIST = 1 << 23  # total histogram entries over all groups
+
+
+def check_bits(bits, owner: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"{owner}: bits must be one of {BITS}, got {bits!r}")
+    return bits
+
+
+def check_group_size(group_size, owner: str) -> Optional[int]:
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{owner}: group_size must be None (one codebook per layer) or a positive number of "
+                         f"output rows, got {group_size!r}")
+    return group_size
+
+
+def _check_method(method, iters, owner: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{owner}: method must be one of {METHODS}, got {method!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"{owner}: iters must be a non-negative integer, got {iters!r}")
+
+
+def _row_chunks(n_rows: int, k: int):
+    step = max(1, _CHUNK // max(k, 1))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+def _group_ranges(w: Tensor, gid: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """Per-group min and max of the rows of ``w`` (row n in group gid[n])."""
+    lo = torch.full((groups,), math.inf, dtype=torch.float32, device=w.device)
+    hi = torch.full((groups,), -math.inf, dtype=torch.float32, device=w.device)
+    lo.scatter_reduce_(0, gid, w.amin(dim=1), "amin")
+    hi.scatter_reduce_(0, gid, w.amax(dim=1), "amax")
+    return lo, hi
+
+
+def _assign(w: Tensor, gid: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid (sorted ascending per group) for every weight: int32 [N, K]."""
+    mids = ((centroids[:, 1:] + centroids[:, :-1]) * 0.5).float()
+    out = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    for r0, r1 in _row_chunks(w.shape[0], w.shape[1]):
+        out[r0:r1] = torch.searchsorted(mids.index_select(0, gid[r0:r1]), w[r0:r1].contiguous(), out_int32=True)
+    return out
+
+
+def _weighted_sums(slots: Tensor, v: Tensor, sw: Optional[Tensor], n: int) -> Tuple[Tensor, Tensor]:
+    """Per slot: total weight and weighted sum of ``v`` (float64; slots flattened like ``v``)."""
+    slots = slots.reshape(-1)
+    vals = v.reshape(-1).double()
+    if sw is None:
+        return torch.bincount(slots, minlength=n).double(), torch.bincount(slots, weights=vals, minlength=n)
+    wts = sw.expand_as(v).reshape(-1).double()
+    return torch.bincount(slots, weights=wts, minlength=n), torch.bincount(slots, weights=vals * wts, minlength=n)
+
+
+def _cluster_means(w: Tensor, gid: Tensor, idx: Tensor, sw: Optional[Tensor], old: Tensor) -> Tensor:
+    """Weighted mean of the weights assigned to each (group, centroid); empty clusters keep ``old``."""
+    groups, c = old.shape
+    wsum = torch.zeros(groups * c, dtype=torch.float64, device=w.device)
+    tot = torch.zeros_like(wsum)
+    for r0, r1 in _row_chunks(w.shape[0], w.shape[1]):
+        slot = idx[r0:r1].long() + (gid[r0:r1] * c).unsqueeze(1)
+        a, b = _weighted_sums(slot, w[r0:r1], None if sw is None else sw[r0:r1], groups * c)
+        wsum += a
+        tot += b
+    mean = torch.where(wsum > 0, tot / wsum.clamp(min=1e-300), old.reshape(-1).double())
+    return mean.reshape(groups, c).float().sort(dim=1).values
+
+
+def _histogram(w: Tensor, gid: Tensor, sw: Optional[Tensor], lo: Tensor, width: Tensor, groups: int, bins: int):
+    """Per (group, bin): total weight and weighted sum of the values (float64)."""
+    n = groups * bins
+    wb = torch.zeros(n, dtype=torch.float64, device=w.device)
+    sb = torch.zeros_like(wb)
+    for r0, r1 in _row_chunks(w.shape[0], w.shape[1]):
+        g = gid[r0:r1].unsqueeze(1)
+        v = w[r0:r1]
+        b = ((v - lo[g]) / width[g]).floor_().clamp_(0, bins - 1).long() + g * bins
+        a, s_ = _weighted_sums(b, v, None if sw is None else sw[r0:r1], n)
+        wb += a
+        sb += s_
+    return wb.reshape(groups, bins), sb.reshape(groups, bins)
+
+
+def _histogram_lloyd(wb: Tensor, sb: Tensor, lo: Tensor, width: Tensor, c: int, iters: int) -> Tensor:
+    """Lloyd's algorithm on the binned data (bins are intervals in increasing order, so clusters
+    are runs of bins and their sums are differences of prefix sums). Returns [G, c] float64."""
+    groups, bins = wb.shape
+    centers = lo.double().unsqueeze(1) + (torch.arange(bins, dtype=torch.float64, device=wb.device) + 0.5) \
+        * width.double().unsqueeze(1)
+    rep = torch.where(wb > 0, sb / wb.clamp(min=1e-300), centers)  # bin means: increasing along bins
+    zero = torch.zeros(groups, 1, dtype=torch.float64, device=wb.device)
+    cw = torch.cat([zero, wb.cumsum(1)], dim=1)
+    cs = torch.cat([zero, sb.cumsum(1)], dim=1)
+    total = cw[:, -1:]
+    # First centroids: quantiles (j + 1/2) / c of the density^(1/3), the high-resolution optimum
+    # of the centroid density for squared error (Panter & Dite, 1951), so few iterations remain.
+    dens = wb.clamp(min=0).pow(1.0 / 3.0).cumsum(1)
+    targets = dens[:, -1:] * (torch.arange(c, dtype=torch.float64, device=wb.device) + 0.5) / c
+    first = torch.searchsorted(dens.contiguous(), targets.contiguous()).clamp_(max=bins - 1)
+    cent = torch.gather(rep, 1, first)
+    last = torch.full((groups, 1), bins, dtype=torch.long, device=wb.device)
+    for _ in range(iters):
+        mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
+        pos = torch.cat([torch.zeros_like(last), torch.searchsorted(rep, mids.contiguous()), last], dim=1)
+        wj = cw.gather(1, pos[:, 1:]) - cw.gather(1, pos[:, :-1])
+        sj = cs.gather(1, pos[:, 1:]) - cs.gather(1, pos[:, :-1])
+        new = torch.where(wj > 0, sj / wj.clamp(min=1e-300), cent)
+        empty = (wj <= 0) & (total > 0)
+        if bool(empty.any()):
+            # re-seed the first empty cluster of each group at its worst bin (largest weighted error)
+            owner = torch.searchsorted(mids.contiguous(), rep.contiguous())
+            err = wb * (rep - new.gather(1, owner)) ** 2
+            worst = rep.gather(1, err.argmax(dim=1, keepdim=True))
+            j = empty.float().argmax(dim=1, keepdim=True)
+            has = empty.any(dim=1, keepdim=True)
+            new = torch.where(has, new.scatter(1, j, worst), new)
+        new = new.sort(dim=1).values
+        moved = (new - cent).abs().max().item()
+        cent = new
+        if moved <= 1e-9 * float(width.max().item()):
+            break
+    return cent
+
+
+def kmeans_1d(weight: Tensor, bits: int, group_size: Optional[int] = None, iters: int = 20,
+              sample_weight: Optional[Tensor] = None, method: str = "kmeans") -> Tuple[Tensor, Tensor]:
+    """Cluster each group of output rows of ``weight [N, K]`` to 2**bits values.
+
+    Returns ``(idx, centroids)``: int32 indices [N, K] into ``centroids [G, 2**bits]`` (fp32,
+    ascending per group; G = ceil(N / group_size), one group when ``group_size`` is None), with
+    every weight mapped to its nearest centroid. ``sample_weight`` (broadcastable to [N, K],
+    non-negative, e.g. per-input-channel activation energy [K]) weights each weight's squared
+    error. ``method="uniform"`` places the centroids evenly between each group's min and max
+    (plain uniform quantisation, the baseline k-means is measured against).
+    """
+    owner = "kmeans_1d"
+    check_bits(bits, owner)
+    check_group_size(group_size, owner)
+    _check_method(method, iters, owner)
+    if weight.dim() != 2:
+        raise ValueError(f"{owner}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{owner}: the weight has NaN or infinite values; cannot build a codebook")
+    n, k = w.shape
+    gs = n if group_size is None else group_size
+    groups = ref.num_groups(n, gs)
+    c = 1 << bits
+    gid = ref.group_of_rows(n, max(gs, 1), w.device)
+    sw = None
+    if sample_weight is not None:
+        sw = torch.as_tensor(sample_weight, device=w.device).detach().float()
+        if sw.dim() == 1:
+            sw = sw.unsqueeze(0)
+        try:
+            torch.broadcast_shapes(sw.shape, w.shape)
+        except RuntimeError:
+            raise ValueError(f"{owner}: sample_weight of shape {tuple(sample_weight.shape)} does not broadcast to the "
+                             f"weight's {tuple(w.shape)}") from None
+        if bool((sw < 0).any()) or not bool(torch.isfinite(sw).all()):
+            raise ValueError(f"{owner}: sample_weight must be finite and non-negative")
+        if sw.shape[0] == 1 and n != 1:
+            sw = sw.expand(n, -1)
+    if n == 0 or k == 0:
+        return torch.zeros((n, k), dtype=torch.int32, device=w.device), torch.zeros((groups, c), device=w.device)
+    lo, hi = _group_ranges(w, gid, groups)
+    if method == "uniform":
+        step = (hi - lo) / c
+        cent = lo.unsqueeze(1) + (torch.arange(c, device=w.device, dtype=torch.float32) + 0.5) * step.unsqueeze(1)
+        return _assign(w, gid, cent), cent
+    per_group = max(1, (n * k) // groups)
+    bins = int(min(_MAX_BINS, max(64 * c, per_group // 4), max(16 * c, _MAX_HIST // groups)))
+    width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(hi))
+    wb, sb = _histogram(w, gid, sw, lo, width, groups, bins)
+    cent = _histogram_lloyd(wb, sb, lo, width, c, iters).float().sort(dim=1).values
+    # One exact Lloyd step on the weights themselves: centroids = means of their clusters, then
+    # every weight to its nearest centroid.
+    if iters > 0:
+        cent = _cluster_means(w, gid, _assign(w, gid, cent), sw, cent)
+    return _assign(w, gid, cent), cent
+
+
+def fit_codebook(weight: Tensor, bits: int, group_size: Optional[int] = None, iters: int = 20,
+                 sample_weight: Optional[Tensor] = None, method: str = "kmeans") -> Tuple[Tensor, Tensor]:
+    """:func:`kmeans_1d` in CodebookLinear's storage: ``(indices [N, packed] uint8, centroids [G, 2**bits] fp32)``."""
+    idx, cent = kmeans_1d(weight, bits, group_size, iters, sample_weight, method)
+    return ref.pack_indices(idx, bits), cent
+
+
+# ----------------------------------------------------------------------------- share_weights_
+@torch.no_grad()
+def input_energy(model: nn.Module, layers: Dict[str, nn.Module], calibration_data: Iterable,
+                 owner: str = "share_weights_") -> Dict[str, Tensor]:
+    """Per-input-channel mean of x_k^2 over every calibration token, for each linear-like layer."""
+    from bigkernels.quant.quantize import _run
+
+    sums: Dict[str, Tensor] = {}
+    counts: Dict[str, int] = {}
+
+    def hook(fqn, in_f):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, in_f).float()
+            s = x.square().sum(dim=0)
+            sums[fqn] = s if fqn not in sums else sums[fqn] + s
+            counts[fqn] = counts.get(fqn, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(fqn, _layers.features(m)[0])) for fqn, m in layers.items()]
+    try:
+        batches = 0
+        for batch in calibration_data:
+            _run(model, batch)
+            batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if batches == 0:
+        raise ValueError(f"{owner}: calibration_data yielded no batches")
+    return {fqn: s / max(counts[fqn], 1) for fqn, s in sums.items()}
+
+
+def _importance(energy: Optional[Tensor]) -> Optional[Tensor]:
+    """Activation energy as k-means weights, floored at 1e-3 of its mean: an input channel that
+    calibration never excited still counts a little (its weights then are not arbitrary)."""
+    if energy is None:
+        return None
+    floor = 1e-3 * energy.mean().clamp(min=1e-12)
+    return energy.clamp(min=0) + floor
+
+
+def _report(owner: str, converted: Dict[str, str], skipped: Dict[str, str]) -> None:
+    for fqn, why in skipped.items():
+        logger.info("%s: left %s alone (%s)", owner, fqn or "<root>", why)
+    if converted:
+        logger.info("%s: converted %d layer(s): %s", owner, len(converted),
+                    ", ".join(f"{fqn} ({what})" for fqn, what in converted.items()))
+    else:
+        why = "; ".join(f"{fqn or '<root>'}: {reason}" for fqn, reason in skipped.items())
+        warnings.warn(f"{owner}: no layer was converted ({len(skipped)} linear-like layer(s) left alone"
+                      f"{': ' + why if why else ''})", UserWarning, stacklevel=3)
+
+
+def share_weights_(model: nn.Module, bits: int = 4, group_size: Optional[int] = None,
+                   filter_fn: Optional[FilterFn] = None, method: str = "kmeans", iters: int = 20,
+                   calibration_data: Optional[Iterable] = None) -> nn.Module:
+    """Replace, in place, the linear-like layers of ``model`` (``nn.Linear`` and subclasses,
+    Hugging Face ``Conv1D``) by :class:`bigkernels.nn.CodebookLinear`; returns ``model``.
+
+    Every weight becomes a ``bits``-bit index (bits in {2, 3, 4, 8}) into a codebook of
+    ``2**bits`` centroids found by 1-D k-means (``method="kmeans"``, ``iters`` Lloyd iterations
+    on a histogram, then two exact ones) or evenly spaced (``method="uniform"``); one codebook per
+    layer, or per ``group_size`` output rows. With ``calibration_data`` (an iterable of model
+    inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments per batch),
+    the k-means is weighted by each input channel's mean squared activation, so the codebook
+    spends its resolution where the layer's output is sensitive.
+
+    ``filter_fn(module, fqn) -> bool`` chooses the layers (it sees every linear-like layer);
+    without it, output heads and layers with tied weights are left alone
+    (``bigkernels.nn._layers``). The layers converted and those left alone are logged on the
+    ``bigkernels`` logger; a warning says when nothing was converted. The centroids are
+    trainable: fine-tuning them (with the model's other parameters, e.g. with
+    ``bigkernels.optim.FusedAdamW``) keeps the sharing. Invalid arguments raise before anything
+    is changed.
+    """
+    owner = "share_weights_"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: expected an nn.Module, got {type(model).__name__}")
+    check_bits(bits, owner)
+    check_group_size(group_size, owner)
+    _check_method(method, iters, owner)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{owner}: filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    sel = _layers.select(model, filter_fn)
+    skipped = dict(sel.skipped)
+    targets: Dict[str, nn.Module] = {}
+    for fqn, m in sel.targets.items():
+        w = getattr(m, "weight", None)
+        if not fqn:
+            raise ValueError(f"{owner}: the model itself is a linear layer; wrap it (nn.Sequential(model)) or use "
+                             f"CodebookLinear.from_linear")
+        if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+            skipped[fqn] = "weight is not a 2-D floating-point tensor"
+        elif w.is_meta:
+            raise ValueError(f"{owner}: layer {fqn!r} has its weight on the meta device; load the weights first")
+        elif not bool(torch.isfinite(w.detach()).all()):
+            raise ValueError(f"{owner}: layer {fqn!r} has NaN or infinite weights")
+        else:
+            targets[fqn] = m
+    energy: Dict[str, Tensor] = {}
+    if calibration_data is not None and targets:
+        energy = input_energy(model, targets, calibration_data, owner)
+    converted: Dict[str, str] = {}
+    for fqn, m in targets.items():
+        layer = CodebookLinear.from_linear(m, bits=bits, group_size=group_size, method=method, iters=iters,
+                                           sample_weight=_importance(energy.get(fqn)))
+        _layers.set_submodule(model, fqn, layer)
+        in_f, out_f = layer.in_features, layer.out_features
+        converted[fqn] = f"{type(m).__name__} {in_f}->{out_f}, {bits}-bit, {layer.centroids.shape[0]} codebook(s)"
+    _report(owner, converted, skipped)
+    return model
