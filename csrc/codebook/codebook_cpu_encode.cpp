@@ -1,6 +1,7 @@
 // ISA-independent codebook row kernels: the encoder (weights -> nearest-centroid indices, packed)
 // and the centroid sums of the backward (each centroid's gradient: the sum of the dense weight's
 // gradient over the weights tied to it). Both are branch-free scalar loops over a row.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -10,15 +11,18 @@
 namespace bigkernels::codebook::cpu {
 namespace {
 
-// Number of the C - 1 ascending midpoints strictly below v (mids[C - 1] is +inf: a branch-free
-// binary search over C entries); NaN counts as above every midpoint, as torch.searchsorted has it.
+// Number of the C - 1 ascending midpoints strictly below v (mids[C - 1] is +inf): a branch-free
+// binary search over C entries, run for kLanes values in lockstep so that their dependent load
+// chains overlap; NaN counts as above every midpoint, as torch.searchsorted has it.
+constexpr int kLanes = 8;
+
 template <int C>
-inline uint32_t nearest(const float* mids, float v) {
-  if (v != v) return C - 1;
-  uint32_t i = 0;
+inline void nearest(const float* mids, const float* v, int n, uint32_t* out) {
+  uint32_t i[kLanes] = {};
+  for (uint32_t step = C / 2; step > 0; step /= 2)
 #pragma GCC unroll 8
-  for (uint32_t step = C / 2; step > 0; step /= 2) i += (mids[i + step - 1] < v) ? step : 0u;
-  return i;
+    for (int e = 0; e < kLanes; ++e) i[e] += step & (0u - uint32_t(e < n && mids[i[e] + step - 1] < v[e]));
+  for (int e = 0; e < n; ++e) out[e] = v[e] != v[e] ? uint32_t(C - 1) : i[e];
 }
 
 template <int BITS>
@@ -31,12 +35,16 @@ void encode_bits(const Format& f, const float* mids, const float* w, int64_t ldw
     const float* wr = w + n * ldw;
     uint8_t* o = out + n * f.ldi;
     std::memset(o, 0, size_t(row_bytes));
-    for (int64_t k = 0; k < f.K; ++k) {
-      const uint32_t idx = nearest<C>(m, wr[k]);
-      const int64_t bit = k * BITS;
-      const int shift = int(bit & 7);
-      o[bit >> 3] = uint8_t(o[bit >> 3] | (idx << shift));
-      if (shift + BITS > 8) o[(bit >> 3) + 1] = uint8_t(o[(bit >> 3) + 1] | (idx >> (8 - shift)));
+    for (int64_t k0 = 0; k0 < f.K; k0 += kLanes) {
+      const int cnt = int(std::min<int64_t>(kLanes, f.K - k0));
+      uint32_t idx[kLanes];
+      nearest<C>(m, wr + k0, cnt, idx);
+      for (int e = 0; e < cnt; ++e) {
+        const int64_t bit = (k0 + e) * BITS;
+        const int shift = int(bit & 7);
+        o[bit >> 3] = uint8_t(o[bit >> 3] | (idx[e] << shift));
+        if (shift + BITS > 8) o[(bit >> 3) + 1] = uint8_t(o[(bit >> 3) + 1] | (idx[e] >> (8 - shift)));
+      }
     }
   }
 }
