@@ -85,13 +85,14 @@ def unpack_indices(packed: Tensor, bits: int, in_features: int) -> Tensor:
     """The inverse of :func:`pack_indices`: ``[N, in_features]`` int64 indices."""
     n = packed.shape[0]
     per, nbytes = _UNIT[bits]
+    units = packed.shape[1] // nbytes
     p = packed.to(torch.int32)
     if nbytes > 1:
-        p = p.reshape(n, -1, nbytes)
+        p = p.reshape(n, units, nbytes)
         p = (p << (torch.arange(nbytes, device=p.device, dtype=torch.int32) * 8)).sum(dim=-1, dtype=torch.int32)
     shifts = torch.arange(per, device=p.device, dtype=torch.int32) * bits
     idx = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return idx.reshape(n, -1)[:, :in_features].long()
+    return idx.reshape(n, units * per)[:, :in_features].long()
 
 
 def group_of_rows(out_features: int, group_size: int, device) -> Tensor:
