@@ -2,6 +2,7 @@
 it replaces, one process, same data; plus the time k-means takes per layer.
 
     python benchmarks/bench_codebook.py [--quick] [--device cpu|cuda] [--out FILE.json]
+    BENCH_CPU_TIME=1 python benchmarks/bench_codebook.py ...   # CPU: one thread, CPU time (see below)
 
 Baseline: ``F.linear`` in the float dtype a user runs on that device (fp32 on the CPU, bf16 via
 cuBLAS on CUDA), timed in alternating rounds with ours (CPU) or by do_bench (GPU). Ours: the
@@ -12,6 +13,11 @@ lookup-table kernel alone). The "kmeans" rows time ``bigkernels.quant.codebook.f
 (histogram k-means + one exact Lloyd step + packing) on a Gaussian weight of that shape, with the
 relative MSE of the shared weight; full CPU runs add torchao's prototype codebook k-means (the only
 peer with weight-shared codebooks; its layer dequantises and calls F.linear) on 512 x 512.
+
+``BENCH_CPU_TIME=1`` (CPU only): one thread, and each call timed by the thread's CPU time
+(``time.thread_time``) instead of the wall clock, still in alternating rounds: on a machine shared
+with other jobs this excludes the time the OS gave them, so the ratios measure the kernels rather
+than the load (it cannot show 2-thread scaling or the memory bandwidth other jobs take).
 """
 from __future__ import annotations
 
@@ -101,8 +107,34 @@ def kmeans_rows(device: str, quick: bool, meta: dict) -> List[dict]:
     return rows
 
 
+def _cpu_time_providers(fns: Dict[str, Callable], quick: bool, budget_s: float) -> Dict[str, tuple]:
+    """(median, p20, p80) ms of thread CPU time per call, providers in alternating rounds."""
+    import statistics
+
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    deadline = time.thread_time() + (1.5 if quick else budget_s)
+    rounds = 0
+    while rounds < 5 or (time.thread_time() < deadline and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            fn()
+            times[name].append((time.thread_time() - t0) * 1e3)
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        qs = statistics.quantiles(ts, n=10)
+        out[name] = (statistics.median(ts), qs[1], qs[7])
+    return out
+
+
 def run(device: str, quick: bool) -> List[dict]:
+    cpu_time = device == "cpu" and os.environ.get("BENCH_CPU_TIME") == "1"
+    if cpu_time:
+        torch.set_num_threads(1)
     meta = metadata(device, "codebook_mm")
+    meta["timing"] = "thread CPU time, 1 thread" if cpu_time else "wall clock"
     print(header(meta))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
@@ -111,7 +143,7 @@ def run(device: str, quick: bool) -> List[dict]:
         lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
         fns, layers = providers(x, lin, bits_list)
-        res = time_providers(fns, device, quick, budget_s=4.0)
+        res = (_cpu_time_providers(fns, quick, 4.0) if cpu_time else time_providers(fns, device, quick, budget_s=4.0))
         base = next(t[0] for name, t in res.items() if name.startswith("F.linear"))
         for name, (med, lo, hi) in res.items():
             path = layers[name]._routes.get(x) if name in layers else None
@@ -124,6 +156,8 @@ def run(device: str, quick: bool) -> List[dict]:
 
 def print_table(rows: List[dict]) -> None:
     head = f"{'M x K x N':<18} {'provider':<36} {'ms':>10} {'TFLOP/s':>8} {'vs F.linear':>12}  note"
+    if rows:
+        print(f"# timing: {rows[0].get('timing', 'wall clock')}")
     print(head)
     print("-" * len(head))
     for r in rows:

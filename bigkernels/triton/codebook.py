@@ -23,7 +23,6 @@ autotune config x bit width x dtype).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -36,6 +35,8 @@ from bigkernels.reference import codebook as ref
 from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy, _m_bucket,
                                        launch_tiled)
 from bigkernels.triton._common import _traced as _launch
+# Shared with the int8 kernels: grouped tile order, the config constructor, the GPU's SM count.
+from bigkernels.triton.quant import _cfg, _num_sms, _tile_ids
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -58,21 +59,6 @@ def _lookup(idx_ptr, cent_ptr, offs_k, offs_n, k_mask, stride_in, GROUP_SIZE, BI
     idx = (lo >> shift) & ((1 << BITS) - 1)
     group = (offs_n // GROUP_SIZE).to(tl.int64)
     return tl.load(cent_ptr + group[None, :] * (1 << BITS) + idx, mask=k_mask, other=0.0)
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row tiles sweep the columns together (L2 reuse)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -150,10 +136,6 @@ def _dequantize_kernel(idx_ptr, cent_ptr, out_ptr, N, K, GROUP_SIZE, stride_in, 
 # --------------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, bk, group, stages, warps):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group), num_stages=stages, num_warps=warps)
-
-
 # M <= 16 (decode): the packed weight dominates the traffic; narrow M tiles, wide K tiles, split-K.
 _SMALL_M = [
     _cfg(16, 32, 128, 1, 4, 4),
@@ -185,11 +167,6 @@ else:
     _SPLITK_KDIV = max(c.kwargs["BLOCK_K"] for c in _SMALL_M)
     _mm_small = triton.autotune(configs=_SMALL_M, key=_AUTOTUNE_KEY + ["SPLIT_K", "BITS"])(_codebook_mm_kernel)
     _mm_large = triton.autotune(configs=_LARGE_M, key=_AUTOTUNE_KEY + ["BITS"])(_codebook_mm_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,13 +83,18 @@ Format format_of(const at::Tensor& idx, const at::Tensor& table, int64_t K, int6
                 bits, K};
 }
 
+// Below this many multiply-adds a product runs on the calling thread: waking the other threads
+// costs more (and, on a loaded machine, can cost milliseconds).
+constexpr int64_t kSerialWork = 1 << 18;
+
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds up
 // to 64 rows of x and ~128 KiB of packed W rows (which stay in L2 while the kernel's row tiles
 // of x pass over them); blocks shrink (rows of W first: M = 1 splits N) until every thread gets
 // about four.
 template <class Fn>
-void for_each_block(int64_t M, int64_t N, int64_t w_row_bytes, const Fn& fn) {
+void for_each_block(int64_t M, int64_t N, int64_t K, int64_t w_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
+  if (M * N * std::max<int64_t>(K, 1) <= kSerialWork) return fn(0, M, 0, N);
   constexpr int64_t kRowsPerBlock = 64, kWBlockBytes = 128 << 10, kN = 4, kM = 4;
   const int64_t want = 4 * int64_t(at::get_num_threads());
   int64_t nb = std::max<int64_t>(kN, kWBlockBytes / std::max<int64_t>(w_row_bytes, 1) / kN * kN);
@@ -110,6 +115,7 @@ void for_each_block(int64_t M, int64_t N, int64_t w_row_bytes, const Fn& fn) {
 template <class Fn>
 void for_each_rows(int64_t N, int64_t K, const Fn& fn) {
   if (N == 0) return;
+  if (N * std::max<int64_t>(K, 1) <= kSerialWork) return fn(0, N);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(n0, n1); });
 }
@@ -135,10 +141,17 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
   const at::Tensor x = as_f32(x_in), idx = rows_unit_stride(indices_in), table = centroids.to(at::kFloat).contiguous();
   const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
                                                         : std::nullopt;
-  GemmArgs g{format_of(idx, table, K, group_size, bits), x.data_ptr<float>(), x.stride(0),
-             bi ? bi->data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
   const Kernels& k = best_kernels();
-  for_each_block(M, N, std::max<int64_t>(idx.size(1), 1),
+  GemmArgs g{format_of(idx, table, K, group_size, bits), x.data_ptr<float>(), x.stride(0), nullptr,
+             bi ? bi->data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
+  // Small M on the 4-bit lookup path: x rearranged once here rather than by every block.
+  at::Tensor xp;
+  if (bits == 4 && k.permute_x && M < k.permute_rows && K >= 64) {
+    xp = at::empty({M, K / 64 * 64}, x.options());
+    k.permute_x(g.x, g.ldx, K, 0, M, xp.data_ptr<float>());
+    g.xp = xp.data_ptr<float>();
+  }
+  for_each_block(M, N, K, std::max<int64_t>(idx.size(1), 1),
                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.lut_gemm(g, m0, m1, n0, n1); });
   return out;
 }

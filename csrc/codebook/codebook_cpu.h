@@ -30,6 +30,9 @@ struct GemmArgs {
   Format w;
   const float* x;
   int64_t ldx;
+  // x rows in the instruction set's 4-bit lookup order (Kernels::permute_x), row stride K / 64 * 64,
+  // or null: then the kernel permutes each block's rows itself.
+  const float* xp;
   const float* bias;  // may be null
   void* out;
   int64_t ldo;
@@ -42,6 +45,12 @@ struct Kernels {
   void (*lut_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // Rows [n0, n1) of the dense W, stored as out_dtype into out (row stride ldo).
   void (*dequantize_rows)(const Format&, int64_t n0, int64_t n1, void* out, int64_t ldo, DType out_dtype);
+  // Null, or: the rows [m0, m1) of x (fp32, row stride ldx, K columns) rearranged into xp (row
+  // stride K / 64 * 64) in the order the instruction set's 4-bit lookup produces weights, for
+  // GemmArgs::xp (the binding calls it once per call, where blocks would each redo it).
+  void (*permute_x)(const float* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, float* xp);
+  // The 4-bit lookup path runs (and wants xp) for blocks of fewer rows of x than this.
+  int64_t permute_rows;
 };
 
 const Kernels& scalar_kernels();

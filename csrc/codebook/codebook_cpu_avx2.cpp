@@ -94,6 +94,7 @@ struct Avx2Dec<8> {  // one index per byte: eight scalar loads from the 1 KiB ta
 struct Isa {
   using V = Vec8;
   static constexpr bool kNibbleGemm = true;
+  static constexpr int64_t kNibbleRows = 4;
   static void nibble_gemm(const bigkernels::codebook::cpu::GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
                           int64_t n1);
   static V fma(V a, V b, V c) { return V(_mm256_fmadd_ps(a.x, b.x, c.x)); }
@@ -155,9 +156,12 @@ void nibble_tile(const GemmArgs& g, const float* xp, int64_t K64, int64_t m, int
   const __m256i low = _mm256_set1_epi8(15);
   const int64_t ldi = g.w.ldi;
   const uint8_t* w = g.w.idx + n * ldi;
-  __m256 acc[MR][NR][2];
+  // one accumulator per (row of x, row of W, output vector q): the four FMAs of a lookup go to
+  // four independent chains (chained, they were latency-bound and spilled)
+  __m256 acc[MR][NR][4];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+    for (int j = 0; j < NR; ++j)
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K64; k += 64) {
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
@@ -172,11 +176,8 @@ void nibble_tile(const GemmArgs& g, const float* xp, int64_t K64, int64_t m, int
 #pragma GCC unroll 4
         for (int i = 0; i < MR; ++i) {
           const float* xr = xp + i * K64 + k + 32 * h;
-          __m256 a = acc[i][j][h];
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(xr), f[0], a);
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), f[1], a);
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), f[2], a);
-          acc[i][j][h] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), f[3], a);
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) acc[i][j][q] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * q), f[q], acc[i][j][q]);
         }
       }
     }
@@ -185,7 +186,8 @@ void nibble_tile(const GemmArgs& g, const float* xp, int64_t K64, int64_t m, int
     const float* xr = g.x + (m + i) * g.ldx;
     for (int j = 0; j < NR; ++j) {
       const uint8_t* wr = w + j * ldi;
-      float s = float(Vec8(_mm256_add_ps(acc[i][j][0], acc[i][j][1])).sum_lanes());
+      const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[i][j][0], acc[i][j][1]), _mm256_add_ps(acc[i][j][2], acc[i][j][3]));
+      float s = float(Vec8(a).sum_lanes());
       for (int64_t k = K64; k < g.w.K; ++k) s += xr[k] * table[index_at<4>(wr, k)];
       if (g.bias) s = s + g.bias[n + j];
       store_float(g.out_dtype, g.out, (m + i) * g.ldo + (n + j), s);
@@ -194,25 +196,37 @@ void nibble_tile(const GemmArgs& g, const float* xp, int64_t K64, int64_t m, int
 }
 }  // namespace
 
+namespace {
+void permute_x(const float* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, float* xp) {
+  const int64_t K64 = K / 64 * 64;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t k = 0; k < K64; k += 64) permute_block(x + m * ldx + k, xp + (m - m0) * K64 + k);
+}
+}  // namespace
+
 void Isa::nibble_gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t K64 = g.w.K / 64 * 64;
-  std::vector<float> xp(size_t((m1 - m0) * K64));
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t k = 0; k < K64; k += 64) permute_block(g.x + m * g.ldx + k, xp.data() + (m - m0) * K64 + k);
+  std::vector<float> own;
+  const float* xrows = g.xp ? g.xp + m0 * K64 : nullptr;
+  if (!xrows) {
+    own.resize(size_t((m1 - m0) * K64));
+    permute_x(g.x, g.ldx, g.w.K, m0, m1, own.data());
+    xrows = own.data();
+  }
   int64_t m = m0;
   for (; m + 2 <= m1; m += 2)
     over_row_tiles<1>(g.w, n0, n1, [&](auto nr, int64_t n, const float* table) {
-      nibble_tile<2, decltype(nr)::value>(g, xp.data() + (m - m0) * K64, K64, m, n, table);
+      nibble_tile<2, decltype(nr)::value>(g, xrows + (m - m0) * K64, K64, m, n, table);
     });
   if (m < m1)
-    over_row_tiles<2>(g.w, n0, n1, [&](auto nr, int64_t n, const float* table) {
-      nibble_tile<1, decltype(nr)::value>(g, xp.data() + (m - m0) * K64, K64, m, n, table);
+    over_row_tiles<1>(g.w, n0, n1, [&](auto nr, int64_t n, const float* table) {
+      nibble_tile<1, decltype(nr)::value>(g, xrows + (m - m0) * K64, K64, m, n, table);
     });
 }
 
 namespace bigkernels::codebook::cpu {
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", lut_gemm_block<Isa>, dequantize_rows<Isa>};
+  static const Kernels k{"avx2", lut_gemm_block<Isa>, dequantize_rows<Isa>, permute_x, Isa::kNibbleRows};
   return k;
 }
 }  // namespace bigkernels::codebook::cpu

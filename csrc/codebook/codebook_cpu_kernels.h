@@ -165,7 +165,7 @@ void lut_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
     case 3: return lut_gemm_bits<I, 3>(g, m0, m1, n0, n1);
     case 4:
       if constexpr (I::kNibbleGemm) {  // small M: decoding dominates (measured: the generic tiles win from M = 4)
-        if (g.w.K >= 64 && m1 - m0 < kMR) return I::nibble_gemm(g, m0, m1, n0, n1);
+        if (g.w.K >= 64 && m1 - m0 < I::kNibbleRows) return I::nibble_gemm(g, m0, m1, n0, n1);
       }
       return lut_gemm_bits<I, 4>(g, m0, m1, n0, n1);
     default: return lut_gemm_bits<I, 8>(g, m0, m1, n0, n1);
