@@ -1,5 +1,9 @@
-"""Fused optimizers: drop-in replacements for torch.optim.Adam, AdamW and SGD."""
+"""Fused optimizers: drop-in replacements for torch.optim.Adam, AdamW, SGD, RMSprop and Adafactor,
+and a fused Lion."""
+from bigkernels.optim.adafactor import FusedAdafactor
 from bigkernels.optim.adam import FusedAdam, FusedAdamW
+from bigkernels.optim.lion import FusedLion
+from bigkernels.optim.rmsprop import FusedRMSprop
 from bigkernels.optim.sgd import FusedSGD
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "FusedRMSprop", "FusedAdafactor", "FusedLion"]
