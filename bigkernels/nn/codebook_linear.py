@@ -180,3 +180,17 @@ class CodebookLinear(nn.Module):
         groups = "per layer" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, codebooks={self.num_codebooks} ({groups})")
+
+
+def _describe(layer: CodebookLinear) -> dict:
+    return layer.config()
+
+
+def _build(layer: nn.Module, spec: dict, dtype: torch.dtype) -> CodebookLinear:
+    device = next(iter(layer.parameters()), torch.empty(0)).device
+    return CodebookLinear.from_config({k: spec[k] for k in ("in_features", "out_features", "bias", "bits", "group_size")},
+                                      device=device, dtype=dtype)
+
+
+_layers.register_compressed(_layers.CompressedType(
+    "CodebookLinear", detect=lambda m: isinstance(m, CodebookLinear), describe=_describe, build=_build))

@@ -25,20 +25,18 @@ from ``calibration_data``.
 """
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from bigkernels.nn import _layers
+from bigkernels.nn._checks import KERNEL_DTYPES
 from bigkernels.nn.codebook_linear import CodebookLinear
 from bigkernels.ops import codebook as codebook_ops
 from bigkernels.reference import codebook as ref
 
-logger = logging.getLogger("bigkernels")
 
 METHODS = ("kmeans", "uniform")
 BITS = ref.BITS
@@ -250,37 +248,6 @@ def fit_codebook(weight: Tensor, bits: int, group_size: Optional[int] = None, it
 
 
 # ----------------------------------------------------------------------------- share_weights_
-@torch.no_grad()
-def input_energy(model: nn.Module, layers: Dict[str, nn.Module], calibration_data: Iterable,
-                 owner: str = "share_weights_") -> Dict[str, Tensor]:
-    """Per-input-channel mean of x_k^2 over every calibration token, for each linear-like layer."""
-    from bigkernels.quant.quantize import _run
-
-    sums: Dict[str, Tensor] = {}
-    counts: Dict[str, int] = {}
-
-    def hook(fqn, in_f):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, in_f).float()
-            s = x.square().sum(dim=0)
-            sums[fqn] = s if fqn not in sums else sums[fqn] + s
-            counts[fqn] = counts.get(fqn, 0) + x.shape[0]
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(fqn, _layers.features(m)[0])) for fqn, m in layers.items()]
-    try:
-        batches = 0
-        for batch in calibration_data:
-            _run(model, batch)
-            batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if batches == 0:
-        raise ValueError(f"{owner}: calibration_data yielded no batches")
-    return {fqn: s / max(counts[fqn], 1) for fqn, s in sums.items()}
-
-
 def _importance(energy: Optional[Tensor]) -> Optional[Tensor]:
     """Activation energy as k-means weights, floored at 1e-3 of its mean: an input channel that
     calibration never excited still counts a little (its weights then are not arbitrary)."""
@@ -288,18 +255,6 @@ def _importance(energy: Optional[Tensor]) -> Optional[Tensor]:
         return None
     floor = 1e-3 * energy.mean().clamp(min=1e-12)
     return energy.clamp(min=0) + floor
-
-
-def _report(owner: str, converted: Dict[str, str], skipped: Dict[str, str]) -> None:
-    for fqn, why in skipped.items():
-        logger.info("%s: left %s alone (%s)", owner, fqn or "<root>", why)
-    if converted:
-        logger.info("%s: converted %d layer(s): %s", owner, len(converted),
-                    ", ".join(f"{fqn} ({what})" for fqn, what in converted.items()))
-    else:
-        why = "; ".join(f"{fqn or '<root>'}: {reason}" for fqn, reason in skipped.items())
-        warnings.warn(f"{owner}: no layer was converted ({len(skipped)} linear-like layer(s) left alone"
-                      f"{': ' + why if why else ''})", UserWarning, stacklevel=3)
 
 
 def share_weights_(model: nn.Module, bits: int = 4, group_size: Optional[int] = None,
@@ -310,19 +265,27 @@ def share_weights_(model: nn.Module, bits: int = 4, group_size: Optional[int] = 
 
     Every weight becomes a ``bits``-bit index (bits in {2, 3, 4, 8}) into a codebook of
     ``2**bits`` centroids found by 1-D k-means (``method="kmeans"``, ``iters`` Lloyd iterations
-    on a histogram, then two exact ones) or evenly spaced (``method="uniform"``); one codebook per
+    on a histogram, then one exact one) or evenly spaced (``method="uniform"``); one codebook per
     layer, or per ``group_size`` output rows. With ``calibration_data`` (an iterable of model
-    inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments per batch),
-    the k-means is weighted by each input channel's mean squared activation, so the codebook
-    spends its resolution where the layer's output is sensitive.
+    inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments per batch;
+    a single tensor is one batch), the k-means is weighted by each input channel's mean squared
+    activation, so the codebook spends its resolution where the layer's output is sensitive.
 
-    ``filter_fn(module, fqn) -> bool`` chooses the layers (it sees every linear-like layer);
-    without it, output heads and layers with tied weights are left alone
-    (``bigkernels.nn._layers``). The layers converted and those left alone are logged on the
-    ``bigkernels`` logger; a warning says when nothing was converted. The centroids are
-    trainable: fine-tuning them (with the model's other parameters, e.g. with
-    ``bigkernels.optim.FusedAdamW``) keeps the sharing. Invalid arguments raise before anything
-    is changed.
+    Which layers (``bigkernels.nn._layers``, as :func:`bigkernels.quantize_`): those
+    ``filter_fn(module, fqn)`` accepts; by default every linear-like layer but tied ones (a
+    layer whose weight is shared, such as a tied ``lm_head``: replacing it would untie it and
+    keep both copies — never done, even when ``filter_fn`` picks it) and
+    ``nn.MultiheadAttention``'s ``out_proj``; an untied output head is converted like the other
+    layers (leave it out with ``filter_fn``). One INFO line on the ``bigkernels`` logger says
+    what was converted and what was left alone; a warning says when nothing was. A Hugging Face
+    model records the new layers in its config, so ``save_pretrained`` / ``from_pretrained``
+    keep them.
+
+    The centroids are trainable: fine-tuning them (with the model's other parameters, e.g. with
+    ``bigkernels.optim.FusedAdamW``) keeps the sharing. Raises before changing anything: a bad
+    argument; a model that is itself a linear layer (use ``CodebookLinear.from_linear``); chosen
+    layers with weights on the meta device, with NaN/inf weights or in a dtype the kernels do not
+    take (float64); a calibration batch that does not fit the layers (the error names the layer).
     """
     owner = "share_weights_"
     if not isinstance(model, nn.Module):
@@ -330,33 +293,46 @@ def share_weights_(model: nn.Module, bits: int = 4, group_size: Optional[int] = 
     check_bits(bits, owner)
     check_group_size(group_size, owner)
     _check_method(method, iters, owner)
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"{owner}: filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
-    sel = _layers.select(model, filter_fn)
-    skipped = dict(sel.skipped)
-    targets: Dict[str, nn.Module] = {}
+    sel = _layers.select(model, filter_fn, call=owner, skip_heads=False, replace=True)
+    already = {fqn: f"already {type(m).__name__}" for fqn, m in sel.converted.items()}
+    problems = {"on the meta device (load the weights first)": [], "with NaN or infinite weights": [],
+                "in float64 (cast the model first, e.g. model.float())": []}
     for fqn, m in sel.targets.items():
-        w = getattr(m, "weight", None)
-        if not fqn:
-            raise ValueError(f"{owner}: the model itself is a linear layer; wrap it (nn.Sequential(model)) or use "
-                             f"CodebookLinear.from_linear")
-        if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
-            skipped[fqn] = "weight is not a 2-D floating-point tensor"
-        elif w.is_meta:
-            raise ValueError(f"{owner}: layer {fqn!r} has its weight on the meta device; load the weights first")
-        elif not bool(torch.isfinite(w.detach()).all()):
-            raise ValueError(f"{owner}: layer {fqn!r} has NaN or infinite weights")
-        else:
-            targets[fqn] = m
+        w = _layers.linear_weight(m).detach()
+        if w.is_meta:
+            problems["on the meta device (load the weights first)"].append(fqn)
+        elif w.dtype not in KERNEL_DTYPES:
+            problems["in float64 (cast the model first, e.g. model.float())"].append(fqn)
+        elif not bool(torch.isfinite(w).all()):
+            problems["with NaN or infinite weights"].append(fqn)
+    bad = "; ".join(f"{_layers.names(fqns)} ({why})" for why, fqns in problems.items() if fqns)
+    if bad:
+        raise ValueError(f"{owner}: cannot share the weights of layers {bad}; or leave them out with filter_fn")
     energy: Dict[str, Tensor] = {}
-    if calibration_data is not None and targets:
-        energy = input_energy(model, targets, calibration_data, owner)
-    converted: Dict[str, str] = {}
-    for fqn, m in targets.items():
-        layer = CodebookLinear.from_linear(m, bits=bits, group_size=group_size, method=method, iters=iters,
-                                           sample_weight=_importance(energy.get(fqn)))
-        _layers.set_submodule(model, fqn, layer)
-        in_f, out_f = layer.in_features, layer.out_features
-        converted[fqn] = f"{type(m).__name__} {in_f}->{out_f}, {bits}-bit, {layer.centroids.shape[0]} codebook(s)"
-    _report(owner, converted, skipped)
+    weighted = ""
+    if calibration_data is not None and sel.targets:
+        from bigkernels.quant.quantize import run_calibration
+
+        sums: Dict[str, Tensor] = {}
+        counts: Dict[str, int] = {}
+
+        def record(fqn, x):
+            sq = x.square().sum(dim=0)
+            sums[fqn] = sq if fqn not in sums else sums[fqn] + sq
+            counts[fqn] = counts.get(fqn, 0) + x.shape[0]
+
+        run_calibration(owner, model, sel.targets, calibration_data, record)
+        energy = {fqn: s / max(counts[fqn], 1) for fqn, s in sums.items()}
+        missed = [fqn for fqn in sel.targets if fqn not in energy]
+        weighted = ", weighted by calibration" + (
+            f" except {_layers.names(missed)} (not reached by calibration_data)" if missed else "")
+
+    def convert(fqn, layer):
+        return CodebookLinear.from_linear(layer, bits=bits, group_size=group_size, method=method, iters=iters,
+                                          sample_weight=_importance(energy.get(fqn)))
+
+    done = _layers.replace_each(owner, model, sel.targets, convert)
+    groups = "per layer" if group_size is None else f"per {group_size} rows"
+    _layers.report(owner, f"CodebookLinear({bits}-bit, {method}, codebook {groups}{weighted})", done, sel,
+                   extra_skipped=already, model=model)
     return model
