@@ -15,9 +15,10 @@ from conftest import assert_close, devices, poison_, require_kernel
 ops = torch.ops.bigkernels
 BITS = [2, 3, 4, 8]
 # (M, K, N, group_size): K not a multiple of 8 / 64 (the AVX2 steps), N not a multiple of the row
-# tiles, groups that split a tile and a last group shorter than the others, M = 0 and 1.
+# tiles, groups that split a tile and a last group shorter than the others, M = 0 and 1; M >= 32
+# runs the CPU panel path (K over several 256-wide slices, M not a multiple of its 3-row tiles).
 SHAPES = [(5, 123, 77, 77), (1, 4097, 33, 33), (0, 64, 16, 16), (1, 64, 6, 4), (13, 200, 7, 3), (3, 130, 25, 10),
-          (2, 67, 9, 9), (6, 64, 5, 5)]
+          (2, 67, 9, 9), (6, 64, 5, 5), (37, 123, 77, 77), (40, 603, 19, 7), (70, 300, 21, 5)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
