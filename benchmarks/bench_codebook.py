@@ -1,7 +1,7 @@
 """CodebookLinear (weight sharing: k-means codebooks, lookup-table GEMV/GEMM) vs the float nn.Linear
 it replaces, one process, same data; plus the time k-means takes per layer.
 
-    python benchmarks/bench_codebook.py [--quick] [--device cpu|cuda] [--out FILE.json]
+    python benchmarks/bench_codebook.py [--quick] [--sweep] [--device cpu|cuda] [--out FILE.json]
     BENCH_CPU_TIME=1 python benchmarks/bench_codebook.py ...   # CPU: one thread, CPU time (see below)
 
 Baseline: ``F.linear`` in the float dtype a user runs on that device (fp32 on the CPU, bf16 via
@@ -33,15 +33,19 @@ from bigkernels.nn import CodebookLinear
 from bigkernels.quant.codebook import fit_codebook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_main, header, metadata, time_providers  # noqa: E402
+from common import (SWEEP_HELP, SWEEP_KN, SWEEP_M, bench_main, header, metadata, print_worst,  # noqa: E402
+                    time_cpu_interleaved, time_providers)
 
 KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
-def grid(device: str, quick: bool):
+def grid(device: str, quick: bool, sweep: bool = False):
     """(M, K, N, bit widths): the issue's 4096 x 4096 at M = 1 first; full runs add the Llama-size
     MLP shapes, M = 16 / 128, every bit width at 4096^2 and a small layer (the edge of "never
-    slower than dense", where the module must fall back to the dense product)."""
+    slower than dense", where the module must fall back to the dense product). ``sweep``: 4 bits
+    over SWEEP_M x SWEEP_KN."""
+    if sweep:
+        return [(m, k, n, (4,)) for k, n in SWEEP_KN for m in SWEEP_M]
     if device == "cuda":
         ms = [1, 16] if quick else [1, 4, 16, 128, 2048]
         return [(m, 4096, 4096, (4,) if quick else (2, 3, 4, 8)) for m in ms] + \
@@ -107,29 +111,7 @@ def kmeans_rows(device: str, quick: bool, meta: dict) -> List[dict]:
     return rows
 
 
-def _cpu_time_providers(fns: Dict[str, Callable], quick: bool, budget_s: float) -> Dict[str, tuple]:
-    """(median, p20, p80) ms of thread CPU time per call, providers in alternating rounds."""
-    import statistics
-
-    for fn in fns.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    deadline = time.thread_time() + (1.5 if quick else budget_s)
-    rounds = 0
-    while rounds < 5 or (time.thread_time() < deadline and rounds < 200):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            fn()
-            times[name].append((time.thread_time() - t0) * 1e3)
-        rounds += 1
-    out = {}
-    for name, ts in times.items():
-        qs = statistics.quantiles(ts, n=10)
-        out[name] = (statistics.median(ts), qs[1], qs[7])
-    return out
-
-
-def run(device: str, quick: bool) -> List[dict]:
+def run(device: str, quick: bool, sweep: bool = False) -> List[dict]:
     cpu_time = device == "cpu" and os.environ.get("BENCH_CPU_TIME") == "1"
     if cpu_time:
         torch.set_num_threads(1)
@@ -138,19 +120,21 @@ def run(device: str, quick: bool) -> List[dict]:
     print(header(meta))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
-    for m, k, n, bits_list in grid(device, quick):
+    for m, k, n, bits_list in grid(device, quick, sweep):
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
         fns, layers = providers(x, lin, bits_list)
-        res = (_cpu_time_providers(fns, quick, 4.0) if cpu_time else time_providers(fns, device, quick, budget_s=4.0))
+        res = (time_cpu_interleaved(fns, quick, 4.0, clock=time.thread_time) if cpu_time
+               else time_providers(fns, device, quick, budget_s=4.0))
         base = next(t[0] for name, t in res.items() if name.startswith("F.linear"))
         for name, (med, lo, hi) in res.items():
             path = layers[name]._routes.get(x) if name in layers else None
             rows.append(dict(meta, kernel="codebook_linear", provider=name, shape=f"{m}x{k}x{n}",
                              dtype=str(dtype).split(".")[1], ms=med, ms_p20=lo, ms_p80=hi, speedup=base / med,
                              tflops=2 * m * n * k / med / 1e9, path=path))
-    rows += kmeans_rows(device, quick, meta)
+    if not sweep:
+        rows += kmeans_rows(device, quick, meta)
     return rows
 
 
@@ -164,10 +148,14 @@ def print_table(rows: List[dict]) -> None:
         extra = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         note = f"path {r['path']}" if r.get("path") else (f"rel. MSE {r['rel_mse']:.2e}" if "rel_mse" in r else "")
         print(f"{r['shape']:<18} {r['provider']:<36} {r['ms']:>10.4f} {r.get('tflops', 0.0):>8.3f} {extra:>12}  {note}")
+    # the module (shape dispatch) must never lose to F.linear; the bare kernel op may
+    print_worst([r for r in rows if r["provider"].startswith("bigkernels ") and "speedup" in r
+                 and r["shape"].split("x", 1)[1] != "256x256"])
 
 
 def main(argv=None):
-    return bench_main(__doc__.split("\n")[0], run, print_table, argv)
+    return bench_main(__doc__.split("\n")[0], run, print_table, argv,
+                      options={"sweep": dict(action="store_true", help=SWEEP_HELP)})
 
 
 if __name__ == "__main__":

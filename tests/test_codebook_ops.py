@@ -10,7 +10,7 @@ import torch
 
 from bigkernels.ops import codebook as cb_ops
 from bigkernels.reference import codebook as ref
-from conftest import assert_close, devices, poison_, require_kernel
+from conftest import assert_close, check_16bit, devices, poison_, require_kernel
 
 ops = torch.ops.bigkernels
 BITS = [2, 3, 4, 8]
@@ -68,15 +68,6 @@ def test_pack_unpack_round_trip(bits):
         assert torch.equal(ref.unpack_indices(packed, bits, k), idx)
 
 
-def _check_16bit(got, ref32, ref_lowp, what):
-    """Error vs the fp32 reference at most 2x the error of the reference run in the low dtype."""
-    if got.numel() == 0:
-        return
-    own = (ref_lowp.double() - ref32.double()).abs().max().item()
-    err = (got.double() - ref32.double()).abs().max().item()
-    assert err <= 2 * own + 1e-6, f"{what}: error {err:.3g} > 2x the reference's own error {own:.3g}"
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -98,7 +89,7 @@ def test_codebook_mm(device, dtype, shape, bits, isa):
     else:
         ref32 = ref.codebook_mm(x.float(), packed, cent, bias.float(), gs)
         lowp = torch.nn.functional.linear(x, w64.to(dtype), bias)
-        _check_16bit(got, ref32, lowp, f"codebook_mm {bits}-bit {dtype}")
+        check_16bit(got, ref32, lowp, f"codebook_mm {bits}-bit {dtype}")
 
 
 @pytest.mark.parametrize("device", devices())

@@ -82,14 +82,3 @@ def test_opcheck_and_bad_input():
         OPS.codebook_mm_triton(x, packed.to(torch.int32), cent, None, 4)
     with pytest.raises(ValueError, match="bias"):
         OPS.codebook_mm_triton(x, packed, cent, torch.randn(3).to(DEVICE), 4)
-
-
-def test_aot_cases_cover_every_config_and_bit_width():
-    cases = tri.AOT_CASES
-    mm = [c for c in cases if c[0] is tri._codebook_mm_kernel]
-    assert len(mm) == 3 * 4 * (len(tri._SMALL_M) + len(tri._LARGE_M))
-    for fn, sig, const, opts in cases:
-        params = fn.arg_names
-        assert set(sig) == set(params), f"{fn.__name__}: signature must name every argument"
-        assert all(sig[k] == "constexpr" for k in const) and set(const) <= set(params)
-        assert {"num_warps"} <= set(opts)

@@ -17,9 +17,8 @@ Ops (``bigkernels`` namespace; same schemas and semantics as their namesakes in
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one small fixed config. On a GPU,
 ``codebook_mm`` is autotuned (small-M and large-M config lists for sm_80 / sm_90; configs that do
-not fit a device's shared memory are skipped by the autotuner). :data:`AOT_CASES` lists every
-(kernel, signature, constexprs) to compile ahead of time for sm_80 / sm_90 (CI: one entry per
-autotune config x bit width x dtype).
+not fit a device's shared memory are pruned before any launch: ``_common.smem_pruner``).
+:func:`aot_cases` lists what tests/test_triton_aot.py compiles ahead of time for sm_80 / sm_90.
 """
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ from torch.library import triton_op
 
 from bigkernels.reference import codebook as ref
 from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy, _m_bucket,
-                                       launch_tiled)
-from bigkernels.triton._common import _traced as _launch
+                                       autotune, dtype_size, launch_tiled, launcher, tile_smem)
 # Shared with the int8 kernels: grouped tile order, the config constructor, the GPU's SM count.
 from bigkernels.triton.quant import _cfg, _num_sms, _tile_ids
 
@@ -154,6 +152,20 @@ _LARGE_M = [
     _cfg(32, 64, 128, 8, 4, 4),
 ]
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+
+
+def _mm_smem(config, named_args, kwargs) -> int:
+    """Shared memory of a codebook_mm config (the pruner's estimate, checked against Triton's
+    allocation by tests/test_triton_aot.py), an upper bound: the pipelined x tiles and index bytes
+    (two loads per entry for 3 bits), the looked-up weight tile in x's dtype (a dot operand), or
+    the fp32 accumulator's layout conversion at the store if that is larger."""
+    xs = dtype_size(named_args["x_ptr"])
+    idx_loads = 2 if kwargs.get("BITS") == 3 else 1
+    pipelined = tile_smem(config, x=(("BLOCK_M", "BLOCK_K"), xs), idx=(("BLOCK_K", "BLOCK_N"), idx_loads))
+    operand = tile_smem(config, 1, w=(("BLOCK_K", "BLOCK_N"), xs))
+    return max(pipelined + operand, tile_smem(config, 1, acc=(("BLOCK_M", "BLOCK_N"), 4)))
+
+
 SMALL_M = 16  # M <= this: the split-K GEMV-like variant
 _EPILOGUE_BLOCK = 1024
 _DEQ_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)
@@ -165,8 +177,8 @@ if _INTERPRET:
 else:
     _INTERP_META = None
     _SPLITK_KDIV = max(c.kwargs["BLOCK_K"] for c in _SMALL_M)
-    _mm_small = triton.autotune(configs=_SMALL_M, key=_AUTOTUNE_KEY + ["SPLIT_K", "BITS"])(_codebook_mm_kernel)
-    _mm_large = triton.autotune(configs=_LARGE_M, key=_AUTOTUNE_KEY + ["BITS"])(_codebook_mm_kernel)
+    _mm_small = autotune(_SMALL_M, _AUTOTUNE_KEY + ["SPLIT_K", "BITS"], _mm_smem)(_codebook_mm_kernel)
+    _mm_large = autotune(_LARGE_M, _AUTOTUNE_KEY + ["BITS"], _mm_smem)(_codebook_mm_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +248,7 @@ def codebook_mm_triton(x: Tensor, indices: Tensor, centroids: Tensor, bias: Opti
     launch_tiled(_codebook_mm_kernel, None if _INTERPRET else (_mm_small if small else _mm_large), _INTERP_META,
                  M, N, args, flags, splits=split)
     if split > 1:
-        _launch(_splitk_bias_kernel)[(triton.cdiv(M * N, _EPILOGUE_BLOCK),)](
+        launcher(_splitk_bias_kernel)[(triton.cdiv(M * N, _EPILOGUE_BLOCK),)](
             ws, bias if bias is not None else dummy, out, M * N, N, SPLIT_K=split, HAS_BIAS=bias is not None,
             BLOCK=_EPILOGUE_BLOCK, num_warps=4)
     return out
@@ -257,48 +269,59 @@ def codebook_dequantize_triton(indices: Tensor, centroids: Tensor, in_features: 
     indices = indices.contiguous()
     centroids = centroids.contiguous()
     grid = (triton.cdiv(N, _DEQ_BLOCK["BLOCK_N"]), triton.cdiv(in_features, _DEQ_BLOCK["BLOCK_K"]))
-    _launch(_dequantize_kernel)[grid](indices, centroids, out, N, in_features, group_size, indices.stride(0),
+    launcher(_dequantize_kernel)[grid](indices, centroids, out, N, in_features, group_size, indices.stride(0),
                                       out.stride(0), BITS=bits, num_warps=4, **_DEQ_BLOCK)
     return out
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (sm_80 / sm_90 CI check): (kernel, signature, constexprs)
+# Ahead-of-time compile cases (convention: bigkernels/triton/_common.py)
 # --------------------------------------------------------------------------------------------
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _mm_case(dtype: torch.dtype, bits: int, cfg: triton.Config, split: int):
-    f = _TRITON_DTYPES[dtype]
-    sig = dict(x_ptr=f"*{f}", idx_ptr="*u8", cent_ptr=f"*{f}", bias_ptr="*fp32", out_ptr=f"*{f}", ws_ptr="*fp32",
-               M="i32", N="i32", K="i32", M_BUCKET="i32", K_PER_SPLIT="i32", GROUP_SIZE="i32", stride_xm="i32",
-               stride_in="i32", stride_om="i32")
-    const = dict(BITS=bits, SPLIT_K=split, HAS_BIAS=True, IEEE=dtype == torch.float32, **cfg.kwargs)
-    sig.update({k: "constexpr" for k in const})
-    return _codebook_mm_kernel, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def aot_cases():
-    """Every (kernel, signature, constexprs, options) the GPU paths can launch: each autotune
-    config x bit width x activation dtype (centroids in the activations' dtype, as a model moved
-    with ``.to(dtype)`` has them), plus the split-K epilogue and the dequantiser. Compile each with
-    ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cc, 32),
-    options=options)``."""
+    """The AOT compile cases of this module's kernels: for each autotuner (M <= 16 split-K, M > 16),
+    every config its pruner keeps per target, in bf16 and fp32, for 4 bits and for 3 bits (whose
+    fields may span two bytes: a second load, more shared memory); 2 and 8 bits (other shifts
+    and masks only) and fp16 (bf16's code shape and shared memory) compile the first kept config
+    per target. Plus the split-K epilogue (fp32 partials read in vectors) and the dequantiser."""
+    import dataclasses
+
+    from bigkernels.triton._common import AOT_TARGETS, AOTCase, tuned_cases
+
+    def first_per_arch(cs):
+        seen, out = set(), []
+        for c in cs:
+            if c.arch not in seen:
+                seen.add(c.arch)
+                out.append(c)
+        return out
+
     cases = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for bits in ref.BITS:
-            cases += [_mm_case(dtype, bits, c, 2) for c in _SMALL_M]
-            cases += [_mm_case(dtype, bits, c, 1) for c in _LARGE_M]
-    for split in (2, 16):
-        cases.append((_splitk_bias_kernel, dict(ws_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16", MN="i32", N="i32",
-                                                SPLIT_K="constexpr", HAS_BIAS="constexpr", BLOCK="constexpr"),
-                      dict(SPLIT_K=split, HAS_BIAS=True, BLOCK=_EPILOGUE_BLOCK), dict(num_warps=4)))
-    for bits in ref.BITS:
-        for f in ("fp32", "bf16"):
-            sig = dict(idx_ptr="*u8", cent_ptr=f"*{f}", out_ptr=f"*{f}", N="i32", K="i32", GROUP_SIZE="i32",
-                       stride_in="i32", stride_on="i32", BITS="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
-            cases.append((_dequantize_kernel, sig, dict(BITS=bits, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4)))
+    aligned = ("x_ptr", "idx_ptr", "cent_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K", "K_PER_SPLIT",
+               "stride_xm", "stride_in", "stride_om")
+    for small in (True, False):
+        tuner = _mm_small if small else _mm_large
+        bucket = f"M{'<=' if small else '>'}{SMALL_M}"
+        for dt in ("bf16", "fp32", "fp16"):
+            sig = dict(x_ptr=f"*{dt}", idx_ptr="*u8", cent_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",
+                       ws_ptr="*fp32")
+            for bits in ref.BITS:
+                flags = dict(BITS=bits, SPLIT_K=4 if small else 1, HAS_BIAS=True, IEEE=dt == "fp32")
+                full = tuned_cases(tuner, sig, flags, f"codebook_mm/{dt}/{bucket}/{bits}-bit", aligned=aligned)
+                cases += full if dt != "fp16" and bits in (3, 4) else first_per_arch(full)
+                if small and dt == "bf16" and bits == 4:
+                    c0 = next(c for c in full if c.arch in AOT_TARGETS)
+                    cases.append(dataclasses.replace(c0, constexprs=dict(c0.constexprs, SPLIT_K=1, HAS_BIAS=False),
+                                                     aligned=None, note="no split, no bias, odd K and strides"))
+    for arch in AOT_TARGETS:
+        for dt in ("bf16", "fp32"):
+            cases.append(AOTCase(_splitk_bias_kernel, dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=_EPILOGUE_BLOCK),
+                                 dict(ws_ptr="*fp32", bias_ptr=f"*{dt}", out_ptr=f"*{dt}"), arch=arch,
+                                 aligned=("ws_ptr", "bias_ptr", "out_ptr", "MN", "N"), vector_loads=4,
+                                 group=f"codebook_mm/splitk_epilogue/{dt}"))
+            for bits in ref.BITS:
+                cases.append(AOTCase(_dequantize_kernel, dict(BITS=bits, BLOCK_N=32, BLOCK_K=128),
+                                     dict(idx_ptr="*u8", cent_ptr=f"*{dt}", out_ptr=f"*{dt}"), arch=arch,
+                                     group=f"codebook_dequantize/{dt}/{bits}-bit"))
     return cases
-
-
-AOT_CASES = aot_cases()
