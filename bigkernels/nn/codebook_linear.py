@@ -147,6 +147,14 @@ class CodebookLinear(nn.Module):
         return torch.ops.bigkernels.codebook_linear(x2, self._buffers["indices"], self._parameters["centroids"],
                                                     self._parameters["bias"], self._gs)
 
+    def _kernel_forward(self, x2: Tensor) -> Tensor:
+        """The lookup-table kernel for inference: the non-differentiable op (the differentiable
+        one's autograd layer costs ~50 us a call), unless the bias still wants a gradient."""
+        bias = self._parameters["bias"]
+        if torch.is_grad_enabled() and bias is not None and bias.requires_grad:
+            return self._op_forward(x2)
+        return ops.codebook_mm(x2, self._buffers["indices"], self._parameters["centroids"].detach(), bias, self._gs)
+
     def _dense_weight(self) -> Tensor:
         return ops.dequantize(self._buffers["indices"], self._parameters["centroids"].detach(), self.in_features,
                               self._gs)
@@ -158,7 +166,7 @@ class CodebookLinear(nn.Module):
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
         key = ("CodebookLinear", x2.device, x2.dtype, self.bits, self.num_codebooks, self.in_features,
                self.out_features, self.bias is not None)
-        return _dispatch.pick(self, x2, key, {"kernel": functools.partial(self._op_forward, x2)}, stored)
+        return _dispatch.pick(self, x2, key, {"kernel": functools.partial(self._kernel_forward, x2)}, stored)
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("CodebookLinear", x, self.in_features)
@@ -173,7 +181,7 @@ class CodebookLinear(nn.Module):
                 self._dense.drop()
                 self._indices_seen = seen
             path = self._routes.get(x2) or self._choose(x2, stored)
-            out = self._op_forward(x2) if path == "kernel" else _dispatch.dense_linear(self, path, x2, stored)
+            out = self._kernel_forward(x2) if path == "kernel" else _dispatch.dense_linear(self, path, x2, stored)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
