@@ -195,9 +195,12 @@ def _describe(layer: CodebookLinear) -> dict:
 
 
 def _build(layer: nn.Module, spec: dict, dtype: torch.dtype) -> CodebookLinear:
+    keys = ("in_features", "out_features", "bias", "bits", "group_size")
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise ValueError(f"CodebookLinear: the saved layer spec lacks {', '.join(missing)} (has {sorted(spec)})")
     device = next(iter(layer.parameters()), torch.empty(0)).device
-    return CodebookLinear.from_config({k: spec[k] for k in ("in_features", "out_features", "bias", "bits", "group_size")},
-                                      device=device, dtype=dtype)
+    return CodebookLinear.from_config({k: spec[k] for k in keys}, device=device, dtype=dtype)
 
 
 _layers.register_compressed(_layers.CompressedType(
