@@ -88,6 +88,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
             f"max |diff| {diff.max().item():.3g}")
 
 
+def check_16bit(got: torch.Tensor, ref32: torch.Tensor, ref_lowp: torch.Tensor, what: str) -> None:
+    """DESIGN.md's bf16/fp16 tolerance: error vs the fp32 reference at most 2x the error of the
+    reference run in the low dtype."""
+    if got.numel() == 0:
+        return
+    own = (ref_lowp.double() - ref32.double()).abs().max().item()
+    err = (got.double() - ref32.double()).abs().max().item()
+    assert err <= 2 * own + 1e-6, f"{what}: error {err:.3g} > 2x the reference's own error {own:.3g}"
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so an element a kernel forgets to write shows up."""
     return t.fill_(float("nan"))

@@ -14,7 +14,7 @@ import torch
 from bigkernels.demo.run import variants
 
 VARIANTS = {"dense", "int8 w8a16", "int8 w8a8 + SmoothQuant", "2:4 sparse (fine-tuned)", "block 75% sparse (gradual)",
-            "student, half width, distilled", "student, half width, alone"}
+            "4-bit codebook (fine-tuned)", "student, half width, distilled", "student, half width, alone"}
 
 
 def _cli(*args, **env):
@@ -34,6 +34,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 1000
     by = {v["variant"]: v for v in result["variants"]}
     assert by["int8 w8a16"]["weight_mb"] < 0.5 * by["dense"]["weight_mb"]
+    assert by["4-bit codebook (fine-tuned)"]["weight_mb"] < by["int8 w8a16"]["weight_mb"]
     # the students are half as wide: about a third of the weights (embeddings included)
     assert by["student, half width, distilled"]["weight_mb"] == by["student, half width, alone"]["weight_mb"]
     assert by["student, half width, distilled"]["weight_mb"] < 0.4 * by["dense"]["weight_mb"]
@@ -67,6 +68,7 @@ def test_default_demo_meets_the_accuracy_bars(tmp_path):
     assert by["int8 w8a8 + SmoothQuant"] <= dense * 1.01
     assert by["2:4 sparse (fine-tuned)"] <= dense * 1.10
     assert by["block 75% sparse (gradual)"] <= dense * 1.15  # issue 13: within 15% of dense
+    assert by["4-bit codebook (fine-tuned)"] <= dense * 1.03  # issue 13: within 3% of dense
     assert by["student, half width, distilled"] < by["student, half width, alone"]  # distillation wins
 
 

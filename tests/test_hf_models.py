@@ -223,9 +223,9 @@ def test_load_errors_name_what_is_wrong(tmp_path):
     path = tmp_path / "config.json"
     config = json.load(open(path))
     layers = config["quantization_config"]["layers"]
-    layers["transformer.h.0.attn.c_attn"]["type"] = "CodebookLinear"
+    layers["transformer.h.0.attn.c_attn"]["type"] = "NoSuchLinear"
     json.dump(config, open(path, "w"))
-    with pytest.raises(ValueError, match="compressed layers of type CodebookLinear, unknown to this bigkernels"):
+    with pytest.raises(ValueError, match="compressed layers of type NoSuchLinear, unknown to this bigkernels"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     layers["transformer.h.0.attn.c_attn"]["type"] = "QuantLinear"
     layers["transformer.h.7.attn.c_attn"] = layers.pop("transformer.h.0.attn.c_attn")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigkernels.reference import quant as ref
-from conftest import assert_close, devices, poison_, require_kernel
+from conftest import assert_close, check_16bit, devices, poison_, require_kernel
 
 ops = torch.ops.bigkernels
 # (M, K, N): K and N not multiples of any tile (64-byte steps, 4 x 6 tiles), M = 0 and 1.
@@ -32,15 +32,6 @@ def _int8(shape, device, noncontig=False):
 
 def _weight(N, K, device):
     return ref.quantize_weight(torch.randn(N, K, device=device))
-
-
-def _check_16bit(got, ref32, ref_lowp, what):
-    """Error vs the fp32 reference at most 2x the error of the reference run in the low dtype."""
-    if got.numel() == 0:
-        return
-    own = (ref_lowp.double() - ref32.double()).abs().max().item()
-    err = (got.double() - ref32.double()).abs().max().item()
-    assert err <= 2 * own + 1e-6, f"{what}: error {err:.3g} > 2x the reference's own error {own:.3g}"
 
 
 @pytest.mark.parametrize("device", devices())
@@ -104,7 +95,7 @@ def test_int8_scaled_mm(device, out_dtype, shape, with_bias, cpu_isa):
                      what="int8_scaled_mm fp32")
     else:
         ref32 = ref.int8_scaled_mm(xq, xs, wq, ws, bias, torch.float32)
-        _check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, out_dtype), "int8_scaled_mm")
+        check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, out_dtype), "int8_scaled_mm")
     if M >= 2:  # an all-zero token gives exactly the bias
         assert torch.equal(got[1], bias if with_bias else torch.zeros_like(got[1]))
 
@@ -128,7 +119,7 @@ def test_w8a16_mm(device, dtype, shape, cpu_isa):
     else:
         ref32 = ref.w8a16_linear(x.float(), wq, ws, bias.float())
         lowp = torch.nn.functional.linear(x, ref.dequantize_weight(wq, ws, dtype), bias)
-        _check_16bit(got, ref32, lowp, "w8a16_mm")
+        check_16bit(got, ref32, lowp, "w8a16_mm")
 
 
 @pytest.mark.parametrize("device", devices())
@@ -265,11 +256,11 @@ def test_engine_float_outputs(dtype, shape, cpu_isa):
     else:
         ref32 = ref.w8a16_linear(x.float(), wq, ws, bias.float())
         lowp = torch.nn.functional.linear(x, ref.dequantize_weight(wq, ws, dtype), bias)
-        _check_16bit(got, ref32, lowp, "w8a16_mm")
+        check_16bit(got, ref32, lowp, "w8a16_mm")
     xq, xs = ref.quantize_per_token(x)
     got = ops.int8_scaled_mm(xq, xs, wq, ws, bias, dtype)
     ref32 = ref.int8_scaled_mm(xq, xs, wq, ws, bias, torch.float32)
     if dtype == torch.float32:
         assert_close(got, ref32, rtol=1e-5, atol=1e-6 * ref32.abs().max().item(), what="int8_scaled_mm fp32")
     else:
-        _check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, dtype), "int8_scaled_mm")
+        check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, dtype), "int8_scaled_mm")

@@ -1,5 +1,5 @@
 """``bigkernels demo``: train a small GPT on Python's own sources, make smaller or faster variants of
-it (int8, sparse, a distilled half-width student), and show what each costs in perplexity and
+it (int8, sparse, 4-bit weight sharing, a distilled half-width student), and show what each costs in perplexity and
 gains in memory and speed on this machine.
 
 The variants are one table, :func:`variants`: a name and a function that builds the model from the
@@ -208,6 +208,16 @@ def _block75(c: Context):
     return bk.sparse.sparsify_(m, pattern="block", block_size=32, filter_fn=_not_head)
 
 
+def _codebook4(c: Context):
+    """Every layer but the output head weight-shared to 4 bits (one 16-entry k-means codebook per
+    layer, weighted by the calibration batches' activations), then the codebooks, embeddings and
+    norms fine-tuned for half a fine-tune's steps (the indices stay: every weight keeps its
+    centroid)."""
+    m = bk.share_weights_(copy.deepcopy(c.dense), bits=4, filter_fn=_not_head, calibration_data=c.calibration)
+    c.fit(m, max(1, c.fine_tune // 2), "fine-tune 4-bit codebook", lr=1e-3)
+    return m
+
+
 def _student(c: Context, distill: bool):
     """Half the width of the dense model, trained from scratch for as many steps as the dense model
     (same data order), with kd_loss from the dense teacher or with cross-entropy alone."""
@@ -227,6 +237,7 @@ def variants() -> List[Variant]:
         Variant("int8 w8a8 + SmoothQuant", _w8a8),
         Variant("2:4 sparse (fine-tuned)", _two_four),
         Variant("block 75% sparse (gradual)", _block75),
+        Variant("4-bit codebook (fine-tuned)", _codebook4),
         Variant("student, half width, distilled", lambda c: _student(c, distill=True)),
         Variant("student, half width, alone", lambda c: _student(c, distill=False)),
     ]

@@ -1,8 +1,10 @@
-"""Drop-in modules: QuantLinear (int8 weights) and SparseLinear (pruned, compressed) for nn.Linear;
-KDLoss and functional.kd_loss / fused_linear_kd_loss (fused knowledge-distillation losses)."""
+"""Drop-in modules: QuantLinear (int8 weights), SparseLinear (pruned, compressed) and CodebookLinear
+(weight-shared) for nn.Linear; KDLoss and functional.kd_loss / fused_linear_kd_loss (fused
+knowledge-distillation losses)."""
 from bigkernels.nn import functional
+from bigkernels.nn.codebook_linear import CodebookLinear
 from bigkernels.nn.kd_loss import KDLoss
 from bigkernels.nn.quant_linear import QuantLinear
 from bigkernels.nn.sparse_linear import SparseLinear
 
-__all__ = ["KDLoss", "QuantLinear", "SparseLinear", "functional"]
+__all__ = ["CodebookLinear", "KDLoss", "QuantLinear", "SparseLinear", "functional"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 
-_MODULES = ("bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse",
-            "bigkernels.triton.distill", "bigkernels.triton.optim_more")
+_MODULES = ("bigkernels.triton.codebook", "bigkernels.triton.optim", "bigkernels.triton.quant",
+            "bigkernels.triton.sparse", "bigkernels.triton.distill", "bigkernels.triton.optim_more")
 
 
 @functools.lru_cache(maxsize=None)
