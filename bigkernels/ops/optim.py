@@ -127,3 +127,28 @@ def sum_of_squares(tensors, *, backend=None):
     """Sum of squares of all elements of ``tensors`` (0-d fp32) on ``backend`` (default: the
     fastest for their device)."""
     return _run("sum_of_squares", backend, tensors)
+
+
+# ----- AdamW8bit: AdamW with 8-bit block-quantised moments (bigkernels.optim.AdamW8bit) -----------
+# ``adamw8bit_`` mutates params, exp_avgs / exp_avg_sqs (uint8 codes shaped like the params),
+# exp_avg_scales / exp_avg_sq_scales (fp32, one per ``block_size`` elements) and state_steps: one
+# AdamW step with dequantise -> update -> requantise in one pass. Codes, scales and rounding are
+# defined exactly in bigkernels.reference.optim (every backend writes the same codes and scales bit
+# for bit); GradScaler, clipping and masks as the other update ops.
+ADAMW8BIT_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] state_steps, *, float lr, "
+    f"float beta1, float beta2, float weight_decay, float eps, bool maximize, int block_size, {_COMMON_TAIL}) -> ()"
+)
+torch.library.define(f"{_registry.NAMESPACE}::adamw8bit_", ADAMW8BIT_SCHEMA)
+torch.library.register_fake(f"{_registry.NAMESPACE}::adamw8bit_")(_no_output)
+torch.library.impl(f"{_registry.NAMESPACE}::adamw8bit_", "CompositeExplicitAutograd")(ref.adamw8bit_)
+_registry.register(_registry.OpInfo("adamw8bit_", ADAMW8BIT_SCHEMA, ref.adamw8bit_, triton_name="adamw8bit_triton_",
+                                    triton_kwargs=_masks_as_list))
+
+
+def adamw8bit_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, *,
+               backend=None, **kwargs) -> None:
+    """Run the 8-bit AdamW step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("adamw8bit_", backend, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+         state_steps, **kwargs)

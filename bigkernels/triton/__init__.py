@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 
-_MODULES = ("bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse")
+_MODULES = ("bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse",
+            "bigkernels.triton.optim8bit")
 
 
 @functools.lru_cache(maxsize=None)

@@ -215,3 +215,13 @@ TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
 }
 
 }  // namespace bigkernels::optim::cpu
+
+// For the family's other CPU bindings (adamw8bit_cpu.cpp declares these): the GradScaler and
+// clipping inputs, read as the ops above read them.
+namespace bigkernels::optim::cpu {
+float cpu_grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
+                          double max_grad_norm) {
+  return grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+}
+bool cpu_skip_step(const std::optional<at::Tensor>& found_inf) { return skip_step(found_inf); }
+}  // namespace bigkernels::optim::cpu

@@ -1,0 +1,115 @@
+"""The Triton 8-bit AdamW kernel (bigkernels/triton/optim8bit.py) against bigkernels.reference.optim:
+codes and scales bit for bit, params within tolerance; opcheck and torch.compile under the Triton
+interpreter (own pytest process, TRITON_INTERPRET=1) or on a GPU; and its ahead-of-time compile for
+sm_80 / sm_90 with vectorised hot loads (main process, no GPU needed)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import test_optim_8bit_ops as cases
+from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRET
+
+DEVICE = TRITON_DEVICE
+SHAPES = [(300,), (5, 7), (1,), (0,), (129,), (2, 64)]  # partial tiles / blocks, empty
+
+
+def _runtime():
+    if not (TRITON_INTERPRET or HAS_CUDA):
+        pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    import logging
+
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    from bigkernels.triton import optim8bit
+
+    return optim8bit
+
+
+def _op(lists, kw, masks=None):
+    torch.ops.bigkernels.adamw8bit_triton_(*lists.values(), [] if masks is None else masks, **kw)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_reference(dtype, block_size, seed):
+    _runtime()
+    lists, kw = cases.make_case(DEVICE, dtype, seed * 7 + block_size, block_size, shapes=SHAPES)
+    masks = cases.masks_for(lists["params"], seed) if seed == 2 else None
+    want, want32 = copy.deepcopy(lists), cases.upcast(lists)
+    ref_kw = dict(kw, masks=masks)
+    for step in range(2):
+        _op(lists, kw, masks)
+        cases.run_reference(want, ref_kw)
+        cases.run_reference(want32, ref_kw)
+        cases.assert_state_equal(lists, want, f"step {step}: ")
+        cases.assert_params_close(lists["params"], want["params"], want32["params"], dtype, f"step {step}: ")
+    assert [s.item() for s in lists["state_steps"]] == [s.item() for s in want["state_steps"]]
+
+
+@pytest.mark.triton_interpret
+def test_found_inf_changes_nothing_and_bad_input_is_rejected():
+    _runtime()
+    lists, kw = cases.make_case(DEVICE, torch.float32, 1, 64, shapes=SHAPES)
+    before = copy.deepcopy(lists)
+    _op(lists, dict(kw, found_inf=torch.tensor(1.0, device=DEVICE)))
+    for bad, message in ((dict(kw, block_size=96), "block_size"),
+                         (dict(kw, block_size=32), "block_size")):
+        with pytest.raises(ValueError, match=message):
+            _op(lists, bad)
+    with pytest.raises(ValueError, match="exp_avg_scales"):
+        _op(dict(lists, exp_avg_scales=[s[:-1] for s in lists["exp_avg_scales"]]), kw)
+    for name in cases.NAMES:
+        for a, b in zip(lists[name], before[name]):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.triton_interpret
+def test_opcheck_and_compiled_matches_eager():
+    _runtime()
+    torch._dynamo.reset()
+    lists, kw = cases.make_case(DEVICE, torch.float32, 4, 64, shapes=[(300,), (5, 7)])
+    args = tuple(lists.values()) + ([],)
+    torch.library.opcheck(torch.ops.bigkernels.adamw8bit_triton_.default, copy.deepcopy(args), kw)
+    eager = copy.deepcopy(args)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(*a):
+        torch.ops.bigkernels.adamw8bit_triton_(*a, **kw)
+
+    step(*args)
+    torch.ops.bigkernels.adamw8bit_triton_(*eager, **kw)
+    for a, b in zip(args[:7], eager[:7]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+# ----- ahead-of-time compile for sm_80 / sm_90 (real Triton compiler, no GPU) -----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TRITON_INTERPRET, reason="AOT compiles need the real Triton compiler (not TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_compiles_with_vectorised_hot_loads(arch):
+    """Every case of optim8bit.AOT_CASES compiles for the architecture (ptxas included), and its
+    streamed params/grads are read with 16-byte vector loads (ld.global.v4) when aligned."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bigkernels.triton import optim8bit
+
+    for kernel, signature, constexprs, vector_loads in optim8bit.AOT_CASES:
+        full = {n: ("constexpr" if n in constexprs else signature[n]) for n in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if full[n].startswith("*")}
+        src = ASTSource(kernel, full, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=optim8bit.NUM_WARPS))
+        ptx = compiled.asm["ptx"]
+        v4 = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4") + ptx.count("ld.global.L1::evict_last.v4")
+        assert v4 >= vector_loads, f"{kernel.__name__} {constexprs}: {v4} ld.global.v4 < {vector_loads} expected"
+        assert "add.rn.f32" in ptx, "the state path lost its explicitly rounded adds"
