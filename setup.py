@@ -1,6 +1,7 @@
 """Builds bigkernels._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc
 is found. BIGKERNELS_BUILD_CUDA=0/1 forces either way; TORCH_CUDA_ARCH_LIST is honoured (default
-"8.0;9.0+PTX"); MAX_JOBS caps parallel compile jobs. Build with:
+"8.0;9.0+PTX"); MAX_JOBS caps parallel compile jobs; BIGKERNELS_PTXAS_STRICT=1 makes register
+spills and local-memory use in any CUDA kernel a build error (CI sets it). Build with:
     pip install --no-build-isolation -e .
 """
 import glob
@@ -72,6 +73,9 @@ def _extension():
         kwargs["extra_link_args"] += [f"-L{cslt}/lib", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{cslt}/lib",
                                       "-Wl,-rpath,$ORIGIN/../nvidia/cusparselt/lib"]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("BIGKERNELS_PTXAS_STRICT") == "1":
+        # CI and scripts/gpu_check.sh: a kernel that spills registers or uses local memory fails the build.
+        nvcc.append("-Xptxas=-warn-spills,-warn-lmem-usage,-Werror")
     return CUDAExtension(extra_compile_args={"cxx": cxx + ["-DBIGKERNELS_CUDA"], "nvcc": nvcc}, **kwargs)
 
 

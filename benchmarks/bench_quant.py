@@ -1,13 +1,17 @@
 """QuantLinear (w8a8, w8a16) vs the float nn.Linear it replaces, one process, same data.
 
-    python benchmarks/bench_quant.py [--quick] [--device cpu|cuda] [--out FILE.json]
+    python benchmarks/bench_quant.py [--quick] [--sweep] [--device cpu|cuda] [--isa avx2|avx512|...]
+                                     [--threads N] [--out FILE.json]
 
 Baselines: ``F.linear`` in the float dtype a user runs on that device (bf16 on CUDA via cuBLAS,
 fp32 on CPU), ``torch._int_mm`` + a separate dequantisation (CUDA), and torchao / bitsandbytes
 when installed. Ours goes through the module (activation quantisation included for w8a8). The
 "int8 core" rows time the bare int8 GEMM op (``torch.ops.bigkernels.int8_mm``) for TOPS.
 QuantLinear's first call per shape measures its int8 path against the dense product and keeps the
-faster (bigkernels.nn._dispatch); that call is the warm-up, outside the timing.
+faster (bigkernels.nn._dispatch); that call is the warm-up, outside the timing. ``--sweep`` times
+every power-of-two M from 1 to 512 on 1024 x 1024 and 4096 x 4096 layers (the "never slower than
+dense" check) and prints the lowest ratio per provider; ``--isa`` caps the CPU kernels'
+instruction set (BIGKERNELS_CPU_ISA) to compare AVX2 and AVX-512 on one machine.
 """
 from __future__ import annotations
 
@@ -21,14 +25,16 @@ import torch.nn.functional as F
 from bigkernels.nn import QuantLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_main, header, metadata, time_providers  # noqa: E402
+from common import SWEEP_HELP, SWEEP_KN, SWEEP_M, bench_main, header, metadata, print_worst, time_providers  # noqa: E402
 
 KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
-def grid(device: str, quick: bool):
+def grid(device: str, quick: bool, sweep: bool = False):
     """The issue's shapes, plus (full runs) a small layer: the edge of "never slower than dense",
-    where QuantLinear must fall back to the dense product."""
+    where QuantLinear must fall back to the dense product. ``sweep``: SWEEP_M x SWEEP_KN."""
+    if sweep:
+        return [(m, k, n) for k, n in SWEEP_KN for m in SWEEP_M]
     if device == "cuda":
         ms = [1, 16, 128, 2048] if quick else [1, 16, 128, 2048, 8192]
         cases = [(m, k, n) for m in ms for k, n in (KN[:1] if quick else KN)]
@@ -87,12 +93,12 @@ def int8_core_rows(device: str, quick: bool, meta: dict) -> List[dict]:
                  ms_p80=t[2], tops=2 * m * n * k / t[0] / 1e9) for name, t in res.items()]
 
 
-def run(device: str, quick: bool) -> List[dict]:
+def run(device: str, quick: bool, sweep: bool = False) -> List[dict]:
     meta = metadata(device, "int8_scaled_mm")
     print(header(meta))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
-    for m, k, n in grid(device, quick):
+    for m, k, n in grid(device, quick, sweep):
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -103,7 +109,8 @@ def run(device: str, quick: bool) -> List[dict]:
             rows.append(dict(meta, kernel="quant_linear", provider=name, shape=f"{m}x{k}x{n}",
                              dtype=str(dtype).split(".")[1], ms=med, ms_p20=lo, ms_p80=hi,
                              speedup=base / med, tflops=2 * m * n * k / med / 1e9))
-    rows += int8_core_rows(device, quick, meta)
+    if not sweep:
+        rows += int8_core_rows(device, quick, meta)
     return rows
 
 
@@ -115,10 +122,12 @@ def print_table(rows: List[dict]) -> None:
         extra = f"{r['speedup']:.2f}x" if "speedup" in r else f"{r['tops']:.1f} TOPS"
         rate = r.get("tflops", r.get("tops", 0.0))
         print(f"{r['shape']:<20} {r['provider']:<28} {r['ms']:>9.4f} {rate:>9.2f} {extra:>12}")
+    print_worst([r for r in rows if r["shape"].split("x", 1)[1] not in ("256x256",)])  # (256 x 256: below the rule's 1024)
 
 
 def main(argv=None):
-    return bench_main(__doc__.split("\n")[0], run, print_table, argv)
+    return bench_main(__doc__.split("\n")[0], run, print_table, argv,
+                      options={"sweep": dict(action="store_true", help=SWEEP_HELP)})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from bigkernels import nn, optim, quant, sparse
 from bigkernels._info import info
 from bigkernels.quant import quantize_
 from bigkernels.sparse import prune_
+from bigkernels import integrations as _integrations
+
+_integrations.install()  # save_pretrained / from_pretrained of compressed HF models (transformers not imported here)
 
 __version__ = "0.1.0"
 __all__ = ["info", "nn", "optim", "ops", "prune_", "quant", "quantize_", "sparse", "__version__"]

@@ -109,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo.add_argument("--out", default="bigkernels_demo", help="folder for demo.json and demo.png")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p_bench = sub.add_parser("bench", help="the three benchmark families on this device: table, JSON, bar chart")
+    p_bench = sub.add_parser("bench", help="the benchmark families on this device: table, JSON, bar chart")
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p_bench.add_argument("--full", action="store_true", help="the full grids of benchmarks/ (slow on a CPU)")
     p_bench.add_argument("--out", default="bigkernels_bench", help="folder for bench.json and bench.png")

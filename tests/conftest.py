@@ -107,3 +107,19 @@ def force_linear_dispatch(monkeypatch):
     yield force
     monkeypatch.undo()
     _dispatch.clear()
+
+
+@pytest.fixture(scope="session")
+def dist_workers():
+    """Two CPU ranks of a gloo process group (``tests/_dist.py``: worker processes started at
+    first use and shared by every test of the session); ``dist_workers.run(fn, *args)`` runs a
+    module-level ``fn`` on both and returns their results."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    from _dist import DistWorkers
+
+    workers = DistWorkers(world_size=2)
+    yield workers
+    workers.close()

@@ -1,10 +1,14 @@
 """The package around the kernels: import without the extension, info(), the CLI, backend choice."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -109,3 +113,71 @@ def test_cmake_build_for_libtorch_users(tmp_path):
                          capture_output=True, text=True, timeout=1200, cwd=root, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "100% tests passed" in out.stdout
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _nvcc() -> Optional[str]:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+@pytest.mark.slow
+def test_cuda_kernels_do_not_spill_registers():
+    """``nvcc -Xptxas -v`` on every CUDA kernel file for sm_80 and sm_90: no kernel spills registers
+    or has a stack frame (local memory on the hot path). CI's build enforces the same for sm_90
+    (BIGKERNELS_PTXAS_STRICT=1 in .ci/run); this adds sm_80 and needs no torch headers."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = sorted(glob.glob(os.path.join(root, "csrc", "**", "*.cu"), recursive=True))
+    assert sources, "no .cu files found"
+    jobs = [(arch, src) for arch in ("sm_80", "sm_90") for src in sources]
+
+    def ptxas_report(job):
+        arch, src = job
+        cmd = [nvcc, "-cubin", "-O3", "--expt-relaxed-constexpr", f"-I{os.path.join(root, 'csrc')}",
+               f"-arch={arch}", "-Xptxas", "-v", "-o", os.devnull, src]
+        return arch, src, subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # CI has 2 cores
+        reports = list(pool.map(ptxas_report, jobs))
+    problems, entries = [], 0
+    for arch, src, proc in reports:
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"nvcc {arch} {src} failed:\n{out[-3000:]}"
+        name = None
+        for line in out.splitlines():
+            m = _PTXAS_ENTRY.search(line)
+            if m:
+                name = m.group(1)
+                entries += 1
+                continue
+            m = _PTXAS_FRAME.search(line)
+            if m and name is not None:
+                frame, stores, loads = map(int, m.groups())
+                if frame or stores or loads:
+                    problems.append(f"{arch} {os.path.basename(src)} {name}: {frame} B stack frame, "
+                                    f"{stores} B spill stores, {loads} B spill loads")
+                name = None
+    assert entries >= 10, f"found only {entries} kernels in the ptxas report"
+    assert not problems, "\n".join(problems)
+
+
+def test_cslt_plan_count_needs_no_gpu():
+    """sparse24_cslt_plans (the cuSPARSELt plan-cache size the GPU tests watch) is callable anywhere:
+    0 plans without a GPU, 0 as well where the extension has no cuSPARSELt kernels."""
+    from bigkernels.ops import sparse_cuda
+
+    if torch.cuda.is_available():  # other tests in this process may have built plans
+        assert sparse_cuda.plan_count() >= 0
+        return
+    assert sparse_cuda.plan_count() == 0
+    if has_kernel("sparse24_cslt_mm", "CUDA"):  # built with cuSPARSELt: the count op is registered too
+        assert torch.ops.bigkernels.sparse24_cslt_plans() == 0

@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 
-VARIANTS = {"dense", "int8 w8a16", "int8 w8a8 + SmoothQuant", "2:4 sparse (fine-tuned)", "block 75% sparse (gradual)"}
+from bigkernels.demo.run import variants
+
+VARIANTS = {"dense", "int8 w8a16", "int8 w8a8 + SmoothQuant", "2:4 sparse (fine-tuned)", "block 75% sparse (gradual)",
+            "student, half width, distilled", "student, half width, alone"}
 
 
 def _cli(*args, **env):
@@ -31,6 +34,16 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 1000
     by = {v["variant"]: v for v in result["variants"]}
     assert by["int8 w8a16"]["weight_mb"] < 0.5 * by["dense"]["weight_mb"]
+    # the students are half as wide: about a third of the weights (embeddings included)
+    assert by["student, half width, distilled"]["weight_mb"] == by["student, half width, alone"]["weight_mb"]
+    assert by["student, half width, distilled"]["weight_mb"] < 0.4 * by["dense"]["weight_mb"]
+
+
+def test_variants_are_one_table():
+    """Adding a variant is adding a row: names are unique and every row has a builder."""
+    table = variants()
+    assert [v.name for v in table][0] == "dense" and {v.name for v in table} == VARIANTS
+    assert len({v.name for v in table}) == len(table) and all(callable(v.build) for v in table)
 
 
 def test_demo_errors_say_what_to_do(tmp_path):
@@ -53,6 +66,8 @@ def test_default_demo_meets_the_accuracy_bars(tmp_path):
     assert by["int8 w8a16"] <= dense * 1.01
     assert by["int8 w8a8 + SmoothQuant"] <= dense * 1.01
     assert by["2:4 sparse (fine-tuned)"] <= dense * 1.10
+    assert by["block 75% sparse (gradual)"] <= dense * 1.15  # issue 13: within 15% of dense
+    assert by["student, half width, distilled"] < by["student, half width, alone"]  # distillation wins
 
 
 def test_bench_cli_quick(tmp_path):
@@ -60,6 +75,6 @@ def test_bench_cli_quick(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     kernels = {s["case"].split()[0] for s in data["summary"]}
-    assert {"optim_adamw", "quant_linear", "sparse_linear"} <= kernels
+    assert {"optim_adamw", "quant_linear", "sparse_linear", "kd_loss", "fused_linear_kd_loss"} <= kernels
     assert all(math.isfinite(s["speedup"]) and s["speedup"] > 0 for s in data["summary"])
     assert (tmp_path / "bench.png").stat().st_size > 1000

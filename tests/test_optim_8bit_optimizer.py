@@ -351,3 +351,62 @@ def test_constructor_errors_and_pickle():
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.max_grad_norm == 2.0 and clone.param_groups[0]["block_size"] == 256
     copy.deepcopy(opt).step()
+
+
+# ----- DTensor params (2 CPU ranks, gloo) ------------------------------------------------------------
+def _dtensor_body():
+    """DTensor params (an uneven Shard(0) whose shards end on block boundaries, a Replicate one, a
+    small one) step exactly like the same params as plain tensors (the blocks coincide), with
+    max_grad_norm over the shards; codes are DTensors placed like the params; the state dict
+    round-trips on the same mesh and training continues exactly; fp32_state_dict is placed like
+    the params."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    gen = torch.Generator().manual_seed(7)
+    full = [torch.randn(75, 64, generator=gen), torch.randn(80, 64, generator=gen), torch.randn(40, generator=gen)]
+    pls = [(Shard(0),), (Replicate(),), (Shard(0),)]
+    plain = [t.clone().requires_grad_() for t in full]
+    dts = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(full, pls)]
+    kw = dict(lr=1e-2, block_size=64, max_grad_norm=5.0)
+    o_plain, o_dt = AdamW8bit(plain, **kw), AdamW8bit(dts, **kw)
+
+    def step(opt, ps, dist_grads, seed):
+        g = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(t.shape, generator=g) for t in full]
+        for p, gr, pl in zip(ps, grads, pls):
+            p.grad = distribute_tensor(gr, mesh, pl) if dist_grads else gr
+        opt.step()
+
+    for s in range(3):
+        step(o_plain, plain, False, s)
+        step(o_dt, dts, True, s)
+    for a, b in zip(dts, plain):
+        assert torch.equal(a.full_tensor(), b.detach()), (a.full_tensor() - b).abs().max()
+    assert abs(float(o_dt.last_grad_norm) - float(o_plain.last_grad_norm)) <= 1e-5 * float(o_plain.last_grad_norm)
+    st = o_dt.state[dts[0]]
+    assert isinstance(st["exp_avg"], DTensor) and tuple(st["exp_avg"].placements) == (Shard(0),)
+    assert torch.equal(st["exp_avg"].full_tensor(), o_plain.state[plain[0]]["exp_avg"])
+    assert st["exp_avg_scale"].to_local().shape == (38,)  # the larger shard's 38 blocks (rank 1 pads one)
+    assert o_dt.state[dts[2]]["exp_avg"].dtype == torch.float32  # small: fp32 moments
+    # state dict round trip on the same mesh, then both continue identically
+    sd = o_dt.state_dict()
+    dts2 = [torch.nn.Parameter(distribute_tensor(p.full_tensor(), mesh, pl)) for p, pl in zip(dts, pls)]
+    o_dt2 = AdamW8bit(dts2, **kw)
+    o_dt2.load_state_dict(sd)
+    for s in range(3, 5):
+        step(o_dt, dts, True, s)
+        step(o_dt2, dts2, True, s)
+        step(o_plain, plain, False, s)
+    for a, b, c in zip(dts, dts2, plain):
+        assert torch.equal(a.full_tensor(), b.full_tensor()) and torch.equal(a.full_tensor(), c.detach())
+    fp32 = o_dt.fp32_state_dict()["state"][0]["exp_avg"]
+    want = o_plain.fp32_state_dict()["state"][0]["exp_avg"]
+    assert isinstance(fp32, DTensor) and torch.equal(fp32.full_tensor(), want)
+    return float(o_dt.last_grad_norm)
+
+
+def test_dtensor_params_step_on_their_shards(dist_workers):
+    dist_workers.run(_dtensor_body)

@@ -347,3 +347,104 @@ def test_bad_input_is_rejected_and_nothing_changes(device):
     for name in lists:
         for a, b in zip(lists[name], before[name]):
             assert torch.equal(a, b), f"{name} changed by a rejected call"
+
+
+# ----- flat state: fused_adam_flat_ / fused_adamw_flat_ ----------------------------------------------
+def _tensors_of(args):
+    """Every tensor of a call's positional arguments (lists flattened, None skipped)."""
+    return [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if t is not None]
+
+
+def _flatten_case(lists, amsgrad):
+    """The flat-op arguments holding the same state as ``lists`` (padding poisoned with NaN)."""
+    params = lists["params"]
+    offsets = ref.flat_offsets([p.numel() for p in params], params[0].element_size())
+
+    def flat(ts):
+        buf = poison_(torch.empty(offsets[-1], device=params[0].device, dtype=params[0].dtype))
+        for o, t in zip(offsets, ts):
+            buf[o:o + t.numel()] = t.reshape(-1)
+        return buf
+
+    return (params, lists["grads"], flat(lists["exp_avgs"]), flat(lists["exp_avg_sqs"]),
+            flat(lists["max_exp_avg_sqs"]) if amsgrad else None, torch.stack(lists["state_steps"]))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["fused_adam_flat_", "fused_adamw_flat_"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_flat_equals_the_list_form(device, dtype, op, amsgrad, cpu_isa):
+    """The flat op gives exactly the list op's results (same kernel), within tolerance of the
+    reference, writes nothing in the padding between pieces, and takes masks."""
+    require_kernel(op, device)
+    list_op = op.replace("_flat", "")
+    for seed in range(2):
+        lists, kw = _adam_case(device, dtype, seed * 5 + amsgrad, amsgrad)
+        if seed:
+            kw["masks"] = _masks_for(lists["params"], seed)
+        flat_args = _flatten_case(copy.deepcopy(lists), amsgrad)
+        ref_args = _flatten_case(copy.deepcopy(lists), amsgrad)
+        getattr(torch.ops.bigkernels, list_op)(*lists.values(), **kw)
+        getattr(torch.ops.bigkernels, op)(*flat_args, **kw)
+        ref.fused_adam_flat_(*ref_args, decoupled_weight_decay=op == "fused_adamw_flat_", **kw)
+        for got, want in zip(flat_args[0], lists["params"]):
+            assert torch.equal(got, want), "params: flat op differs from the list op"
+        for k, name in ((2, "exp_avgs"), (3, "exp_avg_sqs")) + (((4, "max_exp_avg_sqs"),) if amsgrad else ()):
+            for i, piece in enumerate(ref.flat_views(flat_args[k], flat_args[0])):
+                assert torch.equal(piece, lists[name][i]), f"{name}[{i}]: flat op differs from the list op"
+            used = torch.zeros(flat_args[k].numel(), dtype=torch.bool, device=device)
+            for o, p in zip(ref.flat_offsets([p.numel() for p in flat_args[0]], flat_args[0][0].element_size()),
+                            flat_args[0]):
+                used[o:o + p.numel()] = True
+            assert flat_args[k][~used].isnan().all(), f"{name}: the padding between pieces was written"
+        assert torch.equal(flat_args[5], torch.stack(lists["state_steps"]))
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+        for got, want in zip(flat_args[0], ref_args[0]):
+            assert_close(got, want, what="params vs the flat reference", **tol)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_adam_flat_rejects_bad_buffers_and_changes_nothing(device):
+    op = torch.ops.bigkernels.fused_adamw_flat_
+    require_kernel("fused_adamw_flat_", device)
+    lists, kw = _adam_case(device, torch.float32, 6, amsgrad=False)
+    args = _flatten_case(lists, amsgrad=False)
+    before = copy.deepcopy(args)
+    p, g, m, v, _, s = args
+    cases = [((p, g, m[:-1], v, None, s), kw, "exp_avg to be a contiguous 1-D"),
+             ((p, g, m, v.double(), None, s), kw, "exp_avg_sq"),
+             ((p, g, m, v, None, s[:-1]), kw, "state_steps"),
+             ((p, g, m, v, None, s), dict(kw, amsgrad=True), "max_exp_avg_sq"),
+             ((p, g[:-1], m, v, None, s), kw, "grads"),
+             ((p, g, m.view(1, -1), v, None, s), kw, "1-D")]
+    for bad, bad_kw, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*bad, **bad_kw)
+        with pytest.raises(ValueError, match=message):
+            ref.fused_adam_flat_(*bad, decoupled_weight_decay=True, **bad_kw)
+    for x, y in zip(_tensors_of(args), _tensors_of(before)):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num()), "a rejected call changed its input"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masks"])
+def test_adam_flat_opcheck_and_compile(device, masked):
+    require_kernel("fused_adamw_flat_", device)
+    lists, kw = _adam_case(device, torch.float32, 8, amsgrad=True)
+    lists = {k: v[1:5] for k, v in lists.items()}
+    if masked:
+        kw = dict(kw, masks=_masks_for(lists["params"], 3))
+    args = _flatten_case(lists, amsgrad=True)
+    args = tuple(a.nan_to_num() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.bigkernels.fused_adamw_flat_.default, args, kw)
+    torch._dynamo.reset()
+    eager = copy.deepcopy(args)
+
+    def step(*a):
+        torch.ops.bigkernels.fused_adamw_flat_(*a, **kw)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    step(*eager)
+    for x, y in zip(_tensors_of(args), _tensors_of(eager)):
+        assert_close(x, y, rtol=1e-6, atol=1e-7, what="compiled flat step")

@@ -297,3 +297,87 @@ def _python_lines_per_step(n_params):
 
 def test_python_cost_per_step_does_not_grow_with_params():
     assert _python_lines_per_step(2000) == _python_lines_per_step(20)
+
+
+# ----- flat state -------------------------------------------------------------------------------------
+class _ListStateAdamW(bk.optim.FusedAdamW):
+    """FusedAdamW keeping one state tensor per param (the list form): the baseline of flat state."""
+    _flat_state = False
+
+
+def _storages(opt, name):
+    return {opt.state[p][name].untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]
+            if p in opt.state}
+
+
+def test_flat_state_is_one_buffer_per_name_and_equals_list_state_through_changes():
+    """Flat state (views of one buffer per state name and bucket) gives bit-for-bit the list form's
+    results through: steps with missing grads, a torch checkpoint loaded (re-flattened once), a
+    torch.save/load round trip (reloaded without a copy), amsgrad switched on, and a pruning mask
+    that moves params to another bucket."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+                                torch.nn.Linear(4, 3))
+    twin = copy.deepcopy(model)
+    flat, lists = bk.optim.FusedAdamW(model.parameters(), lr=0.02), _ListStateAdamW(twin.parameters(), lr=0.02)
+    torch.manual_seed(3)
+
+    def steps(n, drop=None):
+        for i in range(n):
+            x = torch.randn(5, 8)
+            for m, o in ((model, flat), (twin, lists)):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                if drop is not None and i % 2 == 0:
+                    m[drop].weight.grad = None  # some steps without this param's grad: list-form calls
+                o.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b), "flat state diverged from list state"
+
+    steps(3)
+    assert all(len(_storages(flat, n)) == 1 for n in ("step", "exp_avg", "exp_avg_sq"))
+    assert flat.state[model[0].weight]["exp_avg"].untyped_storage().nbytes() > model[0].weight.nbytes
+    steps(4, drop=2)
+    # a checkpoint in torch.optim's layout (separate tensors): copied into flat buffers at the next step
+    sd = flat.state_dict()
+    sd["state"] = {k: {n: v.clone() for n, v in st.items()} for k, st in sd["state"].items()}
+    flat.load_state_dict(sd)
+    assert len(_storages(flat, "exp_avg")) > 1
+    steps(1)
+    assert len(_storages(flat, "exp_avg")) == 1
+    # torch.save / torch.load of flat state: the loaded storage is reused as it is
+    buf = io.BytesIO()
+    torch.save(flat.state_dict(), buf)
+    buf.seek(0)
+    flat.load_state_dict(torch.load(buf))
+    loaded = _storages(flat, "exp_avg")
+    steps(1)
+    assert _storages(flat, "exp_avg") == loaded, "reloaded flat state was copied"
+    for o in (flat, lists):
+        o.param_groups[0]["amsgrad"] = True
+    steps(2)
+    assert len(_storages(flat, "max_exp_avg_sq")) == 1
+    for m in (model, twin):
+        bk.prune_(m, sparsity=0.5, filter_fn=lambda mod, fqn: fqn == "2")  # layer 2 moves to a masked bucket
+    steps(3)
+    assert all(len(_storages(flat, n)) == 2 for n in ("exp_avg", "step"))  # one buffer per bucket
+
+
+def test_failed_step_removes_the_state_it_created(monkeypatch):
+    """A step whose op raises (after the state was created) leaves no state behind, for the flat
+    and list forms and for state made by the step (SGD); the next step starts clean."""
+    for make, op in ((lambda ps: bk.optim.FusedAdamW(ps, lr=0.1), "fused_adamw_flat_"),
+                     (lambda ps: _ListStateAdamW(ps, lr=0.1), "fused_adamw_"),
+                     (lambda ps: bk.optim.FusedSGD(ps, lr=0.1, momentum=0.9), "fused_sgd_")):
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+        opt = make(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with monkeypatch.context() as mp:
+            def boom(*args, **kwargs):
+                raise RuntimeError("injected failure")
+            mp.setattr(bk.ops._registry, "call_backend", boom)
+            with pytest.raises(RuntimeError, match="injected failure"):
+                opt.step()
+        assert len(opt.state) == 0 and opt.state_dict()["state"] == {}, (op, dict(opt.state))
+        opt.step()
+        assert len(opt.state) == 2 and all(len(st) >= 1 for st in opt.state.values())

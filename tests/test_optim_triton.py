@@ -424,3 +424,100 @@ def test_masks_opcheck_and_rejected():
             OPS.fused_adamw_triton_(*args, **kw, masks=bad)
     for a, b in zip(args, before):
         _assert_close_lists(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ table path
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(tri, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tri, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "sum_of_squares"])
+def test_parameters_take_the_one_launch_table_path(kind, monkeypatch):
+    """nn.Parameter lists (what every optimizer passes) take the table path: one table, one update
+    launch for all tensors; the per-tensor launches are for tracing only (it was never taken:
+    ``type(t) is torch.Tensor`` is False for nn.Parameter)."""
+    gen = _gen(18000)
+    tables = _count_calls(monkeypatch, "_table")
+    per_tensor = []
+    real_launcher = tri.launcher
+
+    def launcher(kernel, traced=True):
+        if traced and kernel is not tri._sum_partials_kernel:
+            per_tensor.append(kernel)
+        return real_launcher(kernel, traced)
+
+    monkeypatch.setattr(tri, "launcher", launcher)
+    params = [torch.nn.Parameter(_rand(s, torch.float32, gen)) for s in SHAPES]
+    expected = [p.detach().clone() for p in params]
+    grads = _grads(gen, expected)
+    with torch.no_grad():  # as optimizers step
+        _step_parameters(kind, params, expected, grads, gen)
+    assert len(tables) == 1, f"{kind}: {len(tables)} tables built"
+    assert not per_tensor, f"{kind}: per-tensor launches of {[k.__name__ for k in per_tensor]}"
+    _assert_close_lists([p.detach() for p in params], expected, rtol=1e-5, atol=1e-6, what=kind)
+
+
+def _step_parameters(kind, params, expected, grads, gen):
+    if kind == "adamw":
+        state = [[_rand(s, torch.float32, gen, 0.1) for s in SHAPES],
+                 [_rand(s, torch.float32, gen, 0.01, positive=True) for s in SHAPES]]
+        steps = [torch.tensor(1.0, device=DEVICE) for _ in SHAPES]
+        exp_state = _clone(state) + [[s.clone() for s in steps]]
+        kw = _adam_kwargs(False, False, 0.1)
+        OPS.fused_adamw_triton_(params, grads, *state, [], steps, [], **kw)
+        ref.fused_adam_(expected, grads, *exp_state[:2], [], exp_state[2], decoupled_weight_decay=True, **kw)
+    elif kind == "sgd":
+        bufs = [_rand(s, torch.float32, gen) for s in SHAPES]
+        exp_bufs = [b.clone() for b in bufs]
+        kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                  is_first_step=False)
+        OPS.fused_sgd_triton_(params, grads, bufs, [], **kw)
+        ref.fused_sgd_(expected, grads, exp_bufs, **kw)
+    else:
+        got = OPS.sum_of_squares_triton(params)
+        torch.testing.assert_close(got, ref.sum_of_squares(expected), rtol=1e-6, atol=0)
+
+
+def test_table_alignment_flag_follows_the_addresses():
+    """ALIGNED (vectorised loads of whole blocks) only when every data tensor starts 16-byte aligned."""
+    tri.clear_table_cache()
+    gen = _gen(18100)
+    a = [_rand((100,), torch.float32, gen) for _ in range(3)]
+    steps = [torch.zeros((), device=DEVICE) for _ in a]
+    _, _, aligned = tri._table([a, a, a, a, steps, a], a[0].device, 64, "t", tri._ADAM_NAMES, step_rows=(4,))
+    assert aligned
+    buf = torch.zeros(101, device=DEVICE)
+    off = buf[1:]  # 4 bytes past an aligned address
+    _, _, aligned = tri._table([[off] + a[1:], a, a, a, steps, a], a[0].device, 64, "t", tri._ADAM_NAMES,
+                               step_rows=(4,))
+    assert not aligned
+
+
+def test_misaligned_tensors_take_the_scalar_table_path_correctly():
+    """A param one element past an aligned address: the unaligned (scalar) kernel, same results."""
+    gen = _gen(18200)
+    n = 1000
+    buf = torch.zeros(n + 1, device=DEVICE)
+    p = buf[1:]
+    p.copy_(_rand((n,), torch.float32, gen))
+    params = [p, _rand((37,), torch.float32, gen)]
+    expected = [t.clone() for t in params]
+    grads = _grads(gen, params)
+    bufs = [_rand(t.shape, torch.float32, gen) for t in params]
+    exp_bufs = [b.clone() for b in bufs]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=True, maximize=False,
+              is_first_step=False)
+    OPS.fused_sgd_triton_(params, grads, bufs, [], **kw)
+    ref.fused_sgd_(expected, grads, exp_bufs, **kw)
+    _assert_close_lists(params, expected, rtol=1e-5, atol=1e-6, what="params")
+    _assert_close_lists(bufs, exp_bufs, rtol=1e-5, atol=1e-6, what="momentum")

@@ -163,3 +163,127 @@ def test_small_lm_keeps_its_perplexity_after_w8a8_smoothquant():
         q = bk.quantize_(copy.deepcopy(model), mode=mode, calibration_data=data)
         ppl = perplexity(q, heldout, seq)
         assert ppl <= dense * 1.01, f"{mode}: perplexity {ppl:.4f} vs dense {dense:.4f}"
+
+
+# ----- model-level behaviour: layer selection, repeated calls, errors at call time, loading -------
+def _mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype)
+
+
+def test_quantize_a_bare_linear_raises_and_changes_nothing():
+    lin = nn.Linear(8, 4)
+    before = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"itself a linear layer \(nn.Linear\).*QuantLinear.from_linear"):
+        bk.quantize_(lin)
+    assert type(lin) is nn.Linear and torch.equal(lin.weight, before)
+
+
+def test_quantize_twice():
+    model = bk.quantize_(_mlp(), mode="w8a8")
+    int8 = model[0].weight_int8.clone()
+    with pytest.raises(ValueError, match=r"0 \(mode='w8a8'\), 2 \(mode='w8a8'\) already quantised.*'w8a16'"):
+        bk.quantize_(model, mode="w8a16")
+    with pytest.warns(UserWarning, match=r"converted no layer; 0, 2 \(already QuantLinear\(w8a8\)\)"):
+        bk.quantize_(model, mode="w8a8")
+    assert model[0].mode == "w8a8" and torch.equal(model[0].weight_int8, int8)
+    # layers left out the first time are quantised the second time, in the other mode
+    model = bk.quantize_(_mlp(), mode="w8a8", filter_fn=lambda m, fqn: fqn == "0")
+    bk.quantize_(model, mode="w8a16", filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    assert model[0].mode == "w8a8" and model[2].mode == "w8a16"
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+def test_linear_subclasses_and_attention_out_proj():
+    torch.manual_seed(1)
+    model = nn.Sequential(_MyLinear(16, 16), nn.MultiheadAttention(16, 2, batch_first=True))
+    bk.quantize_(model, mode="w8a16")
+    assert isinstance(model[0], QuantLinear)
+    # MultiheadAttention reads out_proj.weight itself: left alone (as torchao does) ...
+    assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    # ... and prune_ treats subclasses the same way (isinstance, not the exact type)
+    sub = bk.prune_(nn.Sequential(_MyLinear(16, 16), nn.Linear(16, 8)), sparsity=0.5)
+    assert all(hasattr(m, "weight_mask") for m in sub)
+
+
+def test_float64_raises_at_call_time_naming_the_layer():
+    model = _mlp(dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"quantize_: 0, 2 have float64 weights.*model.float\(\)"):
+        bk.quantize_(model)
+    assert all(type(m) is not QuantLinear for m in model)
+    with pytest.raises(TypeError, match="float64"):
+        QuantLinear.from_linear(nn.Linear(4, 4).double())
+    q = QuantLinear.from_linear(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="QuantLinear: expected an input of dtype float32, bfloat16, float16, got float64"):
+        q(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_calibration_batch_of_the_wrong_shape_names_the_layer():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"calibration batch 1: layer '0' got an input of shape \(4, 15\).*in_features=16"):
+        bk.quantize_(model, calibration_data=[torch.randn(4, 16), torch.randn(4, 15)])
+    assert all(type(m) is not QuantLinear for m in model)
+    with pytest.raises(ValueError, match="no batches"):
+        bk.quantize_(model, calibration_data=[])
+    # one tensor is one batch (not an iterable of rows); w8a16 ignores calibration data, saying so
+    bk.quantize_(model, calibration_data=torch.randn(4, 16), filter_fn=lambda m, fqn: fqn == "0")
+    assert model[0].smooth_scale is not None
+    with pytest.warns(UserWarning, match="used by mode='w8a8'"):
+        bk.quantize_(model, mode="w8a16", calibration_data=torch.randn(4, 16), filter_fn=lambda m, fqn: fqn == "2")
+
+
+def test_quantize_logs_what_it_converted_and_warns_when_nothing(caplog):
+    torch.manual_seed(2)
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.ModuleDict(dict(emb=emb, body=nn.Linear(8, 8), head=head))
+    with caplog.at_level("INFO", logger="bigkernels"):
+        bk.quantize_(model, mode="w8a16")
+    assert "quantize_: 1 layer -> QuantLinear(w8a16): body; left alone: head (weight tied to emb)" in caplog.text
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    # filter_fn choosing the tied layer: still never untied, and said so
+    with pytest.warns(UserWarning) as caught:
+        bk.quantize_(model, mode="w8a16", filter_fn=lambda m, fqn: fqn == "head")
+    assert [str(w.message) for w in caught] == [
+        "quantize_: left alone although filter_fn chose them: head (weight tied to emb: replacing it would untie "
+        "it and keep both copies)", "quantize_: converted no layer; body (filter_fn returned False)"]
+    assert type(model["head"]) is nn.Linear
+    with pytest.warns(UserWarning, match="converted no layer; the model has no linear layer"):
+        bk.quantize_(nn.Sequential(nn.ReLU()))
+    with pytest.warns(UserWarning, match=r"converted no layer; 0, 2 \(filter_fn returned False\)"):
+        bk.quantize_(_mlp(), filter_fn=lambda m, fqn: False)
+
+
+@pytest.mark.parametrize("saved_with_smoothquant", [True, False])
+def test_state_dict_loads_into_a_fresh_quantize_without_calibration(saved_with_smoothquant):
+    calib = [torch.randn(4, 16)]
+    model = bk.quantize_(_mlp(3), mode="w8a8", calibration_data=calib if saved_with_smoothquant else None)
+    x = torch.randn(5, 16)
+    # the fresh model is quantised the other way (no calibration data, or with it)
+    fresh = bk.quantize_(_mlp(4), mode="w8a8", calibration_data=None if saved_with_smoothquant else calib)
+    fresh.load_state_dict(model.state_dict())
+    assert (fresh[0].smooth_scale is not None) == saved_with_smoothquant
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_meta_skeleton_load_state_dict_assign_and_safetensors():
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = bk.quantize_(_mlp(5), mode="w8a8", calibration_data=[torch.randn(4, 16)])
+    blob = safetensors.save(model.state_dict())
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    bk.quantize_(skeleton, mode="w8a8")
+    skeleton.load_state_dict(safetensors.load(blob), assign=True)
+    assert all(t.device.type == "cpu" for t in [*skeleton.parameters(), *skeleton.buffers()])
+    x = torch.randn(3, 16)
+    assert torch.equal(skeleton(x), model(x))
+    skeleton.to("cpu", torch.bfloat16)  # nothing left on meta to trip over
+    assert skeleton[0].weight.dtype == torch.bfloat16 and skeleton[0].weight_scale.dtype == torch.float32
+    # a layer built empty (what from_pretrained does) loads the same tensors
+    empty = QuantLinear.empty(16, 32, mode="w8a8", smoothquant=True, device="meta")
+    empty.load_state_dict({k[2:]: v for k, v in safetensors.load(blob).items() if k.startswith("0.")}, assign=True)
+    assert torch.equal(empty(x), model[0](x))

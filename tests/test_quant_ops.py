@@ -226,3 +226,50 @@ def test_outputs_are_fully_written(device):
     assert not torch.isnan(xs).any()
     assert not torch.isnan(ops.int8_scaled_mm(xq, xs, wq, ws, None, torch.float32)).any()
     assert not torch.isnan(ops.w8a16_mm(x, wq, ws, None)).any()
+
+
+# The AVX2 panel engine (int8 from 16 rows, w8a16 from 32; quant_cpu_panels.h): several row blocks
+# (> 264 rows), k blocks (> 256 inputs; odd K for the int16 pairs) and feature blocks (> 128, not
+# a multiple of 16), and strided rows.
+ENGINE_SHAPES = [(16, 1029, 40), (37, 520, 150), (300, 131, 33)]
+
+
+@pytest.mark.parametrize("shape", ENGINE_SHAPES, ids=str)
+def test_int8_engine_is_exact(shape, cpu_isa):
+    require_kernel("int8_mm", "cpu")
+    M, K, N = shape
+    a, b = _int8((M, K), "cpu", noncontig=(M % 2 == 1)), _int8((N, K), "cpu")
+    a[0], b[0], a[1], b[1] = -128, -128, -128, 127  # the largest magnitudes int8 allows
+    assert torch.equal(ops.int8_mm(a, b), ref.int8_mm(a, b))
+    wide = torch.randint(-128, 128, (M, K + 7), dtype=torch.int8)
+    assert torch.equal(ops.int8_mm(wide[:, :K], b), ref.int8_mm(wide[:, :K], b))  # row stride K + 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ENGINE_SHAPES, ids=str)
+def test_engine_float_outputs(dtype, shape, cpu_isa):
+    """int8_scaled_mm and w8a16_mm (M >= 32: x packed from its own dtype) on the engine."""
+    for op in ("int8_scaled_mm", "w8a16_mm"):
+        require_kernel(op, "cpu")
+    M, K, N = shape
+    M = max(M, 32)
+    x = _float((M, K), dtype, "cpu", noncontig=True)
+    wq, ws = _weight(N, K, "cpu")
+    bias = torch.randn(N, dtype=dtype)
+    got = ops.w8a16_mm(x, wq, ws, bias)
+    w64 = wq.double() * ws.double()[:, None]
+    if dtype == torch.float32:
+        want = x.double() @ w64.T + bias.double()
+        mag = (x.double().abs() @ w64.abs().T + bias.double().abs()).max().item()
+        assert_close(got, want, rtol=1e-5, atol=1e-5 * mag, what="w8a16_mm fp32")
+    else:
+        ref32 = ref.w8a16_linear(x.float(), wq, ws, bias.float())
+        lowp = torch.nn.functional.linear(x, ref.dequantize_weight(wq, ws, dtype), bias)
+        _check_16bit(got, ref32, lowp, "w8a16_mm")
+    xq, xs = ref.quantize_per_token(x)
+    got = ops.int8_scaled_mm(xq, xs, wq, ws, bias, dtype)
+    ref32 = ref.int8_scaled_mm(xq, xs, wq, ws, bias, torch.float32)
+    if dtype == torch.float32:
+        assert_close(got, ref32, rtol=1e-5, atol=1e-6 * ref32.abs().max().item(), what="int8_scaled_mm fp32")
+    else:
+        _check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, dtype), "int8_scaled_mm")

@@ -236,3 +236,132 @@ def test_sparse_linear_bf16_and_safetensors(pattern, kw):
                                      pattern=pattern, block_size=kw.get("block_size", 64))
     fresh.load_state_dict(safetensors.load(safetensors.save(sl.state_dict())))
     assert torch.equal(fresh(x.bfloat16()), got)
+
+
+# ----- prune_ defaults, sparsify_ per recorded pattern, shapes that do not fit, errors naming layers
+class _LM(nn.Module):
+    """Embedding -> two numbered blocks -> head projecting back onto the vocabulary (untied)."""
+
+    def __init__(self, d=32, vocab=40, hidden=48, tied=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+                                    for _ in range(2))
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prune_leaves_the_output_head_and_embeddings_alone(tied, caplog):
+    torch.manual_seed(0)
+    model = _LM(tied=tied)
+    emb = model.emb.weight.detach().clone()
+    with caplog.at_level("INFO", logger="bigkernels"):
+        bk.prune_(model, sparsity=0.5)
+    why = "output head: tied to an embedding" if tied else "output head: projects onto an embedding's vocabulary"
+    assert f"prune_: 4 layers -> pruned (unstructured 50%, magnitude)" in caplog.text and f"head ({why})" in caplog.text
+    assert not hasattr(model.head, "weight_mask") and torch.equal(model.emb.weight, emb)
+    assert all(hasattr(b[0], "weight_mask") and hasattr(b[2], "weight_mask") for b in model.blocks)
+    # filter_fn overrides (a tied head then prunes the embedding it shares its weight with)
+    bk.prune_(model, sparsity=0.5, filter_fn=lambda m, fqn: fqn == "head")
+    assert hasattr(model.head, "weight_mask") and (model.emb.weight == 0).float().mean() == (0.5 if tied else 0.0)
+
+
+def test_sparsify_uses_the_pattern_prune_recorded_per_layer():
+    torch.manual_seed(1)
+    model = _LM(d=32, hidden=64)
+    bk.prune_(model, sparsity=0.5)  # unstructured everywhere, then two layers in other patterns
+    bk.prune_(model, pattern="2:4", filter_fn=lambda m, fqn: fqn == "blocks.0.0")
+    bk.prune_(model, sparsity=0.5, pattern="block", block_size=16, filter_fn=lambda m, fqn: fqn == "blocks.1.2")
+    bk.prune_(model, pattern="1:4", filter_fn=lambda m, fqn: fqn == "blocks.1.0")  # fits 2:4 storage
+    ids = torch.randint(0, 40, (3, 5))
+    with torch.no_grad():
+        ref = model(ids)
+        bk.sparse.sparsify_(model)
+    got = {fqn: (m.pattern, m.block_size) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert got == {"blocks.0.0": ("2:4", 64), "blocks.0.2": ("unstructured", 64), "blocks.1.0": ("2:4", 64),
+                   "blocks.1.2": ("block", 16)}
+    assert type(model.head) is nn.Linear
+    with torch.no_grad():
+        assert_close(model(ids), ref, rtol=1e-5, atol=1e-5, what="sparsified model")
+    assert M.sparse_format("4:8") == "unstructured" and M.sparse_format("2:8") == "2:4"
+
+
+def test_sparsify_errors_name_the_layer_and_change_nothing():
+    model = bk.prune_(_model(1), sparsity=0.5)
+    with pytest.raises(ValueError, match=r"sparsify_: cannot store 0: more than 2 non-zeros in a group of 4 inputs "
+                                         r"\(pruned with pattern 'unstructured'\)"):
+        bk.sparse.sparsify_(model, pattern="2:4")
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    lin = nn.Linear(8, 8)
+    lin.register_buffer("weight_mask", torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="1: it has a weight_mask but no pattern recorded by prune_"):
+        bk.sparse.sparsify_(nn.Sequential(nn.ReLU(), lin))
+    model64 = bk.prune_(_model(2).double(), sparsity=0.5)
+    with pytest.raises(ValueError, match="0: weight dtype float64"):
+        bk.sparse.sparsify_(model64)
+    with pytest.raises(ValueError, match="itself a linear layer"):
+        bk.sparse.sparsify_(bk.prune_(nn.Linear(8, 8), sparsity=0.5))
+    with pytest.raises(ValueError, match="pattern must be None"):
+        bk.sparse.sparsify_(model, pattern="4:8")
+    with pytest.warns(UserWarning, match=r"no pruned layer \(run prune_ first\)"):
+        bk.sparse.sparsify_(_model(3))
+
+
+def test_block_pattern_that_does_not_divide_a_layer_skips_it_with_a_warning():
+    # Llama-like FFN: 88 = 5.5 blocks of 16 (Llama-2's 688 with blocks of 64)
+    torch.manual_seed(4)
+    model = nn.ModuleDict(dict(attn=nn.Linear(32, 32), up=nn.Linear(32, 88), down=nn.Linear(88, 32)))
+    with pytest.warns(UserWarning, match=r"prune_: left unpruned.*up \(block_size 16 does not divide the weight shape "
+                                         r"\(88, 32\)\); down \(block_size 16"):
+        bk.prune_(model, sparsity=0.5, pattern="block", block_size=16)
+    assert hasattr(model["attn"], "weight_mask") and not hasattr(model["up"], "weight_mask")
+    with pytest.raises(ValueError, match=r"no chosen layer can be pruned.*up: block_size 16"):
+        bk.prune_(model, sparsity=0.5, pattern="block", block_size=16, filter_fn=lambda m, fqn: fqn != "attn")
+    bk.prune_(model, sparsity=0.5, filter_fn=lambda m, fqn: fqn == "up")  # unstructured, fits any shape
+    with pytest.warns(UserWarning, match=r"sparsify_: left as pruned dense layers.*up \(block_size 16 must divide"):
+        bk.sparse.sparsify_(model, pattern="block", block_size=16)
+    assert isinstance(model["attn"], SparseLinear) and type(model["up"]) is nn.Linear
+
+
+def test_sparse_linear_empty_and_meta_skeleton_load():
+    safetensors = pytest.importorskip("safetensors.torch")
+    for pattern, kw in PATTERNS:
+        sl = SparseLinear.from_linear(bk.prune_(nn.Linear(128, 64), pattern=pattern, **kw), pattern=pattern,
+                                      block_size=kw.get("block_size", 64))
+        blob = safetensors.save(sl.state_dict())
+        x = torch.randn(3, 128)
+        zero = SparseLinear(128, 64, pattern, block_size=kw.get("block_size", 64))  # an all-zero layer
+        assert torch.equal(zero.weight, torch.zeros(64, 128)) and torch.equal(zero(x), torch.zeros(3, 64))
+        zero.load_state_dict(safetensors.load(blob))
+        assert torch.equal(zero(x), sl(x))
+        meta = SparseLinear.empty(128, 64, pattern, block_size=kw.get("block_size", 64), device="meta")
+        meta.load_state_dict(safetensors.load(blob), assign=True)
+        assert all(t.device.type == "cpu" for t in [*meta.parameters(), *meta.buffers()])
+        assert torch.equal(meta(x), sl(x))
+    # a whole model: prune_ + sparsify_ on a meta-device skeleton, then the state_dict assigned
+    model = bk.sparse.sparsify_(bk.prune_(_model(6), pattern="2:4"))
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    bk.sparse.sparsify_(bk.prune_(skeleton, pattern="2:4"))
+    skeleton.load_state_dict(safetensors.load(safetensors.save(model.state_dict())), assign=True)
+    x = torch.randn(3, 128)
+    assert isinstance(skeleton[0], SparseLinear) and torch.equal(skeleton(x), model(x))
+
+
+def test_gradual_pruner_logs_once_and_checks_shapes_up_front(caplog):
+    model = _model(5)
+    with pytest.raises(ValueError, match="no chosen layer can be pruned"):
+        bk.sparse.GradualPruner(model, 0.5, 0, 10, every=2, pattern="block", block_size=48)
+    gp = bk.sparse.GradualPruner(model, 0.5, 0, 10, every=2)
+    with caplog.at_level("INFO", logger="bigkernels"):
+        for _ in range(12):
+            gp.step()
+    assert caplog.text.count("GradualPruner: 2 layers -> pruned") == 1

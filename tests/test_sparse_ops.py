@@ -228,3 +228,64 @@ def test_large_k_and_many_threads_match():
     for M in (1, 3, 4, 17):
         x = torch.randn(M, K)
         _check(ops.csr_mm(x, *fmt, None), x, fmt, None, ref.csr_linear, f"csr_mm M={M}")
+
+
+# The AVX2 engines (sparse_cpu_panels.h; BSR from 16 rows, CSR from 48 rows at >= 40% stored, 2:4
+# from 4 rows): several row blocks (> 264 rows), k blocks (> 256 inputs; BSR: one per block) and
+# feature blocks (> 128, not a multiple of 16), row groups of 16 and 32 with partial ones (2:4),
+# every weight dtype.
+ENGINE_SHAPES = [(16, 520, 150), (50, 264, 40), (300, 136, 133)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", ENGINE_SHAPES, ids=str)
+def test_engines(dtypes, shape, cpu_isa):
+    for op in ("csr_mm", "bsr_mm", "sparse24_mm"):
+        require_kernel(op, "cpu")
+    (M, K, N), (xdt, wdt) = shape, dtypes
+    x = _x(M, K, xdt, "cpu", noncontig=(M % 2 == 1))
+    bias = _bias(N, M, xdt, "cpu")
+    w = _pruned(N, K, 0.4, "cpu")  # dense enough for the CSR engine
+    w[3] = 0
+    fmt = ref.to_csr(w.to(wdt))
+    _check(ops.csr_mm(x, *fmt, bias), x, fmt, bias, ref.csr_linear, "csr_mm")
+    for B in (8, 24):  # one 16-feature strip spans block rows; several blocks per k block
+        Nb, Kb = N // B * B, K // B * B
+        keep = torch.rand(Nb // B, 1, Kb // B, 1) >= 0.5
+        wb = torch.randn(Nb, Kb) * keep.expand(Nb // B, B, Kb // B, B).reshape(Nb, Kb)
+        fmt = ref.to_bsr(wb.to(wdt), B)
+        xb = x[:, :Kb]
+        _check(ops.bsr_mm(xb, *fmt, bias if bias is None else bias[:Nb]), xb, fmt,
+               bias if bias is None else bias[:Nb], ref.bsr_linear, f"bsr_mm B={B}")
+    if K % 64 == 0:  # B = 64: one block per k block, missing ones skipped
+        keep = torch.rand(N // 64 or 1, 1, K // 64, 1) >= 0.7
+        keep[0, 0, 0, 0] = True
+        Nb = keep.shape[0] * 64
+        wb = torch.randn(Nb, K) * keep.expand(-1, 64, -1, 64).reshape(Nb, K)
+        fmt = ref.to_bsr(wb.to(wdt), 64)
+        b = None if bias is None else torch.randn(Nb).to(bias.dtype)
+        _check(ops.bsr_mm(x, *fmt, b), x, fmt, b, ref.bsr_linear, "bsr_mm B=64")
+    g = torch.randn(N, K // 4, 4)
+    w24 = (g * torch.zeros_like(g).scatter_(2, torch.rand_like(g).argsort(-1)[..., :2], 1.0)).reshape(N, K)
+    fmt = ref.to_sparse24(w24.to(wdt))
+    _check(ops.sparse24_mm(x, *fmt, bias), x, fmt, bias, ref.sparse24_linear, "sparse24_mm")
+
+
+def test_csr_engine_takes_unsorted_rows_and_reports_bad_columns(cpu_isa):
+    """CSR rows in any column order give the same product on the engine's batch sizes; a column
+    outside [0, K) is still reported."""
+    require_kernel("csr_mm", "cpu")
+    M, K, N = 60, 300, 40
+    w = _pruned(N, K, 0.4, "cpu")
+    crow, col, values = ref.to_csr(w)
+    perm = torch.cat([torch.randperm(int(crow[r + 1] - crow[r])) + crow[r] for r in range(N)])
+    col_u, values_u = col[perm], values[perm]
+    assert not torch.equal(col_u, col)
+    x = torch.randn(M, K)
+    _check(ops.csr_mm(x, crow, col_u, values_u, None), x, (crow, col_u, values_u), None, ref.csr_linear,
+           "csr_mm unsorted")
+    for bad in (K, -1):
+        col_b = col.clone()
+        col_b[int(crow[5]) + 1] = bad
+        with pytest.raises(RuntimeError, match="col"):
+            ops.csr_mm(x, crow, col_b, values, None)

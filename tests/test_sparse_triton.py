@@ -230,6 +230,28 @@ def test_csr_mm_non_contiguous_and_all_zero():
     torch.testing.assert_close(OPS.csr_mm_triton(_randn((3, 10), gen), crow, col, values, bias), bias.expand(3, 6))
 
 
+def test_csr_grid_keeps_axis_1_under_cuda_limit():
+    """M tiles go on grid axis 0 (2^31 - 1), row blocks on axis 1 (65,535): a 5M-row x and a
+    1M-row weight both launch (the M tiles were on axis 1, which failed past ~4.2M rows)."""
+    for M, N in ((5_000_000, 4096), (64, 1_000_000), (3_000_000_000 // 64, 300_000)):
+        (gx, gy), rows = tri._csr_grid(M, N, 64, 4)
+        assert gx == -(-M // 64) and gx <= 2**31 - 1
+        assert gy <= 65535 and gy * rows >= N and (gy - 1) * rows < N
+        assert rows == 4 or N > 4 * 65535
+
+
+def test_csr_mm_several_rows_per_program(monkeypatch):
+    """With more rows per program (what N > 262,140 gets on a GPU) every row is still computed."""
+    monkeypatch.setattr(tri, "_GRID_Y_MAX", 2)
+    gen = _gen(360)
+    crow, col, values = _csr_weight(13, 37, 0.3, gen)
+    x = _randn((5, 37), gen)
+    bias = _randn((13,), gen)
+    assert tri._csr_grid(5, 13, 16, 2)[1] == 7
+    out = _after_poisoning(lambda: OPS.csr_mm_triton(x, crow, col, values, bias))
+    _check(out, x, (crow, col, values), bias, ref.csr_linear, "csr_mm rows=7")
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

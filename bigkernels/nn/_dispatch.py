@@ -10,13 +10,22 @@ A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and 
   is not smaller than the dense weight anyway (CSR below ~50% sparsity). 0 disables it: the
   dispatcher then never keeps more memory than the compressed layer.
 
+On AVX2 CPUs the kernel paths themselves already run the dense product on decompressed panels
+where the format's own kernel would lose (csrc/common/cpu_gemm_avx2.h: int8 weights, BSR blocks
+and dense-enough CSR are decoded per k-block into a cache-sized dense panel and multiplied by a
+register-blocked micro-kernel, which runs at ~80% of the FMA peak where MKL's sgemm reaches ~50-60%
+on such CPUs), so for layers over the cache limit the kernel path is the fast fallback and
+``"decompress"`` rarely wins.
+
 Which is fastest depends on the machine, the layer's shape and batch size and its density: small
 layers and low sparsity lose to dense BLAS on the CPU, kernel launch overheads differ between GPUs.
 Rather than a crossover table measured on one machine, the first call for a key (device, dtype,
 layer shape and format, batch size bucket) times every path on the real input and later calls
 reuse the winner: within the memory rule above, the layer runs at least as fast as the dense
-product it replaced, as measured on that machine (once, best of up to three timed calls per path:
-a decision taken while the machine was disturbed can be off; ``clear()`` measures again).
+product it replaced, as measured on that machine (once, best of three timed calls per path, up to
+seven for calls that take under a few milliseconds; ``"decompress"``, which builds a whole dense
+weight per call, wins only when it is 5% faster than every other path. A decision taken while the
+machine was disturbed can still be off: ``clear()`` measures again).
 
 Dispatched: calls that want no gradient (inference: grad mode off, or neither the input nor the
 layer's stored weight requires one). ``torch.compile`` / CUDA-graph capture and training run the
@@ -39,6 +48,8 @@ from torch import Tensor
 _CHOICES: Dict[Hashable, str] = {}
 _MODES = ("measure", "kernel", "dense")
 FAST_ENOUGH = 2.0  # after one timed round, a path this many times faster than the rest wins
+MAX_ROUNDS, MORE_ROUNDS_S = 7, 0.05  # best of 3 timed rounds, of up to 7 while they take < 50 ms in all
+KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths by 5% (else timing noise decides)
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
 _cache_bytes = None
@@ -82,13 +93,31 @@ def can_dispatch(x: Tensor, values: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[str, float]:
-    """Best-of wall time per path (synchronised on CUDA), paths alternating; one warm-up call each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _synchronizer(devices) -> Callable[[], None]:
+    """Waits for the work queued on every CUDA device among ``devices`` (each by its own index:
+    ``torch.cuda.synchronize()`` alone waits for the current device only, and a layer placed on
+    another GPU would be timed by its launch overhead)."""
+    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+    if not cuda:
+        return lambda: None
+
+    def sync() -> None:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
+    return sync
+
+
+def _time(paths: Dict[str, Callable[[], Tensor]], device) -> Dict[str, float]:
+    """Best-of wall time per path, paths alternating; one warm-up call each. ``device`` (one or a
+    collection): where the paths run; every CUDA device among them is synchronised around each
+    timed call."""
+    sync = _synchronizer([device] if isinstance(device, (torch.device, str)) else device)
     for fn in paths.values():
         fn()
     best = {name: math.inf for name in paths}
-    for round_ in range(3):
+    start = time.perf_counter()
+    for round_ in range(MAX_ROUNDS):
         for name, fn in paths.items():
             sync()
             t0 = time.perf_counter()
@@ -98,13 +127,16 @@ def _time(paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> Dict[
         ranked = sorted(best.values())
         if round_ == 0 and len(ranked) > 1 and ranked[1] > FAST_ENOUGH * ranked[0]:
             break  # clear winner: big layers are not timed three times
+        if round_ >= 2 and time.perf_counter() - start > MORE_ROUNDS_S:
+            break  # three rounds; cheap calls get more (a best-of filters out a busy machine)
     return best
 
 
-def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.device) -> str:
-    """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use.
-    Names other than those of DENSE_PATHS are kernel paths; a forced mode picks the first kernel
-    path, or the first dense one."""
+def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device) -> str:
+    """The fastest of ``paths`` (name -> zero-argument call) for ``key``, measured on first use on
+    ``device`` (a device or a collection of them: the devices the paths' tensors are on, each
+    synchronised when timing). Names other than those of DENSE_PATHS are kernel paths; a forced
+    mode picks the first kernel path, or the first dense one."""
     forced = mode()
     if forced != "measure" or len(paths) == 1:
         want_dense = forced == "dense"
@@ -113,7 +145,13 @@ def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device: torch.
     if hit is None or hit not in paths:
         with torch.no_grad():
             times = _time(paths, device)
-        hit = _CHOICES[key] = min(times, key=times.get)
+        hit = min(times, key=times.get)
+        others = [name for name in times if name != "decompress"]
+        if hit == "decompress" and others:  # a whole dense weight per call: only when clearly faster
+            runner_up = min(others, key=times.get)
+            if times[hit] > KERNEL_MARGIN * times[runner_up]:
+                hit = runner_up
+        _CHOICES[key] = hit
     return hit
 
 
@@ -129,7 +167,9 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     if budget > 0 and (dense_bytes <= budget or stored_bytes(layer) >= dense_bytes):
         paths["dense"] = lambda: dense_linear(layer, "dense", x, stored)
     paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
-    path = choose(key + (rows_bucket(x.shape[0]),), paths, x.device)
+    # timed on the devices of the input and of the layer's stored weight (the same, for a layer
+    # that runs): both are synchronised, whichever device is current
+    path = choose(key + (rows_bucket(x.shape[0]),), paths, (x.device, stored.device))
     layer._routes.put(x, path)
     if path != "dense":
         layer._dense.drop()

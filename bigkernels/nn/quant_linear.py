@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from bigkernels.nn import _dispatch
+from bigkernels.nn import _dispatch, _layers
 from bigkernels.ops.quant import quant_linear, quantize_per_token, w8a8_quantizes_activations
-from bigkernels.nn._checks import check_linear_input
+from bigkernels.nn._checks import check_linear_input, check_weight_dtype
 from bigkernels.reference import quant as ref
 
 MODES = ("w8a8", "w8a16")
@@ -47,9 +47,13 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.mode = in_features, out_features, _check_mode(mode)
         factory = dict(device=device, dtype=dtype)
         init = nn.Linear(in_features, out_features, bias=bias, **factory)  # torch's init, then quantised
+        check_weight_dtype("QuantLinear", init.weight.dtype)
         self._set_weight(init.weight.detach(), None)
         self.bias = nn.Parameter(init.bias.detach().clone()) if bias else None
-        self.register_buffer("_dtype_probe", torch.empty(0, **factory), persistent=False)
+        # The float dtype the layer computes in and ``weight`` reads back in (the bias's, when
+        # there is one); a plain attribute, so that a layer built on the meta device and then
+        # loaded with load_state_dict(assign=True) has nothing left on meta.
+        self.compute_dtype = init.weight.dtype
         self._dense = _dispatch.DenseCache()
         self._routes = _dispatch.Routes()
 
@@ -63,21 +67,45 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth_scale", smooth_scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8",
+    def from_linear(cls, linear: nn.Module, mode: str = "w8a8",
                     smooth_scale: Optional[Tensor] = None) -> "QuantLinear":
-        """Quantise ``linear``'s weight. ``smooth_scale`` s (SmoothQuant) quantises ``W * s`` and
-        divides the input by s at run time, so the product is unchanged."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"QuantLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
+        """Quantise ``linear``'s weight: an ``nn.Linear`` (or subclass) or a Hugging Face
+        ``Conv1D`` (GPT-2's transposed linear). ``smooth_scale`` s (SmoothQuant) quantises
+        ``W * s`` and divides the input by s at run time, so the product is unchanged."""
+        if not _layers.is_linear_like(linear):
+            raise TypeError(f"QuantLinear.from_linear: expected an nn.Linear or a transformers Conv1D, "
+                            f"got {type(linear).__name__}")
+        w = _layers.linear_weight(linear).detach()
         if w.dim() != 2:
             raise ValueError(f"QuantLinear.from_linear: expected a 2-D weight, got shape {tuple(w.shape)}")
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device="meta",
-                dtype=w.dtype)
+        check_weight_dtype("QuantLinear.from_linear", w.dtype)
+        in_f, out_f = _layers.features(linear)
+        if smooth_scale is not None and tuple(smooth_scale.shape) != (in_f,):
+            raise ValueError(f"QuantLinear.from_linear: smooth_scale must have shape ({in_f},) (in_features), "
+                             f"got {tuple(smooth_scale.shape)}")
+        q = cls(in_f, out_f, bias=linear.bias is not None, mode=mode, device="meta", dtype=w.dtype)
         q._set_weight(w, smooth_scale)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-        q._dtype_probe = torch.empty(0, dtype=w.dtype, device=w.device)
+        return q
+
+    def __setstate__(self, state):
+        # layers pickled before compute_dtype existed kept it in a ``_dtype_probe`` buffer
+        super().__setstate__(state)
+        if "compute_dtype" not in self.__dict__:
+            probe = self._buffers.pop("_dtype_probe", None)
+            self.compute_dtype = probe.dtype if probe is not None else self.weight_scale.dtype
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8", *,
+              smoothquant: bool = False, device=None, dtype=None) -> "QuantLinear":
+        """A layer with uninitialised tensors of the right shapes (``smoothquant``: with a
+        ``smooth_scale`` buffer), to load a checkpoint into; ``device="meta"`` allocates nothing."""
+        device = torch.get_default_device() if device is None else torch.device(device)
+        q = cls(in_features, out_features, bias=bias, mode=mode, device="meta", dtype=dtype)
+        q._apply(lambda t: torch.empty_like(t, device=device))
+        if smoothquant:
+            q.smooth_scale = torch.empty(in_features, dtype=torch.float32, device=q.weight_scale.device)
         return q
 
     @property
@@ -86,15 +114,34 @@ class QuantLinear(nn.Module):
         w = ref.dequantize_weight(self.weight_int8, self.weight_scale, torch.float32)
         if self.smooth_scale is not None:
             w = w / self.smooth_scale
-        return w.to(self._dtype_probe.dtype)
+        return w.to(self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) casts floating buffers: the scales must stay fp32 (only their device follows).
+        # .to(dtype) casts floating buffers: the scales must stay fp32 (only their device follows),
+        # and the compute dtype follows what fn does to a float tensor of that dtype.
         fp32 = {name: getattr(self, name) for name in ("weight_scale", "smooth_scale") if getattr(self, name) is not None}
+        probe = torch.empty(0, dtype=self.compute_dtype)
         super()._apply(fn, recurse)
         for name, t in fp32.items():
             setattr(self, name, t.to(getattr(self, name).device))
+        self.compute_dtype = self.bias.dtype if self.bias is not None else fn(probe).dtype
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # SmoothQuant's scale is part of the quantised weight: a checkpoint's weight_int8 comes with
+        # its smooth_scale or without one, whichever way this layer was built (a layer quantised
+        # without calibration data loads a SmoothQuant checkpoint, and the other way round).
+        key = prefix + "smooth_scale"
+        if prefix + "weight_int8" in state_dict:
+            if key in state_dict and self.smooth_scale is None:
+                self.smooth_scale = torch.empty(self.in_features, dtype=torch.float32, device=self.weight_scale.device)
+            elif key not in state_dict and self.smooth_scale is not None:
+                self.smooth_scale = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
 
     def _kernel_forward(self, x2: Tensor) -> Tensor:
         """The differentiable int8 op of the mode (gradients to the input and the bias)."""
@@ -137,3 +184,18 @@ class QuantLinear(nn.Module):
         smooth = ", smoothquant" if self.smooth_scale is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode!r}, weight=int8[{self.out_features}, {self.in_features}]{smooth}")
+
+
+def _describe(q: QuantLinear) -> dict:
+    return {"mode": q.mode, "in_features": q.in_features, "out_features": q.out_features,
+            "bias": q.bias is not None, "smoothquant": q.smooth_scale is not None}
+
+
+def _build(layer: nn.Module, spec: dict, dtype: torch.dtype) -> QuantLinear:
+    device = next(iter(layer.parameters()), torch.empty(0)).device
+    return QuantLinear.empty(spec["in_features"], spec["out_features"], bias=spec["bias"], mode=spec["mode"],
+                             smoothquant=spec["smoothquant"], device=device, dtype=dtype)
+
+
+_layers.register_compressed(_layers.CompressedType(
+    "QuantLinear", detect=lambda m: isinstance(m, QuantLinear), describe=_describe, build=_build))

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bigkernels.nn import _dispatch
+from bigkernels.nn import _dispatch, _layers
 from bigkernels.ops import sparse_cuda
-from bigkernels.nn._checks import check_linear_input
+from bigkernels.nn._checks import check_linear_input, check_weight_dtype
 from bigkernels.reference import sparse as ref
 
 PATTERNS = ("2:4", "block", "unstructured")
@@ -31,8 +31,11 @@ class SparseLinear(nn.Module):
     - ``"unstructured"``: CSR (``crow``, ``col``, ``values``).
 
     The stored non-zeros are a parameter: fine-tuning updates them and keeps the pattern. ``weight``
-    reads back the dense weight. Inputs of any leading shape; output in x's dtype. Build with
-    :meth:`from_linear` from a (pruned) ``nn.Linear``.
+    reads back the dense weight. Inputs of any leading shape, fp32/bf16/fp16; output in x's dtype.
+    Build with :meth:`from_linear` from a pruned ``nn.Linear`` or Hugging Face ``Conv1D``
+    (``bigkernels.sparse.sparsify_`` does it for a whole model). ``SparseLinear(in, out, pattern)``
+    itself is an all-zero layer that a ``state_dict`` fills (the number of stored weights is the
+    checkpoint's; ``load_state_dict(assign=True)`` onto a meta-device layer works too).
 
     Inference picks, per shape and batch size, the fastest of the sparse kernels and the dense
     product with the weight decompressed (per call, or once and kept for layers of at most 1 MiB
@@ -41,26 +44,80 @@ class SparseLinear(nn.Module):
     the sparse kernel op.
     """
 
-    def __init__(self, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
-        if pattern not in PATTERNS:
-            raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
+        check_format(pattern, block_size, in_features, out_features, "SparseLinear")
         self.in_features, self.out_features, self.pattern, self.block_size = in_features, out_features, pattern, block_size
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        factory = dict(device=device, dtype=dtype)
+        check_weight_dtype("SparseLinear", dtype or torch.get_default_dtype())
+        # An all-zero weight (nothing stored) until from_linear or a state_dict fills it.
+        self._empty_format(0, **factory)
+        with torch.no_grad():
+            if self.pattern == "2:4":
+                self.values.zero_()
+                self.meta.fill_(4)  # positions (0, 1) in every group of 4
+            else:
+                self.crow.zero_()
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self._dense = _dispatch.DenseCache()
         self._routes = _dispatch.Routes()
 
+    def _empty_format(self, nnz: int, device=None, dtype=None) -> None:
+        """Uninitialised format tensors for ``nnz`` stored weights (a multiple of block_size² for
+        block; 2:4 stores half of the weight whatever nnz is)."""
+        n, k, b = self.out_features, self.in_features, self.block_size
+        f = dict(device=device)
+        if self.pattern == "2:4":
+            tensors = (torch.empty(n, k // 2, dtype=dtype, **f), torch.empty(n, k // 4, dtype=torch.uint8, **f))
+        elif self.pattern == "block":
+            nb = nnz // (b * b)
+            tensors = (torch.empty(n // b + 1, dtype=torch.int64, **f), torch.empty(nb, dtype=torch.int32, **f),
+                       torch.empty(nb, b, b, dtype=dtype, **f))
+        else:
+            tensors = (torch.empty(n + 1, dtype=torch.int64, **f), torch.empty(nnz, dtype=torch.int32, **f),
+                       torch.empty(nnz, dtype=dtype, **f))
+        self._store(tensors)
+
+    def _store(self, tensors) -> None:
+        for name, t in zip(_FORMAT[self.pattern], tensors):
+            if name == _VALUES[self.pattern]:
+                setattr(self, name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, pattern: str = "2:4", block_size: int = 64) -> "SparseLinear":
-        """Compress ``linear``'s weight, whose zeros must already follow ``pattern`` (use
-        ``bigkernels.prune_`` first); 2:4 needs at most 2 non-zeros in every group of 4 inputs,
-        block needs ``block_size`` to divide both dimensions."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        q = cls(linear.in_features, linear.out_features, pattern, block_size, bias=linear.bias is not None)
-        q._set_weight(linear.weight.detach())
+    def from_linear(cls, linear: nn.Module, pattern: str = "2:4", block_size: int = 64) -> "SparseLinear":
+        """Compress ``linear``'s weight (an ``nn.Linear`` or subclass, or a Hugging Face
+        ``Conv1D``), whose zeros must already follow ``pattern`` (use ``bigkernels.prune_``
+        first); 2:4 needs at most 2 non-zeros in every group of 4 inputs, block needs
+        ``block_size`` to divide both dimensions. A layer on the meta device gives an empty
+        meta-device layer, for ``load_state_dict(..., assign=True)``."""
+        if not _layers.is_linear_like(linear):
+            raise TypeError(f"SparseLinear.from_linear: expected an nn.Linear or a transformers Conv1D, "
+                            f"got {type(linear).__name__}")
+        w = _layers.linear_weight(linear).detach()
+        check_weight_dtype("SparseLinear.from_linear", w.dtype)
+        in_f, out_f = _layers.features(linear)
+        q = cls(in_f, out_f, pattern, block_size, bias=linear.bias is not None, device="meta", dtype=w.dtype)
+        if w.is_meta:  # a skeleton: the checkpoint it is loaded into (assign=True) decides the sizes
+            return q
+        q._set_weight(w)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return q
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, pattern: str, block_size: int = 64, bias: bool = True, *,
+              nnz: int = 0, device=None, dtype=None) -> "SparseLinear":
+        """A layer with uninitialised tensors sized for ``nnz`` stored weights (see ``density``:
+        ``nnz = density * in_features * out_features``), to load a checkpoint into;
+        ``device="meta"`` allocates nothing."""
+        device = torch.get_default_device() if device is None else torch.device(device)
+        q = cls(in_features, out_features, pattern, block_size, bias=bias, device="meta", dtype=dtype)
+        q._empty_format(nnz, device=device, dtype=q.bias.dtype if bias else dtype)
+        if bias:
+            q.bias = nn.Parameter(torch.empty_like(q.bias, device=device))
         return q
 
     def _set_weight(self, w: Tensor) -> None:
@@ -70,11 +127,7 @@ class SparseLinear(nn.Module):
             tensors = ref.to_bsr(w, self.block_size)
         else:
             tensors = ref.to_csr(w)
-        for name, t in zip(_FORMAT[self.pattern], tensors):
-            if name == _VALUES[self.pattern]:
-                setattr(self, name, nn.Parameter(t.clone()))
-            else:
-                self.register_buffer(name, t.clone())
+        self._store([t.clone() for t in tensors])
 
     def _format(self):
         return [getattr(self, n) for n in _FORMAT[self.pattern]]
@@ -162,6 +215,36 @@ class SparseLinear(nn.Module):
         block = f", block_size={self.block_size}" if self.pattern == "block" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"pattern={self.pattern!r}{block}, density={self.density:.3f}")
+
+
+def check_format(pattern: str, block_size: int, in_features: int, out_features: int, owner: str) -> None:
+    """ValueError unless a layer of this shape can be stored in ``pattern``'s format."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"{owner}: pattern must be one of {PATTERNS}, got {pattern!r}")
+    if pattern == "2:4" and in_features % 4:
+        raise ValueError(f"{owner}: 2:4 needs in_features divisible by 4, got {in_features}")
+    if pattern == "block":
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"{owner}: block_size must be a positive integer, got {block_size!r}")
+        if in_features % block_size or out_features % block_size:
+            raise ValueError(f"{owner}: block_size {block_size} must divide the weight shape "
+                             f"({out_features}, {in_features}) (out_features, in_features)")
+
+
+def _describe(layer: "SparseLinear") -> dict:
+    return {"pattern": layer.pattern, "block_size": layer.block_size, "in_features": layer.in_features,
+            "out_features": layer.out_features, "bias": layer.bias is not None,
+            "nnz": int(getattr(layer, _VALUES[layer.pattern]).numel())}
+
+
+def _build(layer: nn.Module, spec: dict, dtype: torch.dtype) -> "SparseLinear":
+    device = next(iter(layer.parameters()), torch.empty(0)).device
+    return SparseLinear.empty(spec["in_features"], spec["out_features"], spec["pattern"], spec["block_size"],
+                              bias=spec["bias"], nnz=spec["nnz"], device=device, dtype=dtype)
+
+
+_layers.register_compressed(_layers.CompressedType(
+    "SparseLinear", detect=lambda m: isinstance(m, SparseLinear), describe=_describe, build=_build))
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,12 @@ and :func:`sparse24_supported`. Kernels: ``csrc/sparse/sparse24_cuda.cpp``.
     compressed from.
 ``sparse24_cslt_mm(x, compressed, n, bias) -> Tensor``
     ``x [M, K]`` fp16/bf16 -> ``x @ Wᵀ + bias`` ``[M, n]`` in x's dtype, for the weight ``W [n, K]``
-    that ``compressed`` came from (same dtype as x); ``bias [n]`` optional.
+    that ``compressed`` came from (same dtype as x); ``bias [n]`` optional, any float dtype (read in
+    x's dtype: it is copied into the cached plan's own buffer, so plans never depend on the
+    caller's bias address).
+``sparse24_cslt_plans() -> int``
+    How many cuSPARSELt matmul plans are cached (per device, dtype, padded M, n, K, bias or not,
+    stream); :func:`plan_count` is 0 where the kernels are not built.
 
 No reference and no autograd: these are inference kernels behind the format of
 ``bigkernels/reference/sparse.py`` (``sparse24_mm`` computes the same product from values + meta).
@@ -24,6 +29,7 @@ from bigkernels.ops import _registry
 
 COMPRESS = f"{_registry.NAMESPACE}::sparse24_compress"
 CSLT_MM = f"{_registry.NAMESPACE}::sparse24_cslt_mm"
+CSLT_PLANS = f"{_registry.NAMESPACE}::sparse24_cslt_plans"
 COMPRESS_SCHEMA = "(Tensor w_dense) -> Tensor"
 CSLT_MM_SCHEMA = "(Tensor x, Tensor compressed, int n, Tensor? bias) -> Tensor"
 DTYPES = (torch.float16, torch.bfloat16)
@@ -31,6 +37,7 @@ MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and newer
 
 torch.library.define(COMPRESS, COMPRESS_SCHEMA)
 torch.library.define(CSLT_MM, CSLT_MM_SCHEMA)
+torch.library.define(CSLT_PLANS, "() -> int")
 
 
 @torch.library.register_fake(COMPRESS)
@@ -73,3 +80,11 @@ def compress(w_dense: torch.Tensor) -> torch.Tensor:
 def cslt_mm(x: torch.Tensor, compressed: torch.Tensor, n: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.bigkernels.sparse24_cslt_mm``."""
     return torch.ops.bigkernels.sparse24_cslt_mm(x, compressed, n, bias)
+
+
+def plan_count() -> int:
+    """``torch.ops.bigkernels.sparse24_cslt_plans()``: the cached cuSPARSELt plans (0 without the kernels)."""
+    try:
+        return int(torch.ops.bigkernels.sparse24_cslt_plans())
+    except NotImplementedError:  # no kernel registered: built without CUDA / cuSPARSELt
+        return 0

@@ -21,28 +21,55 @@
   statements per bucket (gradients gathered with C-level ``map`` calls; the ops take lists).
 * GradScaler's protocol (``grad_scale`` / ``found_inf`` consumed inside the ops), global-norm
   clipping (``max_grad_norm``), pruning masks passed to the ops.
+* **DTensor params** (FSDP2's ``fully_shard``, tensor parallel, any placement): buckets are split
+  by mesh and placements, and ``_init_group`` hands the ops the local shards of params, grads,
+  state and masks (the update is elementwise, so this is exact). A grad whose placements differ
+  from its param's (e.g. ``Partial`` under sequence parallelism) is redistributed first, as
+  torch's optimizers do implicitly. State is created from the DTensor param, so it is a DTensor
+  with the param's mesh and placements (torch's layout: DCP and torch.optim checkpoints
+  interoperate); step counters stay plain tensors, as torch keeps them. With ``max_grad_norm``
+  each bucket's squares are summed locally and the partial sums reduced once per step and mesh
+  (one all-reduce per sharded mesh dimension, replicated dimensions counted once): the norm is
+  ``clip_grad_norm_``'s total norm. Every rank must step (collectives), as with torch.
+* **Flat state** (``_flat_state = True``; FusedAdam/AdamW): every state of a kernel bucket lives
+  in one flat buffer per state name (``step``: one fp32 counter per param), the state_dict entries
+  being views of it (DTensors made from those views for DTensor params), so a step hands the op
+  two tensor lists (params, grads) instead of one per state. State replaced from outside (a
+  ``load_state_dict`` of other tensors, a bucket that changed) is copied back into a flat buffer
+  at the next step (once); a checkpoint saved from flat state (``torch.save``, DCP) reloads into
+  the same buffers without a copy. Steps where some params of a bucket have no gradient, and
+  devices without a flat kernel, pass the views as lists.
+* A step that raises removes the state it created (nothing half-initialised is left for a
+  checkpoint to save).
 
 Subclass hooks (see the bottom of :class:`FusedOptimizerMixin`): ``_state_names``,
 ``_init_state`` (or ``_create_state`` for a whole bucket), ``_op_name``, ``_check_group``,
-``_update``, ``_bucket_kind``; class attributes ``_fused_keywords`` and ``_state_made_by_step``.
+``_update``, ``_bucket_kind``; class attributes ``_fused_keywords``, ``_state_made_by_step`` and
+``_flat_state``.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from itertools import compress, repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, eq, is_, is_not
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from bigkernels.ops import _registry
+from bigkernels.ops import _dtensor, _registry
 from bigkernels.ops import optim as optim_ops
+from bigkernels.reference.optim import flat_offsets
 from bigkernels.sparse import mask_registry
 
+DTensor = _dtensor.DTensor
 _GRAD = attrgetter("grad")
 _LAYOUT = attrgetter("layout")
 _WEIGHT_MASK = attrgetter("weight_mask")
+_LOCAL = attrgetter("_local_tensor")  # a DTensor's shard on this rank (FSDP2 reads it the same way)
+_PLACEMENTS = attrgetter("placements")
+_MESH = attrgetter("device_mesh")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the C++/CUDA/Triton kernels take
 SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)  # fp64: the reference ops (fp64 maths)
 
@@ -51,12 +78,16 @@ class Bucket:
     """Params of one group on one device with one dtype, plus their state lists (same order).
     ``mask_owners`` (or None): the pruned module owning each param, whose ``weight_mask`` the
     op applies; a bucket's params are either all pruned or none. ``kernel_ok``: dense,
-    contiguous and of a kernel dtype (otherwise the reference op runs)."""
+    contiguous and of a kernel dtype (otherwise the reference op runs). ``spec``: None, or the
+    DTensor params' ``(mesh, placements)`` (``state`` then holds local shards); ``shard_dims``: the
+    mesh dimensions they are split over. ``flat``: state name -> flat buffer (local) when the
+    optimizer keeps flat state; ``offsets``: each param's piece in them (``flat_offsets``)."""
 
-    __slots__ = ("group_index", "params", "mask_owners", "state", "device", "dtype", "kernel_ok", "kind", "ready")
+    __slots__ = ("group_index", "params", "mask_owners", "state", "device", "dtype", "kernel_ok", "kind", "ready",
+                 "spec", "shard_dims", "flat", "offsets")
 
     def __init__(self, group_index: int, params: List[Tensor], kernel_ok: bool, mask_owners: Optional[list] = None,
-                 kind: Any = None):
+                 kind: Any = None, spec: Optional[tuple] = None):
         self.group_index = group_index
         self.params = params
         self.mask_owners = mask_owners
@@ -64,8 +95,23 @@ class Bucket:
         self.dtype = params[0].dtype
         self.kernel_ok = kernel_ok
         self.kind = kind  # the optimizer's _bucket_kind of its params
+        self.spec = spec
+        self.shard_dims = _dtensor.sharded_dims(spec[1]) if spec is not None else ()
         self.state: Dict[str, List[Tensor]] = {}
         self.ready = False  # every param has its state and ``state`` holds it
+        self.flat: Optional[Dict[str, Tensor]] = None
+        self.offsets: Optional[List[int]] = None
+
+    def locals(self, params: List[Tensor]) -> List[Tensor]:
+        """``params`` as the ops take them: their local shards for DTensors."""
+        return params if self.spec is None else list(map(_LOCAL, params))
+
+
+def _spec(p: Tensor) -> Optional[tuple]:
+    """A DTensor's (mesh, placements); None for a plain tensor."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return None
+    return p.device_mesh, tuple(p.placements)
 
 
 def _check_param(owner: str, p: Tensor) -> None:
@@ -118,6 +164,12 @@ class FusedOptimizerMixin:
     # _init_group creates nothing and flags the params, and _update creates their state (in the
     # traced step, so torch.compile guards on the state dict and re-traces after the first step).
     _state_made_by_step = False
+    # True: kernel buckets keep each state name in one flat buffer (state_dict entries are views;
+    # see the module docstring) and ``_update`` gets ``extra["flat"]``: when True, each state list
+    # is one flat buffer for the ``_flat_op_name`` op. The mixin then creates the state itself
+    # (``_init_state`` / ``_create_state`` serve the other buckets): ``step`` as one fp32 counter
+    # per param, every other name zeros shaped like the param, in its dtype.
+    _flat_state = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -137,6 +189,7 @@ class FusedOptimizerMixin:
         self._buckets: Optional[List[Bucket]] = None
         self._bucket_key = None
         self._masks_in_step: frozenset = frozenset()  # ids of the pruned modules our ops mask
+        self._new_state: list = []  # (param, its state keys before) for state this step created
 
     # ----- parameter set & pickling -------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -177,11 +230,17 @@ class FusedOptimizerMixin:
             for gi, group in enumerate(self.param_groups):
                 by_kind: Dict[tuple, List[Tensor]] = {}
                 for p in group["params"]:
-                    fits = p.dtype in KERNEL_DTYPES and p.layout == torch.strided and p.is_contiguous()
-                    kind = (p.device, p.dtype, fits, id(p) in owners, self._bucket_kind(p))
+                    spec = _spec(p)
+                    t = p if spec is None else p._local_tensor
+                    if spec is not None and any(pl.is_partial() for pl in spec[1]):
+                        raise ValueError(
+                            f"{type(self).__name__}: a param is a DTensor with a Partial placement {spec[1]}: a "
+                            "sum of per-rank tensors cannot be updated elementwise; redistribute it first")
+                    fits = t.dtype in KERNEL_DTYPES and t.layout == torch.strided and t.is_contiguous()
+                    kind = (p.device, p.dtype, fits, id(p) in owners, spec, self._bucket_kind(p))
                     by_kind.setdefault(kind, []).append(p)
-                buckets += [Bucket(gi, ps, fits, [owners[id(p)] for p in ps] if masked else None, kind)
-                            for (_, _, fits, masked, kind), ps in by_kind.items()]
+                buckets += [Bucket(gi, ps, fits, [owners[id(p)] for p in ps] if masked else None, kind, spec)
+                            for (_, _, fits, masked, spec, kind), ps in by_kind.items()]
             self._buckets, self._bucket_key = buckets, key
             self._masks_in_step = frozenset(id(m) for b in buckets for m in (b.mask_owners or ()))
         return self._buckets
@@ -189,12 +248,14 @@ class FusedOptimizerMixin:
     # ----- the step, first half: bookkeeping (eager, also under torch.compile) ---------------------
     def _init_group(self, out: list) -> Tuple[int, tuple]:
         """Everything of a step that is not maths. Appends to ``out``, per bucket with gradients:
-        its params, grads, one list per state name (None for state ``_update`` creates) and its
-        masks; returns ``(mask version, plan)`` with one plan entry per bucket:
-        ``(group index, op backend, sum_of_squares backend, n params, ((state name, list
-        length), ...), masked, fresh flags or None)`` (a state list need not hold one tensor per
-        param: a flat per-bucket buffer is a list of one). Raises before creating any state if the
-        step cannot run.
+        its params, grads, one list per state name (None for state ``_update`` creates; a list
+        of one flat buffer with flat state) and its masks, all local shards for DTensors;
+        returns ``(mask version, plan)`` with one plan entry per bucket: ``(group index, op
+        backend, sum_of_squares backend, n params, ((state name, list length), ...), masked,
+        fresh flags or None, flat, dist)`` (``flat``: the state lists are flat buffers for the
+        ``_flat_op_name`` op; ``dist``: None, or the DTensor mesh and the dimensions its params
+        are sharded over, for the norm's reduction). Raises before creating any state if the
+        step cannot run, and removes the state it created if it raises later.
 
         torch.compile calls a method of this name on an optimizer eagerly, with the list given
         empty, and traces only what follows (torch/_dynamo/variables/optimizer.py): the plan is
@@ -213,52 +274,214 @@ class FusedOptimizerMixin:
                     continue
             if not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided))):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if b.spec is not None:
+                grads = self._local_grads(b, grads)
             work.append((b, params, grads, owners))
         for gi in sorted({b.group_index for b, _, _, _ in work}):
             self._check_group(self.param_groups[gi])
+        masks = [self._step_masks(b, owners) for b, _, _, owners in work]
         # Validated: state is created only now, for a step that runs.
+        self._new_state = []
         plan = []
-        for b, params, grads, owners in work:
-            group = self.param_groups[b.group_index]
-            names = tuple(self._state_names(group, b))
-            state, fresh = self._state_lists(b, params, names)
-            out += params
-            out += grads
-            for n in names:
-                out += state[n]
-            spans = tuple((n, len(state[n])) for n in names)
-            if owners is not None:
-                out += map(_WEIGHT_MASK, owners)
-            kernel = _registry.choose(self._op_name(group), b.device.type) if b.kernel_ok else "reference"
-            norm = _registry.choose("sum_of_squares", b.device.type) if b.kernel_ok else "reference"
-            plan.append((b.group_index, kernel, norm, len(params), spans, owners is not None, fresh))
+        try:
+            for (b, params, grads, _), bucket_masks in zip(work, masks):
+                group = self.param_groups[b.group_index]
+                names = tuple(self._state_names(group, b))
+                state, fresh = self._state_lists(b, params, names)
+                device = b.device.type
+                kernel = _registry.choose(self._op_name(group), device) if b.kernel_ok else "reference"
+                norm = _registry.choose("sum_of_squares", device) if b.kernel_ok else "reference"
+                flat = False
+                if names and b.flat is not None and params is b.params and fresh is None:
+                    flat_op = self._flat_op_name(group)
+                    flat_kernel = _registry.choose(flat_op, device)
+                    # else the list op's kernel on the views (also when BIGKERNELS_IMPL picks that op's)
+                    if flat_kernel != "reference" and (_registry.forced_backend(self._op_name(group)) is None
+                                                       or _registry.forced_backend(flat_op) is not None):
+                        kernel, flat = flat_kernel, True
+                out += b.locals(params)
+                out += grads
+                for n in names:
+                    if flat:
+                        out.append(b.flat[n])
+                    else:
+                        out += state[n]
+                spans = tuple((n, 1 if flat else len(state[n])) for n in names)
+                if bucket_masks is not None:
+                    out += bucket_masks
+                dist = (b.spec[0], b.shard_dims) if b.shard_dims else None
+                plan.append((b.group_index, kernel, norm, len(params), spans, bucket_masks is not None, fresh, flat,
+                             dist))
+        except BaseException:
+            self._forget_new_state()
+            raise
         return mask_registry.version, tuple(plan)
 
+    def _local_grads(self, bucket: Bucket, grads: List[Tensor]) -> List[Tensor]:
+        """The local shards of a DTensor bucket's grads; a grad placed otherwise than its param
+        (e.g. Partial) is redistributed to the param's placements first (what torch's optimizers
+        do implicitly through DTensor ops)."""
+        mesh, placements = bucket.spec
+        if (all(map(isinstance, grads, repeat(DTensor))) and all(map(is_, map(_MESH, grads), repeat(mesh)))
+                and all(map(eq, map(_PLACEMENTS, grads), repeat(placements)))):
+            return list(map(_LOCAL, grads))
+        out = []
+        for g in grads:
+            if not isinstance(g, DTensor) or g.device_mesh != mesh:
+                raise ValueError(
+                    f"{type(self).__name__}: the grad of a DTensor param on {mesh} with placements {placements} must "
+                    f"be a DTensor on that mesh, got {_dtensor._describe(g)}")
+            if tuple(g.placements) != placements:
+                g = g.redistribute(mesh, placements)
+            out.append(g._local_tensor)
+        return out
+
+    def _step_masks(self, bucket: Bucket, owners: Optional[list]) -> Optional[List[Tensor]]:
+        """The pruning masks the op applies (None: not pruned); local shards for DTensor params,
+        whose masks must be DTensors placed like them."""
+        if owners is None:
+            return None
+        masks = list(map(_WEIGHT_MASK, owners))
+        if bucket.spec is None:
+            return masks
+        mesh, placements = bucket.spec
+        out = []
+        for m, owner in zip(masks, owners):
+            if not (isinstance(m, DTensor) and m.device_mesh == mesh and tuple(m.placements) == placements):
+                raise ValueError(
+                    f"{type(self).__name__}: the pruning mask (weight_mask) of a {type(owner).__name__} is "
+                    f"{_dtensor._describe(m)} but its weight is a DTensor on {mesh} with placements {placements}: "
+                    "the mask must be sharded like its weight")
+            out.append(m._local_tensor)
+        return out
+
     def _state_lists(self, bucket: Bucket, params: List[Tensor], names: tuple):
-        """State lists of ``params`` and, with ``_state_made_by_step``, which of them have no state
-        yet (None when none). Creates missing state otherwise (torch's lazy init) and puts step
-        counters on the param's device as fp32 (what the kernels read)."""
+        """State lists of ``params`` (local shards for DTensors) and, with ``_state_made_by_step``,
+        which of them have no state yet (None when none). Creates missing state otherwise
+        (torch's lazy init; also for DTensor params with ``_state_made_by_step``, whose ``_update``
+        then finds it made) and puts step counters on the param's device as fp32 (what the
+        kernels read); keeps flat state flat."""
         if not names:  # e.g. SGD without momentum: torch keeps no state at all
             return {}, None
         if bucket.ready and params is bucket.params and tuple(bucket.state) == names:
             return bucket.state, None
         get = self.state.get
         fresh = [st is None or any(st.get(n) is None for n in names) for st in map(get, params)]
-        if any(fresh) and not self._state_made_by_step:
-            self._create_state(bucket, list(compress(params, fresh)))
+        flat = self._flat_state and bucket.kernel_ok
+        new = list(compress(params, fresh)) if any(fresh) else []
+        if new and (not self._state_made_by_step or bucket.spec is not None or flat):
+            self._new_state += [(p, None if get(p) is None else frozenset(get(p))) for p in new]
+            if flat:
+                self._flatten(bucket, names, new)
+            else:
+                self._create_state(bucket, new)
+        elif flat and (bucket.flat is None or any(n not in bucket.flat for n in names)):
+            self._flatten(bucket, names, [])
         lists: Dict[str, List[Optional[Tensor]]] = {n: [] for n in names}
         for p in params:
             st = get(p) or {}
             step = st.get("step")
-            if step is not None and (step.device != p.device or step.dtype != torch.float32):
+            if step is not None and not flat and (step.device != p.device or step.dtype != torch.float32):
                 st["step"] = step.to(device=p.device, dtype=torch.float32)
             for n in names:
-                lists[n].append(st.get(n))
+                t = st.get(n)
+                lists[n].append(t if t is None or bucket.spec is None else self._local_state(bucket, p, n, t))
         if not self._state_made_by_step or not any(fresh):
             if params is bucket.params:
                 bucket.state, bucket.ready = lists, True
             return lists, None
         return lists, tuple(fresh)
+
+    def _local_state(self, bucket: Bucket, p: Tensor, name: str, t: Tensor) -> Tensor:
+        """The local shard of a DTensor param's state entry: a DTensor (with the param's
+        placements when shaped like it), or a plain 0-d tensor such as a step counter."""
+        mesh, placements = bucket.spec
+        if isinstance(t, DTensor):
+            if t.shape == p.shape and (t.device_mesh != mesh or tuple(t.placements) != placements):
+                raise ValueError(
+                    f"{type(self).__name__}: state '{name}' of a DTensor param on {mesh} with placements "
+                    f"{placements} is {_dtensor._describe(t)}: it must be placed like its param")
+            return t._local_tensor
+        if t.dim() != 0:
+            raise ValueError(
+                f"{type(self).__name__}: state '{name}' of a DTensor param (shape {tuple(p.shape)}, placements "
+                f"{placements}) is a plain tensor of shape {tuple(t.shape)}; expected a DTensor placed like the "
+                "param (torch's layout; load sharded checkpoints with torch.distributed.checkpoint)")
+        return t
+
+    # ----- flat state --------------------------------------------------------------------------------
+    def _flatten(self, bucket: Bucket, names: tuple, new: List[Tensor]) -> None:
+        """Make every state entry of ``bucket``'s params a view of the bucket's flat buffer of
+        its name (recovered from the entries when they already are, e.g. after a reload; entries
+        that are not are copied in once) and create the entries of ``new`` params as zeroed
+        views. ``step``: one fp32 counter per param; other names: shaped like the param."""
+        params = bucket.params
+        locs = bucket.locals(params)
+        if bucket.offsets is None:
+            bucket.offsets = flat_offsets([t.numel() for t in locs], locs[0].element_size())
+            bucket.flat = {}
+        new_ids = set(map(id, new))
+        get = self.state.get
+        for name in names:
+            steps = name == "step"
+            entries = [(get(p) or {}).get(name) for p in params]
+            buf = bucket.flat.get(name)
+            if buf is None:
+                buf = self._recover_flat(bucket, name, entries, locs)
+            if buf is None:
+                n = len(params) if steps else bucket.offsets[-1]
+                buf = torch.zeros(n, dtype=torch.float32 if steps else bucket.dtype, device=locs[0].device)
+            bucket.flat[name] = buf
+            for i, (p, e) in enumerate(zip(params, entries)):
+                if e is None and id(p) not in new_ids:
+                    continue  # no state (no gradient yet): no entry, as torch
+                piece = buf[i] if steps else buf[bucket.offsets[i]:bucket.offsets[i] + locs[i].numel()].view(
+                    locs[i].shape)
+                if e is None:
+                    piece.zero_()
+                else:
+                    t = self._local_state(bucket, p, name, e) if bucket.spec is not None else e
+                    if _is_piece(t, piece):
+                        continue
+                    if t.numel() != piece.numel():
+                        raise ValueError(
+                            f"{type(self).__name__}: state '{name}' has {t.numel()} elements, expected "
+                            f"{piece.numel()} (shape {tuple(piece.shape)}) for its param")
+                    piece.copy_(t.reshape(piece.shape))
+                self.state[p][name] = piece if steps or bucket.spec is None else DTensor.from_local(
+                    piece, bucket.spec[0], bucket.spec[1], run_check=False, shape=p.shape, stride=p.stride())
+
+    @staticmethod
+    def _recover_flat(bucket: Bucket, name: str, entries: list, locs: List[Tensor]) -> Optional[Tensor]:
+        """The flat buffer the entries are views of, when the first one sits where the layout
+        puts it in a storage of exactly the buffer's size (as after torch.load or DCP of flat
+        state); None otherwise. The other entries are checked by the caller."""
+        i = next((i for i, e in enumerate(entries) if e is not None), None)
+        if i is None:
+            return None
+        t = entries[i]._local_tensor if isinstance(entries[i], DTensor) else entries[i]
+        steps = name == "step"
+        n = len(entries) if steps else bucket.offsets[-1]
+        dtype = torch.float32 if steps else bucket.dtype
+        if (t.storage_offset() != (i if steps else bucket.offsets[i]) or t.dtype != dtype
+                or t.device != locs[0].device or t.untyped_storage().nbytes() != n * t.element_size()):
+            return None
+        return t.as_strided((n,), (1,), 0)
+
+    def _forget_new_state(self) -> None:
+        """Remove the state entries the current step created (it raised)."""
+        for p, keys in self._new_state:
+            st = self.state.get(p)
+            if st is None:
+                continue
+            if keys is None:
+                del self.state[p]
+            else:
+                for k in [k for k in st if k not in keys]:
+                    del st[k]
+        self._new_state = []
+        for b in self._buckets or ():
+            b.ready = False
 
     # ----- the step, second half: the maths (what torch.compile traces) ----------------------------
     @torch.no_grad()
@@ -277,7 +500,7 @@ class FusedOptimizerMixin:
         if not plan:
             return loss
         work, pos = [], 0
-        for gi, backend, norm_backend, n, spans, masked, fresh in plan:
+        for gi, backend, norm_backend, n, spans, masked, fresh, flat, dist in plan:
             params, grads = tensors[pos:pos + n], tensors[pos + n:pos + 2 * n]
             pos += 2 * n
             state = {}
@@ -288,12 +511,24 @@ class FusedOptimizerMixin:
             if masked:
                 masks = tensors[pos:pos + n]
                 pos += n
-            work.append((gi, backend, norm_backend, params, grads, state, masks, fresh))
+            work.append((gi, backend, norm_backend, params, grads, state, masks, fresh, flat, dist))
+        if torch.compiler.is_compiling():
+            self._step_buckets(work)
+        else:
+            try:
+                self._step_buckets(work)
+            except BaseException:
+                self._forget_new_state()  # nothing half-initialised left for a checkpoint to save
+                raise
+            self._new_state = []
+        return loss
+
+    def _step_buckets(self, work: list) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_norm = self._global_grad_norm(work, grad_scale)
         per_device: Dict[torch.device, dict] = {}
-        for gi, backend, _, params, grads, state, masks, fresh in work:
+        for gi, backend, _, params, grads, state, masks, fresh, flat, _ in work:
             dev = params[0].device
             extra = per_device.get(dev)
             if extra is None:  # GradScaler's tensors (and the norm) copied at most once per device
@@ -304,17 +539,27 @@ class FusedOptimizerMixin:
             group = self.param_groups[gi]
             if backend != "reference" and torch.compiler.is_compiling() and _has_tensor_value(group):
                 backend = "reference"  # see hyper(): the kernels' ops take hyperparameters as floats
-            self._update(group, backend, params, grads, state, fresh, dict(extra, masks=masks))
-        return loss
+            extra = dict(extra, masks=masks)
+            if self._flat_state:
+                extra["flat"] = flat
+            self._update(group, backend, params, grads, state, fresh, extra)
 
     def _global_grad_norm(self, work, grad_scale) -> Optional[Tensor]:
-        """L2 norm over every gradient of the step (still scaled), one reduction pass per bucket."""
+        """L2 norm over every gradient of the step (still scaled), one reduction pass per bucket;
+        DTensor buckets' sums are partial and reduced once per mesh (see _reduce_partial_sums)."""
         if self.max_grad_norm is None:
             return None
         first = work[0][3][0].device
         total = None
-        for _, _, norm_backend, _, grads, _, _, _ in work:
+        partial: Dict[Any, Dict[tuple, List[Tensor]]] = {}
+        for _, _, norm_backend, _, grads, _, _, _, _, dist in work:
             sq = optim_ops.sum_of_squares(grads, backend=norm_backend).to(first)
+            if dist is None:  # plain tensors, or DTensors replicated over their whole mesh: counted once
+                total = sq if total is None else total + sq
+            else:
+                partial.setdefault(dist[0], {}).setdefault(dist[1], []).append(sq)
+        for mesh, by_dims in partial.items():
+            sq = _reduce_partial_sums(mesh, by_dims).to(first)
             total = sq if total is None else total + sq
         norm = total.sqrt()
         scale = _on(grad_scale, first)
@@ -347,6 +592,11 @@ class FusedOptimizerMixin:
         """The registered op (``bigkernels.ops._registry``) that steps this group's buckets."""
         raise NotImplementedError
 
+    def _flat_op_name(self, group: dict) -> str:
+        """With ``_flat_state``: the op taking flat state buffers (used where it has a compiled
+        kernel for the device; the ``_op_name`` op on the views otherwise)."""
+        raise NotImplementedError
+
     def _check_group(self, group: dict) -> None:
         """Raise (as torch's constructor would) if the group's current hyperparameters cannot be
         stepped; runs before any state is created. Default: nothing to check."""
@@ -356,6 +606,33 @@ class FusedOptimizerMixin:
         or one flag per param) marks params without state when ``_state_made_by_step``;
         ``extra`` holds the GradScaler / clipping inputs and ``masks`` (None, or one per param)."""
         raise NotImplementedError
+
+
+def _is_piece(t: Tensor, piece: Tensor) -> bool:
+    """Whether ``t`` is exactly ``piece`` (same memory, shape, dtype and device)."""
+    return (t.data_ptr() == piece.data_ptr() and t.shape == piece.shape and t.dtype == piece.dtype
+            and t.device == piece.device and t.is_contiguous())
+
+
+def _reduce_partial_sums(mesh, by_dims: Dict[tuple, List[Tensor]]) -> Tensor:
+    """The global sum of squares from this rank's partial sums on ``mesh``, grouped by the mesh
+    dimensions their tensors are sharded over: one fp64 vector (one entry per group) all-reduced
+    over each of those dimensions (one all-reduce for FSDP's 1-D mesh), each entry then divided
+    by the size of the reduced dimensions its tensors are replicated on (their copies were summed;
+    exact in fp64 for these sizes)."""
+    import torch.distributed._functional_collectives as funcol
+
+    union = sorted({d for dims in by_dims for d in dims})
+    keys = list(by_dims)
+    vec = torch.stack([torch.stack(by_dims[k]).double().sum() for k in keys])
+    if vec.device.type != mesh.device_type:
+        vec = vec.to(mesh.device_type)
+    for d in union:
+        vec = funcol.all_reduce(vec, "sum", (mesh, d))
+    div = [math.prod(mesh.size(d) for d in union if d not in k) for k in keys]
+    if any(x != 1 for x in div):
+        vec = vec / torch.tensor(div, dtype=torch.float64, device=vec.device)
+    return vec.sum().float()
 
 
 def _namesake_name(opt) -> str:

@@ -29,6 +29,7 @@ _DROP_IN_DOC = """
 
 class _FusedAdamBase(FusedOptimizerMixin):
     _decoupled_default = False  # groups without the key (torch versions before Adam had it)
+    _flat_state = True  # one buffer per state name per bucket; state_dict entries are views of it
 
     def _state_names(self, group: dict, bucket) -> List[str]:
         names = ["step", "exp_avg", "exp_avg_sq"]
@@ -49,6 +50,9 @@ class _FusedAdamBase(FusedOptimizerMixin):
     def _op_name(self, group: dict) -> str:
         return optim_ops.adam_op(self._decoupled(group))
 
+    def _flat_op_name(self, group: dict) -> str:
+        return optim_ops.adam_flat_op(self._decoupled(group))
+
     def _check_group(self, group: dict) -> None:
         # torch.optim.Adam's constructor checks (and messages), which the kernels repeat.
         lr, eps, wd = scalar(group["lr"]), scalar(group["eps"]), scalar(group["weight_decay"])
@@ -66,11 +70,17 @@ class _FusedAdamBase(FusedOptimizerMixin):
 
     def _update(self, group, backend, params, grads, state, fresh, extra) -> None:
         beta1, beta2 = group["betas"]
-        optim_ops.fused_adam_(
-            params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []), state["step"],
-            decoupled_weight_decay=self._decoupled(group), backend=backend, lr=hyper(group["lr"]),
-            beta1=hyper(beta1), beta2=hyper(beta2), weight_decay=hyper(group["weight_decay"]),
-            eps=hyper(group["eps"]), amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), **extra)
+        amsgrad = bool(group["amsgrad"])
+        kw = dict(decoupled_weight_decay=self._decoupled(group), backend=backend, lr=hyper(group["lr"]),
+                  beta1=hyper(beta1), beta2=hyper(beta2), weight_decay=hyper(group["weight_decay"]),
+                  eps=hyper(group["eps"]), amsgrad=amsgrad, maximize=bool(group["maximize"]))
+        if extra.pop("flat", False):  # each state list is [one flat buffer]
+            optim_ops.fused_adam_flat_(params, grads, state["exp_avg"][0], state["exp_avg_sq"][0],
+                                       state["max_exp_avg_sq"][0] if amsgrad else None, state["step"][0], **kw,
+                                       **extra)
+        else:
+            optim_ops.fused_adam_(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
+                                  state["step"], **kw, **extra)
 
 
 class FusedAdam(_FusedAdamBase, torch.optim.Adam):

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from bigkernels.ops import _dtensor
 from bigkernels.ops import optim as optim_ops
 from bigkernels.optim._fused import FusedOptimizerMixin, hyper, scalar
 from bigkernels.reference import optim as ref
@@ -102,10 +103,7 @@ class AdamW8bit(FusedOptimizerMixin, torch.optim.Optimizer):
             p = params[pid]
             st = dict(st)
             if "exp_avg_scale" in st:
-                m, v = ref.dequantize_adamw8bit_state(st.pop("exp_avg"), st.pop("exp_avg_sq"),
-                                                      st.pop("exp_avg_scale"), st.pop("exp_avg_sq_scale"),
-                                                      block_of[id(p)])
-                st["exp_avg"], st["exp_avg_sq"] = m.to(p.dtype), v.to(p.dtype)
+                st["exp_avg"], st["exp_avg_sq"] = _dequantise(p, *(st.pop(k) for k in _QUANTISED), block_of[id(p)])
             state[pid] = st
         groups = [{k: v for k, v in g.items() if k != "block_size"} for g in sd["param_groups"]]
         return {"state": state, "param_groups": groups}
@@ -159,24 +157,39 @@ class AdamW8bit(FusedOptimizerMixin, torch.optim.Optimizer):
         if self._bucket_kind(p) == "8bit" and not quantised and st.get("exp_avg") is not None:
             st.update(zip(_QUANTISED, self._quantise(p, st.pop("exp_avg"), st.pop("exp_avg_sq"), group)))
         elif self._bucket_kind(p) != "8bit" and quantised:
-            m, v = ref.dequantize_adamw8bit_state(*(st.pop(k) for k in _QUANTISED), group["block_size"])
-            st["exp_avg"], st["exp_avg_sq"] = m.to(p.dtype), v.to(p.dtype)
+            st["exp_avg"], st["exp_avg_sq"] = _dequantise(p, *(st.pop(k) for k in _QUANTISED), group["block_size"])
 
-    # ----- the one place that makes 8-bit state (override for per-shard state) --------------------
+    # ----- the one place that makes 8-bit state --------------------------------------------------
     def _new_8bit_state(self, p: Tensor, group: dict) -> Dict[str, Tensor]:
         """Zero 8-bit moments for ``p``: codes shaped like it, one fp32 scale per block of its
-        elements in flat order. (A DTensor's local shard would get blocks within the shard.)"""
-        blocks = ref.num_blocks(p.numel(), group["block_size"])
-        return dict(exp_avg=torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
-                    exp_avg_sq=torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
-                    exp_avg_scale=torch.zeros(blocks, dtype=torch.float32, device=p.device),
-                    exp_avg_sq_scale=torch.zeros(blocks, dtype=torch.float32, device=p.device))
+        elements in flat order (for a DTensor param: of its local shard, see :func:`_wrap_8bit`)."""
+        local = p._local_tensor if _dtensor.is_dtensor(p) else p
+        blocks = ref.num_blocks(local.numel(), group["block_size"])
+        codes = [torch.zeros(local.shape, dtype=torch.uint8, device=local.device) for _ in range(2)]
+        scales = [torch.zeros(blocks, dtype=torch.float32, device=local.device) for _ in range(2)]
+        return _wrap_8bit(p, *codes, *scales, group["block_size"])
 
     def _quantise(self, p: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, group: dict):
-        """fp32 moments -> (codes, codes, scales, scales) in the layout of :meth:`_new_8bit_state`."""
-        mc, rc, ms, rs = ref.quantize_adamw8bit_state(exp_avg.to(p.device), exp_avg_sq.to(p.device),
+        """fp32 moments -> (codes, codes, scales, scales) in the layout of :meth:`_new_8bit_state`
+        (a DTensor param's moments, placed like it, quantised shard by shard)."""
+        if _dtensor.is_dtensor(p):
+            local = p._local_tensor
+            exp_avg = _local_like(p, exp_avg, "exp_avg")
+            exp_avg_sq = _local_like(p, exp_avg_sq, "exp_avg_sq")
+        else:
+            local = p
+        mc, rc, ms, rs = ref.quantize_adamw8bit_state(exp_avg.to(local.device), exp_avg_sq.to(local.device),
                                                       group["block_size"])
-        return mc.view(p.shape), rc.view(p.shape), ms, rs
+        st = _wrap_8bit(p, mc.view(local.shape), rc.view(local.shape), ms, rs, group["block_size"])
+        return tuple(st[k] for k in _QUANTISED)
+
+    def _local_state(self, bucket, p: Tensor, name: str, t: Tensor) -> Tensor:
+        # A DTensor param's scales are padded to the largest shard's block count (see _wrap_8bit):
+        # the op takes the blocks of this rank's shard.
+        local = super()._local_state(bucket, p, name, t)
+        if name.endswith("_scale"):
+            local = local[:ref.num_blocks(p._local_tensor.numel(), self.param_groups[bucket.group_index]["block_size"])]
+        return local
 
     # ----- hooks of FusedOptimizerMixin ----------------------------------------------------------
     def _bucket_kind(self, p: Tensor) -> str:
@@ -195,8 +208,9 @@ class AdamW8bit(FusedOptimizerMixin, torch.optim.Optimizer):
         group = self.param_groups[bucket.group_index]
         for p in params:
             st = self.state[p]
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if "step" not in st:  # a plain fp32 counter (as torch keeps it, also for DTensor params)
+                local = p._local_tensor if _dtensor.is_dtensor(p) else p
+                st["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
             if bucket.kind == "8bit":
                 st.update(self._new_8bit_state(p, group))
             else:
@@ -243,7 +257,7 @@ def _check_quantised(p: Tensor, entries: Dict[str, Tensor], block_size: Optional
     missing = [k for k in _QUANTISED if k not in entries]
     if missing:
         raise ValueError(f"AdamW8bit.load_state_dict: param {pid}'s 8-bit state lacks {missing}")
-    blocks = ref.num_blocks(p.numel(), block_size)
+    blocks = _scale_spec(p, block_size)[2] if _dtensor.is_dtensor(p) else ref.num_blocks(p.numel(), block_size)
     for k in _FP32:
         if entries[k].numel() != p.numel():
             raise ValueError(f"AdamW8bit.load_state_dict: param {pid}: {k} has {entries[k].numel()} codes, "
@@ -253,3 +267,74 @@ def _check_quantised(p: Tensor, entries: Dict[str, Tensor], block_size: Optional
         if t.dtype != torch.float32 or t.shape != (blocks,):
             raise ValueError(f"AdamW8bit.load_state_dict: param {pid}: expected {k} float32 of shape ({blocks},) "
                              f"(block_size {block_size}), got {t.dtype} of shape {tuple(t.shape)}")
+
+
+def _scale_spec(p: Tensor, block_size: int):
+    """(placements, padded local blocks, global length) of a DTensor param's scales: a 1-D DTensor
+    split evenly (``Shard(0)``) over the mesh dimensions ``p`` is sharded on and replicated over the
+    others, each rank holding as many scales as the param's largest local shard has blocks (the
+    first ones used, the rest zero): DTensor's even split then matches every rank's piece, so DCP
+    saves and reloads it on the same mesh and placements."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    placements = tuple(Replicate() if pl.is_replicate() else Shard(0) for pl in p.placements)
+    shape = list(p.shape)
+    for d, pl in enumerate(p.placements):  # the first (largest) chunk along every sharded dim
+        if pl.is_shard():
+            dim = pl.dim % len(shape) if shape else 0
+            shape[dim] = -(-shape[dim] // mesh.size(d))
+    largest = 1
+    for x in shape:
+        largest *= x
+    padded = ref.num_blocks(largest, block_size)
+    sharded = 1
+    for d, pl in enumerate(p.placements):
+        if not pl.is_replicate():
+            sharded *= mesh.size(d)
+    return placements, padded, padded * sharded
+
+
+def _wrap_8bit(p: Tensor, mc: Tensor, rc: Tensor, ms: Tensor, rs: Tensor, block_size: int) -> Dict[str, Tensor]:
+    """The state entries of ``p`` from local codes and scales: as they are for a plain param; for a
+    DTensor param codes placed like it and scales as :func:`_scale_spec` (quantised per local shard)."""
+    if not _dtensor.is_dtensor(p):
+        return dict(exp_avg=mc, exp_avg_sq=rc, exp_avg_scale=ms, exp_avg_sq_scale=rs)
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    splace, padded, length = _scale_spec(p, block_size)
+
+    def codes(t):
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+
+    def scales(t):
+        buf = torch.zeros(padded, dtype=torch.float32, device=t.device)
+        buf[:t.numel()] = t
+        return DTensor.from_local(buf, mesh, splace, run_check=False, shape=(length,), stride=(1,))
+
+    return dict(exp_avg=codes(mc), exp_avg_sq=codes(rc), exp_avg_scale=scales(ms), exp_avg_sq_scale=scales(rs))
+
+
+def _local_like(p: Tensor, t: Tensor, name: str) -> Tensor:
+    """The local shard of a DTensor param's fp32 moment ``t`` (a DTensor placed like it)."""
+    if not (_dtensor.is_dtensor(t) and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements)):
+        raise ValueError(f"AdamW8bit: state '{name}' of a DTensor param with placements {tuple(p.placements)} is "
+                         f"{_dtensor._describe(t)}: it must be a DTensor placed like its param")
+    return t._local_tensor
+
+
+def _dequantise(p: Tensor, mc: Tensor, rc: Tensor, ms: Tensor, rs: Tensor, block_size: int):
+    """(exp_avg, exp_avg_sq) of ``p`` in its dtype from its codes and scales (DTensors placed like
+    a DTensor param, from each rank's shard)."""
+    if not _dtensor.is_dtensor(p):
+        m, v = ref.dequantize_adamw8bit_state(mc, rc, ms, rs, block_size)
+        return m.to(p.dtype), v.to(p.dtype)
+    from torch.distributed.tensor import DTensor
+
+    local = p._local_tensor
+    nb = ref.num_blocks(local.numel(), block_size)
+    m, v = ref.dequantize_adamw8bit_state(_local_like(p, mc, "exp_avg"), _local_like(p, rc, "exp_avg_sq"),
+                                          ms.to_local()[:nb], rs.to_local()[:nb], block_size)
+    return tuple(DTensor.from_local(t.to(p.dtype), p.device_mesh, tuple(p.placements), run_check=False,
+                                    shape=p.shape, stride=p.stride()) for t in (m, v))

@@ -28,6 +28,12 @@ class FusedSGD(FusedOptimizerMixin, torch.optim.SGD):
     def _state_names(self, group: dict, bucket) -> List[str]:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
+    def _init_state(self, p, state, group) -> None:
+        # Used for DTensor params only (the mixin makes their state before the step, as DTensors
+        # placed like the param; fresh flags still give the first step torch's first-step branch).
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _op_name(self, group: dict) -> str:
         return "fused_sgd_"
 
@@ -57,11 +63,13 @@ class FusedSGD(FusedOptimizerMixin, torch.optim.SGD):
             if not idx:
                 continue
             ps = [params[i] for i in idx]
-            if first:
-                bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
-                for p, buf in zip(ps, bufs):
-                    self.state[p]["momentum_buffer"] = buf
-            else:
-                bufs = [buffers[i] for i in idx]
+            bufs = [buffers[i] for i in idx]
+            # Buffers made here (DTensor params get theirs from _init_group, as DTensors); stored in
+            # the state only once the op has run, so a step that raises leaves none behind.
+            made = [j for j, b in enumerate(bufs) if b is None]
+            for j in made:
+                bufs[j] = torch.empty_like(ps[j], memory_format=torch.preserve_format)
             optim_ops.fused_sgd_(ps, [grads[i] for i in idx], bufs, is_first_step=first,
                                  masks=None if masks is None else [masks[i] for i in idx], **kw)
+            for j in made:
+                self.state[ps[j]]["momentum_buffer"] = bufs[j]

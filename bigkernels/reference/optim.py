@@ -15,6 +15,11 @@ Gradient multiplier, shared by every op (see :func:`grad_multiplier`):
 when ``grad_norm`` is given and ``max_grad_norm > 0`` (torch.nn.utils.clip_grad_norm_'s rule);
 ``grad_norm`` is the global L2 norm of the (still scaled) gradients.
 
+Flat state (``fused_adam_flat_`` / ``fused_adamw_flat_``): the state of every param of the call
+in one 1-D buffer per state name, param ``i`` at elements ``[offsets[i], offsets[i] + numel_i)``
+with :func:`flat_offsets` (each piece starts on a 64-byte boundary), and the step counters in one
+1-D fp32 tensor (``state_steps[i]`` is param ``i``'s). Same maths as the list form.
+
 Pruning masks: ``masks`` (optional) holds one bool tensor per param, shaped like it. After the
 update, every param element whose mask is False is set to exactly zero (a select, so even a
 NaN update leaves a pruned weight at zero); optimizer states are updated as without masks. This
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
+FLAT_ALIGN_BYTES = 64  # each param's piece of a flat state buffer starts on this boundary
 
 
 def grad_multiplier(
@@ -73,6 +79,13 @@ def check_masks(op: str, params: Sequence[Tensor], masks: Optional[Sequence[Tens
                              f"got shape {tuple(m.shape)} on {m.device}")
 
 
+def check_lengths(op: str, params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
+    """Every list holds one tensor per param."""
+    for name, ts in lists.items():
+        if len(ts) != len(params):
+            raise ValueError(f"{op}: expected {len(params)} {name} (one per param), got {len(ts)}")
+
+
 def _masked(pf: Tensor, masks: Optional[Sequence[Tensor]], i: int) -> Tensor:
     """The updated param (maths dtype) with its pruned elements (mask False) set to zero."""
     return pf if masks is None else torch.where(masks[i], pf, 0.0)
@@ -101,7 +114,10 @@ def fused_adam_(
     masks: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """Adam / AdamW step over lists of tensors (torch.optim.Adam(W) semantics)."""
-    check_masks("fused_adamw_" if decoupled_weight_decay else "fused_adam_", params, masks)
+    op = "fused_adamw_" if decoupled_weight_decay else "fused_adam_"
+    check_lengths(op, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+                  **(dict(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else {}))
+    check_masks(op, params, masks)
     skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
     for i, p in enumerate(params):
@@ -133,6 +149,60 @@ def fused_adam_(
         _commit(state_steps[i], state_steps[i] + 1, skip)
 
 
+def flat_offsets(numels: Sequence[int], element_size: int) -> list:
+    """Where each param's piece starts in a flat state buffer (elements), followed by the
+    buffer's length: pieces in param order, each starting on a ``FLAT_ALIGN_BYTES`` boundary
+    (relative to the buffer's start), no padding after the last one."""
+    align = max(1, FLAT_ALIGN_BYTES // element_size)
+    out, pos = [], 0
+    for n in numels:
+        out.append(pos)
+        pos += -(-int(n) // align) * align
+    last = out[-1] + int(numels[-1]) if out else 0
+    return out + [last]
+
+
+def check_flat(op: str, name: str, buffer: Tensor, params: Sequence[Tensor], steps: bool = False) -> None:
+    """A flat buffer of ``params``' state: 1-D, contiguous, on their device, of their dtype (fp32
+    step counters with ``steps``) and long enough."""
+    if not params:
+        return
+    p0 = params[0]
+    dtype = torch.float32 if steps else p0.dtype
+    need = len(params) if steps else flat_offsets([p.numel() for p in params], p0.element_size())[-1]
+    if (not isinstance(buffer, Tensor) or buffer.dim() != 1 or not buffer.is_contiguous()
+            or buffer.dtype != dtype or buffer.device != p0.device or buffer.numel() < need):
+        got = (f"{buffer.dtype} of shape {tuple(buffer.shape)} on {buffer.device}"
+               + ("" if buffer.is_contiguous() else ", not contiguous")) if isinstance(buffer, Tensor) else type(buffer).__name__
+        raise ValueError(f"{op}: expected {name} to be a contiguous 1-D {dtype} tensor of >= {need} elements on "
+                         f"{p0.device} (flat state of {len(params)} params), got {got}")
+
+
+def flat_views(buffer: Tensor, params: Sequence[Tensor], steps: bool = False) -> list:
+    """The per-param pieces of a flat buffer (shaped like each param; 0-d for step counters)."""
+    if steps:
+        return [buffer[i] for i in range(len(params))]
+    offsets = flat_offsets([p.numel() for p in params], buffer.element_size())
+    return [buffer[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params)]
+
+
+def fused_adam_flat_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
+                     max_exp_avg_sq: Optional[Tensor], state_steps: Tensor, *, amsgrad: bool,
+                     decoupled_weight_decay: bool, **kwargs) -> None:
+    """:func:`fused_adam_` on flat state buffers (see the module docstring)."""
+    op = "fused_adamw_flat_" if decoupled_weight_decay else "fused_adam_flat_"
+    check_flat(op, "exp_avg", exp_avg, params)
+    check_flat(op, "exp_avg_sq", exp_avg_sq, params)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError(f"{op}: amsgrad=True needs max_exp_avg_sq")
+        check_flat(op, "max_exp_avg_sq", max_exp_avg_sq, params)
+    check_flat(op, "state_steps", state_steps, params, steps=True)
+    fused_adam_(params, grads, flat_views(exp_avg, params), flat_views(exp_avg_sq, params),
+                flat_views(max_exp_avg_sq, params) if amsgrad else [], flat_views(state_steps, params, steps=True),
+                amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay, **kwargs)
+
+
 def fused_sgd_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -156,6 +226,7 @@ def fused_sgd_(
     ``momentum_buffers`` is empty when ``momentum == 0``; with ``is_first_step`` the buffers are
     written with the (decayed) gradient instead of being blended, as torch does on the first step.
     """
+    check_lengths("fused_sgd_", params, grads=grads, **(dict(momentum_buffers=momentum_buffers) if momentum != 0 else {}))
     check_masks("fused_sgd_", params, masks)
     skip = _skip(found_inf)
     mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
@@ -191,6 +262,264 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     for t in tensors:
         total += t.double().square().sum()
     return total.float()
+
+
+# ==============================================================================================
+# RMSprop, Adafactor, Lion (issue 12): the references of fused_rmsprop_, fused_adafactor_ and
+# fused_lion_, plus a plain Lion optimizer (the formula FusedLion must match; torch has none).
+# ==============================================================================================
+
+
+def _grad(grad: Tensor, acc: torch.dtype, mult, maximize: bool) -> Tensor:
+    """The gradient the maths uses: in ``acc``, unscaled and clipped (``mult``, which must not
+    promote a 0-d gradient to fp64), negated for maximize."""
+    g = (grad.to(acc) * mult).to(acc)
+    return -g if maximize else g
+
+
+def _lerp(start: Tensor, end: Tensor, weight) -> Tensor:
+    """torch.lerp's formula (weight < 0.5: start + w (end - start), else end - (end - start)(1 - w))."""
+    if not isinstance(weight, Tensor):
+        weight = torch.tensor(float(weight), dtype=start.dtype, device=start.device)
+    return torch.lerp(start, end, weight.to(device=start.device, dtype=start.dtype))
+
+
+def fused_rmsprop_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    square_avgs: Sequence[Tensor],
+    grad_avgs: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """RMSprop step over lists of tensors (torch.optim.RMSprop semantics). ``grad_avgs`` is empty
+    unless ``centered``; ``momentum_buffers`` is empty unless ``momentum > 0``."""
+    check_masks("fused_rmsprop_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        g = _grad(grads[i], acc, mult, maximize)
+        pf = p.to(acc)
+        if weight_decay != 0:
+            g = g + weight_decay * pf
+        sq = square_avgs[i].to(acc) * alpha + (1.0 - alpha) * g * g
+        if centered:
+            ga = _lerp(grad_avgs[i].to(acc), g, 1.0 - alpha)
+            _commit(grad_avgs[i], ga, skip)
+            avg = (sq - ga * ga).sqrt() + eps
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(acc) * momentum + g / avg
+            _commit(momentum_buffers[i], buf, skip)
+            pf = pf - lr * buf
+        else:
+            pf = pf - lr * (g / avg)
+        _commit(square_avgs[i], sq, skip)
+        _commit(p, _masked(pf, masks, i), skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)
+
+
+def lion_sign(c: Tensor) -> Tensor:
+    """sign with sign(0) = 0 and NaN kept NaN (torch.sign maps NaN to 0, which would hide a NaN
+    gradient by freezing the weight; the fused kernels propagate it, as Adam's do)."""
+    return torch.where(torch.isnan(c), c, torch.sign(c))
+
+
+def fused_lion_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """Lion step (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") over lists:
+    ``c = beta1 m + (1 - beta1) g; p = p (1 - lr wd) - lr sign(c); m = beta2 m + (1 - beta2) g``."""
+    check_masks("fused_lion_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        g = _grad(grads[i], acc, mult, maximize)
+        m = exp_avgs[i].to(acc)
+        c = m * beta1 + (1.0 - beta1) * g
+        pf = p.to(acc)
+        if weight_decay != 0:
+            pf = pf * (1.0 - lr * weight_decay)
+        pf = pf - lr * lion_sign(c)
+        _commit(exp_avgs[i], m * beta2 + (1.0 - beta2) * g, skip)
+        _commit(p, _masked(pf, masks, i), skip)
+
+
+def adafactor_factored(p: Tensor) -> bool:
+    """Adafactor keeps factored (row_var, col_var) second moments for params of >= 2 dims, over
+    their last two dims (leading dims are a batch of matrices), a full ``variance`` otherwise."""
+    return p.dim() >= 2
+
+
+def check_adafactor_lists(op: str, params, row_vars, col_vars, variances) -> bool:
+    """A call is all factored params (row_vars, col_vars one per param, variances empty) or all
+    vector params (variances one per param, row_vars / col_vars empty); returns which. Raises
+    ValueError naming the first list that does not fit."""
+    if not params:
+        return False
+    factored = adafactor_factored(params[0])
+    for i, p in enumerate(params):
+        if adafactor_factored(p) != factored:
+            raise ValueError(f"{op}: params mixes >= 2-D (factored) and < 2-D params: params[0] is {params[0].dim()}-D, "
+                             f"params[{i}] is {p.dim()}-D (call once per kind)")
+    want = {"row_vars": len(params) if factored else 0, "col_vars": len(params) if factored else 0,
+            "variances": 0 if factored else len(params)}
+    for name, lst in (("row_vars", row_vars), ("col_vars", col_vars), ("variances", variances)):
+        if len(lst) != want[name]:
+            raise ValueError(f"{op}: expected {want[name]} {name} for {'factored' if factored else 'vector'} params, "
+                             f"got {len(lst)}")
+    for i, p in enumerate(params):
+        if factored:
+            shapes = (("row_vars", row_vars[i], p.shape[:-1] + (1,)), ("col_vars", col_vars[i], p.shape[:-2] + (1, p.shape[-1])))
+        else:
+            shapes = (("variances", variances[i], p.shape),)
+        for name, t, shape in shapes:
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{op}: expected {name}[{i}] of shape {tuple(shape)} for params[{i}] of shape "
+                                 f"{tuple(p.shape)}, got {tuple(t.shape)}")
+    return factored
+
+
+def fused_adafactor_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """Adafactor step over lists (torch.optim.Adafactor semantics; ``eps1`` already resolved from
+    None to the dtype's machine epsilon by the caller). Per param, with t = step + 1:
+    ``alpha = max(eps2, RMS(p)) * min(lr, t^-1/2)`` (RMS of p before weight decay);
+    ``p *= 1 - lr wd``; factored (>= 2-D, over the last two dims): row/col means of g^2 lerped
+    into row_var / col_var with weight ``t^beta2_decay``, ``V = row_var col_var / max(mean of
+    row_var over rows, eps1)``; vectors: ``variance`` lerped to g^2, ``V = variance``;
+    ``U = g / sqrt(max(V, eps1^2))``; ``p -= alpha / max(1, RMS(U) / d) * U``.
+    Params without elements only count the step (torch's own step divides by their zero size)."""
+    factored = check_adafactor_lists("fused_adafactor_", params, row_vars, col_vars, variances)
+    check_masks("fused_adafactor_", params, masks)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    for i, p in enumerate(params):
+        acc = _math_dtype(p)
+        if p.numel() == 0:
+            _commit(state_steps[i], state_steps[i] + 1, skip)
+            continue
+        step = state_steps[i].double() + 1.0
+        w = step ** beta2_decay  # 1 - beta2_t
+        lr_t = torch.as_tensor(lr, dtype=torch.float64, device=step.device)
+        rho = torch.minimum(lr_t, step.rsqrt())
+        pf = p.to(acc)
+        rms_p = pf.double().square().sum().sqrt() / p.numel() ** 0.5
+        alpha = torch.clamp(rms_p.to(step.device), min=eps2) * rho
+        g = _grad(grads[i], acc, mult, maximize)
+        if weight_decay != 0:
+            pf = pf * (1.0 - lr * weight_decay)
+        g2 = g * g
+        if factored:
+            rows, cols = p.shape[-2], p.shape[-1]
+            rv = _lerp(row_vars[i].to(acc), g2.sum(dim=-1, keepdim=True) / cols, w)
+            cv = _lerp(col_vars[i].to(acc), g2.sum(dim=-2, keepdim=True) / rows, w)
+            _commit(row_vars[i], rv, skip)
+            _commit(col_vars[i], cv, skip)
+            var = (rv * cv) / torch.clamp(rv.mean(dim=-2, keepdim=True), min=eps1)
+        else:
+            var = _lerp(variances[i].to(acc), g2, w)
+            _commit(variances[i], var, skip)
+        u = g * torch.clamp(var, min=eps1 * eps1).rsqrt()
+        rms_u = u.double().square().sum().sqrt() / p.numel() ** 0.5
+        denom = torch.clamp(rms_u.to(step.device) / d, min=1.0)
+        pf = pf - (alpha / denom).to(device=p.device, dtype=acc) * u
+        _commit(p, _masked(pf, masks, i), skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)
+
+
+class Lion(torch.optim.Optimizer):
+    """Plain-PyTorch Lion (Chen et al. 2023) as its authors' code writes it, one state
+    ``exp_avg`` per param: the formula :class:`bigkernels.optim.FusedLion` must reproduce and the
+    baseline it is timed against (``foreach=True``: torch's ``_foreach`` ops; else a for-loop).
+    Its sign is torch.sign (sign(0) = 0; NaN gives 0 here, where the fused op keeps NaN)."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False, foreach: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [-p.grad if group["maximize"] else p.grad for p in params]
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+            avgs = [self.state[p]["exp_avg"] for p in params]
+            if not params:
+                continue
+            if group.get("foreach", False):
+                if wd != 0:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                c = torch._foreach_mul(avgs, beta1)
+                torch._foreach_add_(c, grads, alpha=1 - beta1)
+                torch._foreach_sign_(c)
+                torch._foreach_add_(params, c, alpha=-lr)
+                torch._foreach_mul_(avgs, beta2)
+                torch._foreach_add_(avgs, grads, alpha=1 - beta2)
+                continue
+            for p, g, m in zip(params, grads, avgs):
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.add_(m.mul(beta1).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+        return loss
 
 
 # ------------------------------------------------------------------------------------------------

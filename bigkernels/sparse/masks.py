@@ -33,6 +33,34 @@ def check_pattern(pattern: str) -> None:
         raise ValueError(f"pattern must be 'unstructured', 'block' or 'N:M' such as '2:4', got {pattern!r}")
 
 
+def misfit(pattern: str, block_size: int, out_features: int, in_features: int) -> Optional[str]:
+    """Why a layer of this shape cannot be pruned with ``pattern`` (None if it can)."""
+    nm = parse_nm(pattern)
+    if nm is not None and in_features % nm[1]:
+        return f"{pattern} needs in_features divisible by {nm[1]}, got {in_features}"
+    if pattern == "block" and (out_features % block_size or in_features % block_size):
+        return f"block_size {block_size} does not divide the weight shape ({out_features}, {in_features})"
+    return None
+
+
+def sparse_format(pattern: str) -> str:
+    """The SparseLinear format a weight pruned with ``pattern`` fits: "2:4" for N:M patterns that
+    keep at most 2 of every aligned 4 inputs (1:2, 1:4, 2:4, 2:8, ...), "block" for block,
+    "unstructured" (CSR) for everything else."""
+    nm = parse_nm(pattern)
+    if nm is None:
+        return pattern
+    n, m = nm
+    if (4 % m == 0 and n * (4 // m) <= 2) or (m % 4 == 0 and n <= 2):
+        return "2:4"
+    return "unstructured"
+
+
+def check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+
 def check_sparsity(sparsity: float) -> None:
     if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")

@@ -9,6 +9,7 @@ import functools
 import importlib
 
 _MODULES = ("bigkernels.triton.optim", "bigkernels.triton.quant", "bigkernels.triton.sparse",
+            "bigkernels.triton.distill", "bigkernels.triton.optim_more",
             "bigkernels.triton.optim8bit")
 
 

@@ -7,14 +7,19 @@ and the gradient multiplier, as the reference computes them in Python/double).
 
 Two launch paths share each kernel body (``USE_TABLE`` constexpr):
 
-* **table** (eager calls on real tensors, the fast path): ONE launch over every tensor. A device
+* **table** (eager calls on real tensors -- ``nn.Parameter`` included --, the fast path): ONE
+  launch over every tensor. A device
   int64 table holds, per tensor, the address of each operand (params, grads, states, step), its
   numel, and per program a packed ``(tensor index << 32) | chunk index`` entry; each program
   updates one CHUNK of one tensor, BLOCK elements at a time. The table depends only on the
   addresses and numels, so it is cached by them (an optimizer's tensors keep their addresses from
   step to step, so after the first step a call does no host->device copy).
   The step counters are read by the update kernel (as step + 1) and bumped afterwards by a
-  second tiny launch, so no program reads a step another one already bumped.
+  second tiny launch, so no program reads a step another one already bumped. When every data
+  tensor starts 16-byte aligned (checked when the table is built) the kernel is told so
+  (``ALIGNED``: ``tl.multiple_of`` on the loaded addresses) and the whole BLOCKs of each chunk
+  run unmasked, so their loads and stores are 16-byte vectors; the last partial block is masked.
+  Unaligned tensors take the same kernel without the hint (scalar accesses).
 * **per-tensor** (when the op is traced by torch.compile / export / fake tensors, where data
   pointers do not exist): the same kernel launched once per tensor with real pointer arguments,
   so Inductor sees ordinary user-defined Triton kernels; steps are bumped with
@@ -43,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bigkernels.reference.optim import CLIP_EPS, check_masks
-from bigkernels.triton._common import _INTERPRET, _traced
+from bigkernels.triton._common import _INTERPRET, is_real_tensor, launcher
 
 # Elements per program (CHUNK) and per loop iteration (BLOCK). Read at call time, so tests may
 # change them. Small under the interpreter so tiny test tensors still span several chunks/blocks.
@@ -81,13 +86,42 @@ def _locate(table, n_tensors, numel, NROWS: tl.constexpr, CHUNK: tl.constexpr, U
 
 
 @triton.jit
-def _row_ptr(table, n_tensors, tid, ROW: tl.constexpr, ref_ptr, USE_TABLE: tl.constexpr):
-    """Address of tensor ``tid`` in table row ``ROW`` typed like ``ref_ptr``; ``ref_ptr`` itself
-    without a table."""
+def _row_ptr(table, n_tensors, tid, ROW: tl.constexpr, ref_ptr, USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Address of tensor ``tid`` in table row ``ROW`` typed like ``ref_ptr`` (16-byte aligned, as
+    the host checked, with ALIGNED: the loads of full blocks then vectorise); ``ref_ptr`` itself
+    without a table (Triton specialises pointer arguments on their alignment)."""
     if USE_TABLE:
-        return tl.load(table + ROW * n_tensors + tid).to(ref_ptr.dtype)
+        ptr = tl.load(table + ROW * n_tensors + tid).to(ref_ptr.dtype)
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
     else:
         return ref_ptr
+
+
+@triton.jit
+def _full_end(start, end, BLOCK: tl.constexpr):
+    """End of the whole BLOCKs of [start, end): they run without a mask (vectorised loads and
+    stores); the remainder runs as one masked block."""
+    return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def _ld(ptr, offs, mask, FULL: tl.constexpr):
+    """fp32 of ``ptr[offs]`` (masked, 0 outside, unless FULL)."""
+    if FULL:
+        return tl.load(ptr + offs).to(tl.float32)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, offs, val, mask, FULL: tl.constexpr):
+    """``ptr[offs] = val`` in ptr's dtype (masked unless FULL)."""
+    if FULL:
+        tl.store(ptr + offs, val.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -116,12 +150,56 @@ def _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm,
 
 
 @triton.jit
-def _keep(pf, keep, offs, mask, HAS_MASK: tl.constexpr):
+def _keep(pf, keep, offs, mask, HAS_MASK: tl.constexpr, FULL: tl.constexpr):
     """The updated params with pruned elements (mask byte 0) set to 0."""
     if HAS_MASK:
-        k = tl.load(keep + offs, mask=mask, other=1)
+        if FULL:
+            k = tl.load(keep + offs)
+        else:
+            k = tl.load(keep + offs, mask=mask, other=1)
         pf = tl.where(k != 0, pf, 0.0)
     return pf
+
+
+@triton.jit
+def _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, FULL: tl.constexpr):
+    """(fp32 gradient, unscaled / clipped / negated as asked, fp32 param) of one block."""
+    gf = _ld(g, offs, mask, FULL)
+    if HAS_GRAD_SCALE or CLIP:
+        gf = gf * mult
+    if MAXIMIZE:
+        gf = -gf
+    return gf, _ld(p, offs, mask, FULL)
+
+
+@triton.jit
+def _adam_block(p, g, m, v, vmax, keep, offs, mask, mult, step_size, bias_correction2_sqrt,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+                HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MASK: tl.constexpr, FULL: tl.constexpr):
+    """One block of the Adam update (all masked unless FULL)."""
+    gf, pf = _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE, CLIP, MAXIMIZE, FULL)
+    if HAS_WD:
+        if DECOUPLED:
+            pf = pf * decay
+        else:
+            gf = gf + weight_decay * pf
+    mf = _ld(m, offs, mask, FULL)
+    vf = _ld(v, offs, mask, FULL)
+    mf = mf * beta1 + one_minus_beta1 * gf
+    vf = vf * beta2 + one_minus_beta2 * gf * gf
+    if AMSGRAD:
+        vmf = _ld(vmax, offs, mask, FULL)
+        vmf = tl.maximum(vmf, vf, propagate_nan=tl.PropagateNan.ALL)
+        _st(vmax, offs, vmf, mask, FULL)
+        denom = tl.div_rn(tl.sqrt_rn(vmf), bias_correction2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(vf), bias_correction2_sqrt) + eps
+    pf = _keep(pf - tl.div_rn(step_size * mf, denom), keep, offs, mask, HAS_MASK, FULL)
+    _st(p, offs, pf, mask, FULL)
+    _st(m, offs, mf, mask, FULL)
+    _st(v, offs, vf, mask, FULL)
 
 
 @triton.jit
@@ -131,7 +209,7 @@ def _adam_kernel(
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr_hi, lr_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, max_grad_norm,
-    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -139,13 +217,14 @@ def _adam_kernel(
     # Table rows: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 steps, 5 max_exp_avg_sqs, 6 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
-        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
-        m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE)
-        v = _row_ptr(table, n_tensors, tid, 3, v_ptr, USE_TABLE)
-        s = _row_ptr(table, n_tensors, tid, 4, s_ptr, USE_TABLE)
-        vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr, USE_TABLE)
-        keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE, ALIGNED)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE, ALIGNED)
+        m = _row_ptr(table, n_tensors, tid, 2, m_ptr, USE_TABLE, ALIGNED)
+        v = _row_ptr(table, n_tensors, tid, 3, v_ptr, USE_TABLE, ALIGNED)
+        s = _row_ptr(table, n_tensors, tid, 4, s_ptr, USE_TABLE, False)
+        vmax = _row_ptr(table, n_tensors, tid, 5, vmax_ptr, USE_TABLE, ALIGNED)
+        keep = _row_ptr(table, n_tensors, tid, 6, keep_ptr, USE_TABLE and HAS_MASK, ALIGNED)
+        mult = tl.full((), 1.0, tl.float32)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         # Bias corrections in fp64 from the step read before the step kernel bumps it.
@@ -153,38 +232,44 @@ def _adam_kernel(
         log_beta1 = tl.cast(log_beta1_hi, tl.float64) + tl.cast(log_beta1_lo, tl.float64)
         log_beta2 = tl.cast(log_beta2_hi, tl.float64) + tl.cast(log_beta2_lo, tl.float64)
         bias_correction1 = 1.0 - tl.exp(step * log_beta1)
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2)).to(tl.float32)
+        bc2 = tl.sqrt(1.0 - tl.exp(step * log_beta2)).to(tl.float32)
         step_size = ((tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)) / bias_correction1).to(tl.float32)
         end = tl.minimum(start + CHUNK, n)
-        for off in range(start, end, BLOCK):
+        full_end = _full_end(start, end, BLOCK)
+        for off in range(start, full_end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            mask = offs < end
-            gf = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_GRAD_SCALE or CLIP:
-                gf = gf * mult
-            if MAXIMIZE:
-                gf = -gf
-            pf = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WD:
-                if DECOUPLED:
-                    pf = pf * decay
-                else:
-                    gf = gf + weight_decay * pf
-            mf = tl.load(m + offs, mask=mask, other=0.0).to(tl.float32)
-            vf = tl.load(v + offs, mask=mask, other=0.0).to(tl.float32)
-            mf = mf * beta1 + one_minus_beta1 * gf
-            vf = vf * beta2 + one_minus_beta2 * gf * gf
-            if AMSGRAD:
-                vmf = tl.load(vmax + offs, mask=mask, other=0.0).to(tl.float32)
-                vmf = tl.maximum(vmf, vf, propagate_nan=tl.PropagateNan.ALL)
-                tl.store(vmax + offs, vmf.to(vmax.dtype.element_ty), mask=mask)
-                denom = tl.div_rn(tl.sqrt_rn(vmf), bias_correction2_sqrt) + eps
-            else:
-                denom = tl.div_rn(tl.sqrt_rn(vf), bias_correction2_sqrt) + eps
-            pf = _keep(pf - tl.div_rn(step_size * mf, denom), keep, offs, mask, HAS_MASK)
-            tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
-            tl.store(m + offs, mf.to(m.dtype.element_ty), mask=mask)
-            tl.store(v + offs, vf.to(v.dtype.element_ty), mask=mask)
+            _adam_block(p, g, m, v, vmax, keep, offs, offs < end, mult, step_size, bc2, beta1, one_minus_beta1,
+                        beta2, one_minus_beta2, eps, weight_decay, decay, HAS_GRAD_SCALE, CLIP, AMSGRAD, MAXIMIZE,
+                        DECOUPLED, HAS_WD, HAS_MASK, True)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _adam_block(p, g, m, v, vmax, keep, offs, offs < end, mult, step_size, bc2, beta1, one_minus_beta1,
+                        beta2, one_minus_beta2, eps, weight_decay, decay, HAS_GRAD_SCALE, CLIP, AMSGRAD, MAXIMIZE,
+                        DECOUPLED, HAS_WD, HAS_MASK, False)
+
+
+@triton.jit
+def _sgd_block(p, g, buf, keep, offs, mask, mult, lr, momentum, one_minus_dampening, weight_decay,
+               HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+               HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+               HAS_MASK: tl.constexpr, FULL: tl.constexpr):
+    """One block of the SGD update (all masked unless FULL)."""
+    gf, pf = _grad_and_param(g, p, offs, mask, mult, HAS_GRAD_SCALE, CLIP, MAXIMIZE, FULL)
+    if HAS_WD:
+        gf = gf + weight_decay * pf
+    if HAS_MOMENTUM:
+        if FIRST_STEP:
+            bf = gf
+        else:
+            bf = _ld(buf, offs, mask, FULL)
+            bf = bf * momentum + one_minus_dampening * gf
+        _st(buf, offs, bf, mask, FULL)
+        if NESTEROV:
+            gf = gf + momentum * bf
+        else:
+            gf = bf
+    pf = _keep(pf - lr * gf, keep, offs, mask, HAS_MASK, FULL)
+    _st(p, offs, pf, mask, FULL)
 
 
 @triton.jit
@@ -193,7 +278,7 @@ def _sgd_kernel(
     p_ptr, g_ptr, buf_ptr, keep_ptr, numel,
     found_inf_ptr, grad_scale_ptr, grad_norm_ptr,
     lr, momentum, one_minus_dampening, weight_decay, max_grad_norm,
-    USE_TABLE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, HAS_MASK: tl.constexpr, NROWS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -201,37 +286,23 @@ def _sgd_kernel(
     # Table rows: 0 params, 1 grads, 2 momentum_buffers, 3 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, CHUNK, USE_TABLE)
-        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
-        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
-        buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr, USE_TABLE)
-        keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE, ALIGNED)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE, ALIGNED)
+        buf = _row_ptr(table, n_tensors, tid, 2, buf_ptr, USE_TABLE, ALIGNED)
+        keep = _row_ptr(table, n_tensors, tid, 3, keep_ptr, USE_TABLE and HAS_MASK, ALIGNED)
+        mult = tl.full((), 1.0, tl.float32)
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
         end = tl.minimum(start + CHUNK, n)
-        for off in range(start, end, BLOCK):
+        full_end = _full_end(start, end, BLOCK)
+        for off in range(start, full_end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            mask = offs < end
-            gf = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_GRAD_SCALE or CLIP:
-                gf = gf * mult
-            if MAXIMIZE:
-                gf = -gf
-            pf = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WD:
-                gf = gf + weight_decay * pf
-            if HAS_MOMENTUM:
-                if FIRST_STEP:
-                    bf = gf
-                else:
-                    bf = tl.load(buf + offs, mask=mask, other=0.0).to(tl.float32)
-                    bf = bf * momentum + one_minus_dampening * gf
-                tl.store(buf + offs, bf.to(buf.dtype.element_ty), mask=mask)
-                if NESTEROV:
-                    gf = gf + momentum * bf
-                else:
-                    gf = bf
-            pf = _keep(pf - lr * gf, keep, offs, mask, HAS_MASK)
-            tl.store(p + offs, pf.to(p.dtype.element_ty), mask=mask)
+            _sgd_block(p, g, buf, keep, offs, offs < end, mult, lr, momentum, one_minus_dampening, weight_decay,
+                       HAS_GRAD_SCALE, CLIP, MAXIMIZE, HAS_WD, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_MASK, True)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _sgd_block(p, g, buf, keep, offs, offs < end, mult, lr, momentum, one_minus_dampening, weight_decay,
+                       HAS_GRAD_SCALE, CLIP, MAXIMIZE, HAS_WD, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_MASK, False)
 
 
 @triton.jit
@@ -250,16 +321,20 @@ def _increment_steps_kernel(table, row_offset, n_tensors, s_ptr, found_inf_ptr,
 @triton.jit
 def _sum_of_squares_kernel(
     table, n_tensors, x_ptr, numel, partials, out_offset,
-    USE_TABLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """partials[out_offset + program] = fp32 sum of squares of this program's chunk."""
     tid, start, n = _locate(table, n_tensors, numel, 1, CHUNK, USE_TABLE)
-    x = _row_ptr(table, n_tensors, tid, 0, x_ptr, USE_TABLE)
+    x = _row_ptr(table, n_tensors, tid, 0, x_ptr, USE_TABLE, ALIGNED)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     end = tl.minimum(start + CHUNK, n)
-    for off in range(start, end, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        xf = tl.load(x + offs, mask=offs < end, other=0.0).to(tl.float32)
+    full_end = _full_end(start, end, BLOCK)
+    for off in range(start, full_end, BLOCK):
+        xf = _ld(x, off + tl.arange(0, BLOCK), None, True)
+        acc += xf * xf
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        xf = _ld(x, offs, offs < end, False)
         acc += xf * xf
     tl.store(partials + out_offset + tl.program_id(0), tl.sum(acc, axis=0))
 
@@ -304,8 +379,9 @@ def _log_beta(beta: float) -> float:
 
 
 def _is_eager(*tensors: Tensor) -> bool:
-    """Real tensors outside any tracing (fake/functional tensors are subclasses of Tensor)."""
-    return all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+    """Real tensors (``nn.Parameter`` included) outside any tracing: the table path can read their
+    addresses. Fake / functional tensors (tracing) take the per-tensor path."""
+    return all(is_real_tensor(t) for t in tensors)
 
 
 def _scalar_tensor(t: Optional[Tensor], name: str, op: str, device: torch.device) -> Optional[Tensor]:
@@ -355,7 +431,9 @@ def _validate_rows(op: str, rows: Sequence[Sequence[Tensor]], names: Sequence[st
 
 def _table(rows: Sequence[Sequence[Tensor]], device: torch.device, chunk: int, op: str,
            names: Sequence[str], step_rows: Sequence[int] = (), cache: bool = True):
-    """(device int64 table, number of programs), cached by the tensors' addresses and numels.
+    """(device int64 table, number of programs, aligned), cached by the tensors' addresses and
+    numels; ``aligned``: every tensor of the data rows (all but ``step_rows``) starts at a 16-byte
+    aligned address, so the kernels may tell the compiler so (vectorised loads of whole blocks).
 
     Returns None when some tensor is not contiguous (the caller then works on contiguous copies).
     Validation runs when the table is built; a later call with the same addresses, numels and
@@ -371,6 +449,7 @@ def _table(rows: Sequence[Sequence[Tensor]], device: torch.device, chunk: int, o
     if not _validate_rows(op, rows, names, device, step_rows):
         return None
     n = len(numels)
+    aligned = all(t.data_ptr() % 16 == 0 for r, row in enumerate(rows) if r not in step_rows for t in row)
     numel_t = torch.tensor(numels, dtype=torch.int64)
     counts = (numel_t + (chunk - 1)) // chunk
     total = int(counts.sum())
@@ -381,7 +460,7 @@ def _table(rows: Sequence[Sequence[Tensor]], device: torch.device, chunk: int, o
     table = torch.cat([torch.tensor(ptrs, dtype=torch.int64), numel_t, programs])
     if device.type != "cpu":
         table = table.pin_memory().to(device, non_blocking=True)
-    entry = (table, total)
+    entry = (table, total, aligned)
     if not cache:  # tables of contiguous stand-ins point at temporaries: never reuse them
         return entry
     _TABLE_CACHE[key] = entry
@@ -467,17 +546,17 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
             entry = _table(rows, device, chunk, op, _ADAM_NAMES, step_rows=(4,), cache=False)
         else:
             write_back = []
-        table, total = entry
+        table, total, aligned = entry
         refs = [row[0] for row in rows]  # typed pointers: the kernel casts addresses to their type
         dummy = refs[0]
         if total > 0:
-            wrap_triton(_adam_kernel)[(total,)](
+            launcher(_adam_kernel, traced=False)[(total,)](
                 table, n, *refs[:6], refs[6] if keep is not None else dummy, 0,
                 found_inf if found_inf is not None else dummy,
                 grad_scale if grad_scale is not None else dummy,
                 grad_norm if grad_norm is not None else dummy,
-                *hyper, USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
-        wrap_triton(_increment_steps_kernel)[(triton.cdiv(n, STEP_BLOCK),)](
+                *hyper, USE_TABLE=True, ALIGNED=aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+        launcher(_increment_steps_kernel, traced=False)[(triton.cdiv(n, STEP_BLOCK),)](
             table, 4 * n, n, refs[4], found_inf if found_inf is not None else dummy,
             HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK, num_warps=NUM_WARPS)
         for orig, tmp in write_back:
@@ -495,12 +574,12 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         numel = p.numel()
         if numel == 0:
             continue
-        _traced(_adam_kernel)[_grid_1d(numel, chunk)](
+        launcher(_adam_kernel)[_grid_1d(numel, chunk)](
             dummy, 1, p, g, m, v, s, vmax, keep[i] if keep is not None else dummy, numel,
             found_inf if found_inf is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             grad_norm if grad_norm is not None else dummy,
-            *hyper, USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+            *hyper, USE_TABLE=False, ALIGNED=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
     for orig, tmp in write_back:
         orig.copy_(tmp)
     _increment_steps_traced(state_steps, found_inf)
@@ -588,15 +667,15 @@ def fused_sgd_triton_(
         if entry is None:
             rows, write_back = _contiguous_rows(rows, _SGD_MUTATED_ROWS)
             entry = _table(rows, device, chunk, op, _SGD_NAMES, cache=False)
-        table, total = entry
+        table, total, aligned = entry
         dummy = rows[0][0]
         if total > 0:
-            wrap_triton(_sgd_kernel)[(total,)](
+            launcher(_sgd_kernel, traced=False)[(total,)](
                 table, n, rows[0][0], rows[1][0], rows[2][0], rows[3][0] if keep is not None else dummy, 0,
                 found_inf if found_inf is not None else dummy,
                 grad_scale if grad_scale is not None else dummy,
                 grad_norm if grad_norm is not None else dummy,
-                *hyper, USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+                *hyper, USE_TABLE=True, ALIGNED=aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
         for orig, tmp in write_back:
             orig.copy_(tmp)
         return
@@ -611,12 +690,12 @@ def fused_sgd_triton_(
         numel = p.numel()
         if numel == 0:
             continue
-        _traced(_sgd_kernel)[_grid_1d(numel, chunk)](
+        launcher(_sgd_kernel)[_grid_1d(numel, chunk)](
             dummy, 1, p, g, buf, keep[i] if keep is not None else dummy, numel,
             found_inf if found_inf is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             grad_norm if grad_norm is not None else dummy,
-            *hyper, USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
+            *hyper, USE_TABLE=False, ALIGNED=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS, **flags)
     for orig, tmp in write_back:
         orig.copy_(tmp)
 
@@ -652,11 +731,11 @@ def sum_of_squares_triton(tensors: List[Tensor]) -> Tensor:
         total = sum(entry[1] for entry, _ in plans)
         partials = torch.empty(max(total, 1), device=device, dtype=torch.float32)
         offset = 0
-        for (table, count), group in plans:
+        for (table, count, aligned), group in plans:
             if count > 0:
-                wrap_triton(_sum_of_squares_kernel)[(count,)](
+                launcher(_sum_of_squares_kernel, traced=False)[(count,)](
                     table, len(group), group[0], 0, partials, offset,
-                    USE_TABLE=True, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+                    USE_TABLE=True, ALIGNED=aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
             offset += count
     else:
         counts = [[triton.cdiv(t.numel(), chunk) for t in group] for group in groups.values()]
@@ -666,10 +745,76 @@ def sum_of_squares_triton(tensors: List[Tensor]) -> Tensor:
         for group, group_counts in zip(groups.values(), counts):
             for t, count in zip(group, group_counts):
                 if count > 0:
-                    _traced(_sum_of_squares_kernel)[(count,)](
+                    launcher(_sum_of_squares_kernel)[(count,)](
                         partials, 1, t, t.numel(), partials, offset,
-                        USE_TABLE=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+                        USE_TABLE=False, ALIGNED=False, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
                 offset += count
-    launch = wrap_triton(_sum_partials_kernel) if eager else _traced(_sum_partials_kernel)
+    launch = launcher(_sum_partials_kernel, traced=not eager)
     launch[(1,)](partials, total, out, BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
     return out
+
+
+# ---------------------------------- ahead-of-time compile cases -------------------------------
+
+
+def aot_cases():
+    """The AOT compile cases of this module's kernels (convention: bigkernels/triton/_common.py).
+
+    Memory-bound kernels: the hot loads of whole blocks must be vectorised (``vector_loads`` =
+    one vector load per streamed tensor at least) on the table path when the host found every
+    tensor 16-byte aligned (ALIGNED) and on the per-tensor path (Triton specialises aligned pointer
+    arguments); the unaligned table path (scalar loads) must compile."""
+    from bigkernels.triton._common import AOT_TARGETS, AOTCase
+
+    f32 = "fp32"
+    common = dict(table="*i64", found_inf_ptr="*fp32", grad_scale_ptr="*fp32", grad_norm_ptr="*fp32",
+                  s_ptr="*fp32", keep_ptr="*u8", partials="*fp32", max_grad_norm=f32)
+    adam_hyper = {k: f32 for k in ("lr_hi", "lr_lo", "log_beta1_hi", "log_beta1_lo", "log_beta2_hi", "log_beta2_lo",
+                                   "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
+                                   "decay")}
+    sgd_hyper = {k: f32 for k in ("lr", "momentum", "one_minus_dampening", "weight_decay")}
+    adamw = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=False, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True,
+                 HAS_WD=True, HAS_MASK=False, NROWS=6)
+    everything = dict(adamw, CLIP=True, AMSGRAD=True, MAXIMIZE=True, HAS_MASK=True, NROWS=7)
+    sgd = dict(HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, CLIP=True, MAXIMIZE=False, HAS_WD=True, HAS_MOMENTUM=True,
+               FIRST_STEP=False, NESTEROV=True, HAS_MASK=True, NROWS=4)
+    BLOCK_AOT = 1024
+    launch = dict(CHUNK=8192, BLOCK=BLOCK_AOT)
+    cases = []
+    for arch in AOT_TARGETS:
+        def add(kernel, dt, flags, path, tensors, numel="i32", group="", hyper=None):
+            # per streamed tensor, a thread loads BLOCK / threads elements of a whole block: that
+            # many bytes in 16-byte vectors (when aligned)
+            size = 4 if dt == "fp32" else 2
+            vector_loads = tensors * max(1, (BLOCK_AOT // (32 * NUM_WARPS)) * size // 16) if path != "table-unaligned" else 0
+            use_table, aligned = {"table": (True, True), "table-unaligned": (True, False),
+                                  "per-tensor": (False, False)}[path]
+            sig = dict(common, **(hyper or {}), numel=numel)
+            sig.update({n: f"*{dt}" for n in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "buf_ptr", "x_ptr")
+                        if n in kernel.arg_names})
+            sig = {k: v for k, v in sig.items() if k in kernel.arg_names}
+            flags = {k: v for k, v in flags.items() if k in kernel.arg_names}
+            cases.append(AOTCase(kernel, dict(flags, USE_TABLE=use_table, ALIGNED=aligned, **launch), sig,
+                                 num_warps=NUM_WARPS, num_stages=3, arch=arch, vector_loads=vector_loads,
+                                 group=group or f"{kernel.__name__}/{dt}/{path}", note=path))
+
+        for dt in ("fp32", "bf16", "fp16"):
+            add(_adam_kernel, dt, adamw, "table", 4, hyper=adam_hyper)  # p, g, m, v
+        add(_adam_kernel, "fp32", everything, "table", 5, hyper=adam_hyper)  # + max_exp_avg_sq
+        add(_adam_kernel, "fp32", adamw, "table-unaligned", 0, hyper=adam_hyper)
+        for dt in ("fp32", "bf16"):
+            add(_adam_kernel, dt, adamw, "per-tensor", 4, hyper=adam_hyper)
+        add(_adam_kernel, "bf16", adamw, "per-tensor", 4, numel="i64", hyper=adam_hyper)  # > 2^31 elements
+        for dt in ("fp32", "bf16"):
+            add(_sgd_kernel, dt, sgd, "table", 3, hyper=sgd_hyper)  # p, g, momentum buffer
+        add(_sgd_kernel, "fp32", sgd, "per-tensor", 3, hyper=sgd_hyper)
+        add(_sgd_kernel, "fp32", sgd, "table-unaligned", 0, hyper=sgd_hyper)
+        for dt in ("fp32", "bf16"):
+            add(_sum_of_squares_kernel, dt, {}, "table", 1)
+        add(_sum_of_squares_kernel, "fp32", {}, "per-tensor", 1)
+        cases.append(AOTCase(_increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=STEP_BLOCK),
+                             dict(table="*i64", row_offset="i32", s_ptr="*fp32", found_inf_ptr="*fp32"),
+                             num_warps=NUM_WARPS, arch=arch, group="_increment_steps_kernel"))
+        cases.append(AOTCase(_sum_partials_kernel, dict(BLOCK=SUM_BLOCK), dict(partials="*fp32", out="*fp32"),
+                             num_warps=NUM_WARPS, arch=arch, group="_sum_partials_kernel"))
+    return cases

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bigkernels.reference import optim as ref
-from bigkernels.triton._common import _INTERPRET, _traced
+from bigkernels.triton._common import _INTERPRET, launcher
 from bigkernels.triton.optim import (_contiguous_rows, _grad_multiplier, _increment_steps_kernel,
                                      _increment_steps_traced, _is_eager, _is_finite_step, _locate,
                                      _log_beta, _mask_row, _row_ptr, _scalar_tensor, _split, STEP_BLOCK)
@@ -323,11 +323,11 @@ def adamw8bit_triton_(
         table, total, aligned = _table(rows, device, chunk)
         refs = [row[0] for row in rows]  # typed pointers: the kernel casts addresses to their type
         if total > 0:
-            wrap_triton(_adamw8bit_kernel)[(total,)](
+            launcher(_adamw8bit_kernel, traced=False)[(total,)](
                 table, n, *refs[:7], refs[7] if keep is not None else refs[0], 0, fin, *scale_args, *hyper,
                 USE_TABLE=True, ALIGNED=aligned,
                 num_warps=NUM_WARPS, **flags)
-        wrap_triton(_increment_steps_kernel)[(triton.cdiv(n, STEP_BLOCK),)](
+        launcher(_increment_steps_kernel, traced=False)[(triton.cdiv(n, STEP_BLOCK),)](
             table, 6 * n, n, refs[6], fin, HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK,
             num_warps=NUM_WARPS)
         return
@@ -338,7 +338,7 @@ def adamw8bit_triton_(
         numel = rows[0][i].numel()
         if numel == 0:
             continue
-        _traced(_adamw8bit_kernel)[(triton.cdiv(numel, chunk),)](
+        launcher(_adamw8bit_kernel)[(triton.cdiv(numel, chunk),)](
             dummy, 1, *(row[i] for row in rows[:7]), keep[i] if keep is not None else dummy, numel,
             found_inf if found_inf is not None else dummy,
             grad_scale if grad_scale is not None else dummy, grad_norm if grad_norm is not None else dummy,

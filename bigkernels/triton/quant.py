@@ -12,15 +12,16 @@ Ops (``bigkernels`` namespace; same schemas and semantics as their namesakes in
     One tensor-core GEMM kernel (``a [M, K] @ b [N, K].T``, int8 x int8 -> int32 ``tl.dot``),
     grouped (GROUP_M) tile order for L2 reuse, with either the raw int32 store or the fused
     epilogue ``acc * a_scale[m] * b_scale[n] + bias`` cast to ``out_dtype``. Autotuned on GPU
-    over configs for sm_80 / sm_90 (those that do not fit a device's shared memory are skipped by
-    the autotuner), keyed on an M bucket, N and K; small M (<= 64) and large M have separate
-    config lists.
+    over configs for sm_80 / sm_90 (those whose estimated shared memory exceeds the device's are
+    pruned before any launch: _common.smem_pruner), keyed on an M bucket, N and K; small M (<= 64)
+    and large M have separate config lists.
 ``w8a16_mm_triton(x, w_int8, w_scale, bias) -> x.dtype``
     The int8 weight tile is converted to x's dtype in registers and fed to ``tl.dot`` with fp32
     accumulation (IEEE fp32 products for fp32 x); ``w_scale[n]`` and the bias are applied in the
     epilogue. For M <= 16 (memory bound: every weight byte is read once) a split-K variant with
     narrow-M tiles spreads the weight over enough programs to fill the GPU; its fp32 partials are
-    summed in a fixed order by a second small kernel that applies scale, bias and the cast.
+    summed in a fixed order by a second small kernel that applies scale, bias and the cast. fp32 x
+    has its own config lists (IEEE FMA products: moderate tiles).
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one small fixed config (no
 autotuning: it is far too slow there) chosen so that tiny test shapes still cover several tiles,
@@ -37,10 +38,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-# The interpreter-aware launcher shared with the optimizer kernels: wrap_triton on a GPU, a
-# traceable wrapper around the interpreted kernel under TRITON_INTERPRET=1.
+# The shared launcher (_common.launcher: device guard, tracing wrapper) and host helpers.
 from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy,
-                                       _m_bucket, launch_tiled)
+                                       _m_bucket, autotune, dtype_size, launch_tiled, tile_smem)
 from bigkernels.triton._common import _traced as _launch
 _QMAX = 127.0
 
@@ -249,15 +249,16 @@ def _cfg(bm, bn, bk, group, stages, warps):
                          num_stages=stages, num_warps=warps)
 
 
+# Autotune lists. Every config the pruner keeps (shared memory estimate within the device's
+# limit, _common.smem_pruner) is compiled for sm_80 and sm_90 by tests/test_triton_aot.py (see
+# aot_cases below), so a config that does not compile or fit is seen without a GPU.
+#
 # int8 GEMM, M > 64. The 128x256x128 / 256x128x128 tiles are what reach ~1 POPS on H100 (sm_90,
-# wgmma, 228 KB shared memory); the 64/128-wide ones with fewer stages fit sm_80's 164 KB.
+# wgmma); the 128/64-wide ones with more stages suit sm_80.
 _INT8_LARGE_M = [
     _cfg(128, 256, 128, 8, 3, 8),
     _cfg(256, 128, 128, 8, 3, 8),
-    _cfg(128, 256, 128, 8, 4, 8),
-    _cfg(256, 128, 128, 8, 4, 8),
     _cfg(128, 256, 64, 8, 4, 8),
-    _cfg(256, 128, 64, 8, 4, 8),
     _cfg(128, 128, 128, 8, 4, 8),
     _cfg(128, 128, 128, 8, 3, 4),
     _cfg(128, 128, 64, 8, 4, 4),
@@ -268,50 +269,75 @@ _INT8_LARGE_M = [
 _INT8_SMALL_M = [
     _cfg(16, 64, 256, 1, 4, 4),
     _cfg(16, 128, 128, 1, 4, 4),
-    _cfg(16, 128, 256, 1, 3, 4),
     _cfg(32, 64, 256, 1, 4, 4),
     _cfg(32, 128, 128, 1, 4, 4),
     _cfg(64, 64, 256, 1, 4, 4),
     _cfg(64, 128, 128, 1, 4, 4),
-    _cfg(64, 128, 256, 1, 3, 4),
 ]
-# w8a16, M > 16 (fp16/bf16 tensor cores; the int8 weight tile is half the bytes of a bf16 one).
+# w8a16 with fp16/bf16 x, M > 16 (tensor cores; the int8 weight tile is half the bytes of a bf16 one).
 _W8A16_LARGE_M = [
     _cfg(128, 256, 64, 8, 3, 8),
-    _cfg(256, 128, 64, 8, 3, 8),
     _cfg(128, 128, 64, 8, 4, 4),
     _cfg(128, 128, 64, 8, 4, 8),
     _cfg(64, 128, 64, 8, 4, 4),
     _cfg(128, 64, 64, 8, 4, 4),
     _cfg(64, 64, 128, 8, 4, 4),
-    _cfg(32, 128, 128, 8, 4, 4),
 ]
-# w8a16, M <= 16 (GEMV-like, split-K chosen on the host): wide K tiles, deep pipelines.
+# w8a16 with fp16/bf16 x, M <= 16 (GEMV-like, split-K chosen on the host): wide K tiles, deep pipelines.
 _W8A16_SMALL_M = [
     _cfg(16, 32, 256, 1, 4, 4),
-    _cfg(16, 32, 512, 1, 3, 4),
     _cfg(16, 64, 256, 1, 4, 4),
     _cfg(16, 64, 512, 1, 3, 4),
     _cfg(16, 64, 128, 1, 6, 4),
     _cfg(16, 128, 128, 1, 4, 4),
-    _cfg(16, 128, 256, 1, 3, 8),
+]
+# w8a16 with fp32 x: IEEE fp32 products (FMA, no tensor cores), so moderate tiles (their code and
+# compile time grow with BLOCK_M * BLOCK_N * BLOCK_K / threads) and fp32 x tiles in shared memory.
+_W8A16_FP32_LARGE_M = [
+    _cfg(64, 64, 32, 8, 3, 4),
+    _cfg(64, 128, 32, 8, 3, 8),
+    _cfg(32, 64, 64, 8, 3, 4),
+]
+_W8A16_FP32_SMALL_M = [
+    _cfg(16, 64, 64, 1, 3, 4),
+    _cfg(16, 32, 128, 1, 3, 4),
 ]
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
 
-if _INTERPRET:
-    # One tiny config: tiles of 16 so that small test shapes span several tiles and K steps.
-    _INTERP_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-    _INT8_KDIV = _W8A16_KDIV = 16
-    _SPLITK_SMALL_KDIV = 16
-else:
-    _INTERP_META = None
-    _INT8_KDIV = max(c.kwargs["BLOCK_K"] for c in _INT8_LARGE_M + _INT8_SMALL_M)
-    _W8A16_KDIV = max(c.kwargs["BLOCK_K"] for c in _W8A16_LARGE_M)
-    _SPLITK_SMALL_KDIV = max(c.kwargs["BLOCK_K"] for c in _W8A16_SMALL_M)
-    _int8_gemm_small = triton.autotune(configs=_INT8_SMALL_M, key=_AUTOTUNE_KEY)(_int8_gemm_kernel)
-    _int8_gemm_large = triton.autotune(configs=_INT8_LARGE_M, key=_AUTOTUNE_KEY)(_int8_gemm_kernel)
-    _w8a16_small = triton.autotune(configs=_W8A16_SMALL_M, key=_AUTOTUNE_KEY + ["SPLIT_K"])(_w8a16_kernel)
-    _w8a16_large = triton.autotune(configs=_W8A16_LARGE_M, key=_AUTOTUNE_KEY)(_w8a16_kernel)
+
+def _int8_smem(config, named_args, kwargs) -> int:
+    """Shared memory of an int8 GEMM config (the pruner's estimate, checked against Triton's
+    allocation by tests/test_triton_aot.py): the pipelined a and b tiles."""
+    return tile_smem(config, a=(("BLOCK_M", "BLOCK_K"), 1), b=(("BLOCK_K", "BLOCK_N"), 1))
+
+
+def _w8a16_smem(config, named_args, kwargs) -> int:
+    """Shared memory of a w8a16 config: the pipelined x and int8 weight tiles, and the weight tile
+    converted to x's dtype (a dot operand)."""
+    xs = dtype_size(named_args["x_ptr"])
+    return (tile_smem(config, x=(("BLOCK_M", "BLOCK_K"), xs), w=(("BLOCK_K", "BLOCK_N"), 1))
+            + tile_smem(config, 1, w=(("BLOCK_K", "BLOCK_N"), xs)))
+
+
+class _Tuned:
+    """An autotuned kernel and the K multiple (largest BLOCK_K of its configs) that lets every
+    config run its K loop without masks."""
+
+    def __init__(self, kernel, configs, key, estimate):
+        self.kernel = autotune(configs, key, estimate)(kernel)
+        self.kdiv = max(c.kwargs["BLOCK_K"] for c in configs)
+
+
+_INT8_TUNED = {small: _Tuned(_int8_gemm_kernel, cfgs, _AUTOTUNE_KEY, _int8_smem)
+               for small, cfgs in ((True, _INT8_SMALL_M), (False, _INT8_LARGE_M))}
+_W8A16_TUNED = {
+    (small, fp32): _Tuned(_w8a16_kernel, cfgs, _AUTOTUNE_KEY + (["SPLIT_K"] if small else []), _w8a16_smem)
+    for (small, fp32), cfgs in (((True, False), _W8A16_SMALL_M), ((False, False), _W8A16_LARGE_M),
+                                ((True, True), _W8A16_FP32_SMALL_M), ((False, True), _W8A16_FP32_LARGE_M))}
+
+# One tiny config under the interpreter: tiles of 16 so that small test shapes span several tiles and K steps.
+_INTERP_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+_INTERP_KDIV = 16
 
 INT8_SMALL_M = 64  # int8 GEMMs with M <= this use the narrow-M configs
 W8A16_SMALL_M = 16  # w8a16 with M <= this uses the split-K GEMV-like variant
@@ -347,9 +373,10 @@ def _int8_gemm(op: str, a: Tensor, b: Tensor, out: Tensor, a_scale: Optional[Ten
     dummy = _dummy(out.device)
     args = (a, b, out, a_scale if scaled else dummy, b_scale if scaled else dummy,
             bias if bias is not None else dummy, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), out.stride(0))
-    flags = dict(SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=K % _INT8_KDIV == 0)
-    tuned = None if _INTERPRET else (_int8_gemm_small if M <= INT8_SMALL_M else _int8_gemm_large)
-    launch_tiled(_int8_gemm_kernel, tuned, _INTERP_META, M, N, args, flags)
+    tuned = _INT8_TUNED[bool(M <= INT8_SMALL_M)]  # bool: M may be symbolic (traced)
+    kdiv = _INTERP_KDIV if _INTERPRET else tuned.kdiv
+    flags = dict(SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=K % kdiv == 0)
+    launch_tiled(_int8_gemm_kernel, tuned.kernel, _INTERP_META, M, N, args, flags)
     return out
 
 
@@ -429,11 +456,12 @@ def w8a16_mm_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
         return out
     x = x.contiguous()
     w_int8 = w_int8.contiguous()
-    small = M <= W8A16_SMALL_M
+    small = bool(M <= W8A16_SMALL_M)  # bool: M may be symbolic (traced)
+    tuned = _W8A16_TUNED[(small, x.dtype == torch.float32)]
+    kdiv = _INTERP_KDIV if _INTERPRET else tuned.kdiv
     split = 1
     k_per_split = K
     if small:
-        kdiv = _SPLITK_SMALL_KDIV
         if _INTERPRET:
             split = 2 if K > kdiv else 1
         elif K >= 2 * kdiv:
@@ -448,15 +476,95 @@ def w8a16_mm_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
             k_per_split = K
     dummy = _dummy(x.device)
     ws = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else dummy
-    kdiv = _SPLITK_SMALL_KDIV if small else _W8A16_KDIV
     args = (x, w_int8, w_scale, bias if bias is not None else dummy, out, ws, M, N, K, _m_bucket(M),
             k_per_split, x.stride(0), w_int8.stride(0), out.stride(0))
     flags = dict(SPLIT_K=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                  EVEN_K=K % kdiv == 0 and k_per_split % kdiv == 0)
-    launch_tiled(_w8a16_kernel, None if _INTERPRET else (_w8a16_small if small else _w8a16_large),
-                 _INTERP_META, M, N, args, flags, splits=split)
+    launch_tiled(_w8a16_kernel, tuned.kernel, _INTERP_META, M, N, args, flags, splits=split)
     if split > 1:
         _launch(_splitk_epilogue_kernel)[(triton.cdiv(M * N, _EPILOGUE_BLOCK),)](
             ws, w_scale, bias if bias is not None else dummy, out, M * N, N, SPLIT_K=split,
             HAS_BIAS=bias is not None, BLOCK=_EPILOGUE_BLOCK, num_warps=4)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases
+# --------------------------------------------------------------------------------------------
+
+def _first_per_arch(cases):
+    """The first case of each architecture (dtypes that share another's code shape and sizes)."""
+    seen, out = set(), []
+    for c in cases:
+        if c.arch not in seen:
+            seen.add(c.arch)
+            out.append(c)
+    return out
+
+
+def aot_cases():
+    """The AOT compile cases of this module's kernels (convention: bigkernels/triton/_common.py).
+
+    GEMMs: every config each autotuner's pruner keeps, for bf16 (and fp32 x for w8a16); fp16
+    shares bf16's code shape and shared memory, so it compiles the first kept config per target;
+    so do the raw int32 and unsplit variants, and the masked-K one (EVEN_K=False, with K and the
+    strides not multiples of 16: Triton specialises on that, and a failure can depend on it). Memory-bound kernels (w8a16
+    M <= 16 and its split-K epilogue, quantize) must vectorise their hot loads on aligned tensors."""
+    import dataclasses
+
+    from bigkernels.triton._common import AOT_TARGETS, AOTCase, tuned_cases
+
+    cases = []
+    int8_sig = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", a_scale_ptr="*fp32", b_scale_ptr="*fp32",
+                    bias_ptr="*fp32")
+    gemm_aligned = ("a_ptr", "b_ptr", "c_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "x_ptr", "w_ptr",
+                    "w_scale_ptr", "out_ptr", "ws_ptr", "N", "K", "K_PER_SPLIT", "stride_am", "stride_bn",
+                    "stride_cm", "stride_xm", "stride_wn", "stride_om")
+    for small, tuned in _INT8_TUNED.items():
+        group = f"int8_mm/M{'<=' if small else '>'}{INT8_SMALL_M}"
+        flags = dict(SCALED=True, HAS_BIAS=True, EVEN_K=True)
+        kw = dict(aligned=tuple(n for n in gemm_aligned if n in _int8_gemm_kernel.arg_names))
+        full = tuned_cases(tuned.kernel, int8_sig, flags, group, **kw)
+        cases += full
+        for c in _first_per_arch(c for c in full if c.arch in AOT_TARGETS):
+            cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, SCALED=False, HAS_BIAS=False),
+                                             signature=dict(int8_sig, c_ptr="*i32"), note="int32 out"))
+            cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), aligned=None,
+                                             note="masked K, odd K and strides"))
+
+    for (small, fp32), tuned in _W8A16_TUNED.items():
+        bucket = f"M{'<=' if small else '>'}{W8A16_SMALL_M}"
+        split = 4 if small else 1
+        for dt in (("fp32",) if fp32 else ("bf16", "fp16")):
+            sig = dict(x_ptr=f"*{dt}", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*fp32", out_ptr=f"*{dt}",
+                       ws_ptr="*fp32")
+            flags = dict(SPLIT_K=split, HAS_BIAS=True, EVEN_K=True, IEEE=fp32)
+            kw = dict(aligned=tuple(n for n in gemm_aligned if n in _w8a16_kernel.arg_names),
+                      vector_loads=2 if small else 0)  # GEMV-like: x and the int8 weight stream in vectors
+            full = tuned_cases(tuned.kernel, sig, flags, f"w8a16_mm/{dt}/{bucket}", **kw)
+            cases += full if dt != "fp16" else _first_per_arch(full)
+            if dt != "fp16":
+                for c in _first_per_arch(c for c in full if c.arch in AOT_TARGETS):
+                    cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, EVEN_K=False), vector_loads=0,
+                                                     aligned=None, note="masked K, odd K and strides"))
+                    if small:
+                        cases.append(dataclasses.replace(c, constexprs=dict(c.constexprs, SPLIT_K=1), note="no split"))
+
+    for arch in AOT_TARGETS:
+        for dt in ("bf16", "fp32"):
+            # split-K epilogue: SPLIT_K fp32 partials per output element, read in 16-byte vectors
+            cases.append(AOTCase(_splitk_epilogue_kernel, dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=_EPILOGUE_BLOCK),
+                                 dict(ws_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", out_ptr=f"*{dt}"),
+                                 arch=arch, aligned=("ws_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "MN", "N"),
+                                 vector_loads=4, group=f"w8a16_mm/splitk_epilogue/{dt}"))
+        for dt in ("bf16", "fp32", "fp16"):
+            # quantize_per_token's host choices: (BLOCK_K, ROWS, warps) for K = 4096, K > 8192, K = 64
+            # (fp16: bf16's shapes; one of them)
+            for block_k, rows, warps, single in ((4096, 1, 8, True), (8192, 1, 16, False), (64, 16, 4, True))[
+                    :1 if dt == "fp16" else 3]:
+                cases.append(AOTCase(_quantize_per_token_kernel, dict(ROWS=rows, BLOCK_K=block_k, SINGLE=single),
+                                     dict(x_ptr=f"*{dt}", q_ptr="*i8", s_ptr="*fp32"), num_warps=warps, arch=arch,
+                                     aligned=("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm"),
+                                     vector_loads=1, group=f"quantize_per_token/{dt}/K{block_k}",
+                                     note=f"K={'>8192' if not single else block_k}"))
+    return cases

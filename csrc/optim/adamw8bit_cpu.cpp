@@ -6,41 +6,28 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-#include "common/cpu_features.h"
 #include "optim/adamw8bit_cpu.h"
 #include "optim/checks.h"
-
-namespace bigkernels::optim::cpu {
-// Defined in optim_cpu.cpp: the GradScaler / clipping inputs, read as the other CPU ops read them.
-float cpu_grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
-                          double max_grad_norm);
-bool cpu_skip_step(const std::optional<at::Tensor>& found_inf);
-}  // namespace bigkernels::optim::cpu
+#include "optim/optim_cpu_binding.h"
 
 namespace bigkernels::optim::cpu8 {
 
 const Kernels& best_kernels() {
-  static const int cpu_level = bigkernels::cpu_has_avx512() ? 2 : bigkernels::cpu_has_avx2_fma_f16c() ? 1 : 0;
-  switch (std::min(cpu_level, bigkernels::cpu_isa_level_cap())) {
-    case 2: return avx512_kernels();
-    case 1: return avx2_kernels();
-    default: return scalar_kernels();
-  }
+  const char* isa = cpu::best_kernels().isa;  // one rule for the ISA level (optim_cpu.cpp)
+  if (std::strncmp(isa, "avx512", 6) == 0) return avx512_kernels();
+  if (std::strcmp(isa, "avx2") == 0) return avx2_kernels();
+  return scalar_kernels();
 }
 
 namespace {
 
-constexpr int64_t kGrainElems = 1 << 15;  // elements per parallel task (rounded to whole blocks)
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    default: return DType::bf16;  // check_lists admits only these three
-  }
-}
+using cpu::binding::dtype_of;
+using cpu::binding::grad_multiplier;
+using cpu::binding::kGrain;
+using cpu::binding::skip_step;
 
 // Codes: contiguous uint8 shaped like the params; scales: contiguous fp32 of ceil(numel / block).
 void check_quantised_state(const char* op, at::TensorList params, at::TensorList codes, const char* codes_name,
@@ -86,12 +73,12 @@ void adamw8bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_masks(op, params, masks);
   if (params.empty()) return;
   check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
-  if (cpu::cpu_skip_step(found_inf)) return;
+  if (skip_step(found_inf)) return;
   bump_versions(params);
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);
-  const float mult = cpu::cpu_grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+  const float mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
   std::vector<Adam8Args> args(params.size());
   std::vector<int64_t> offsets(params.size() + 1, 0);  // first block of each tensor
   for (size_t i = 0; i < params.size(); ++i) {
@@ -103,7 +90,7 @@ void adamw8bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     offsets[i + 1] = offsets[i] + (params[i].numel() + block_size - 1) / block_size;
   }
   const Kernels& k = best_kernels();
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / block_size);
+  const int64_t grain = std::max<int64_t>(1, kGrain / block_size);
   at::parallel_for(0, offsets.back(), grain, [&](int64_t begin, int64_t end) {
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     for (int64_t b = begin; b < end; ++t) {

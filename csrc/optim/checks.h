@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -143,6 +144,63 @@ inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
               ": Nesterov momentum requires a momentum and zero dampening");
   check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, momentum == 0}}, nullptr);
+  check_masks(op, params, masks);
+  if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
+}
+
+// Flat state (fused_adam_flat_ / fused_adamw_flat_): one 1-D buffer per state name for all params,
+// param i's piece at element flat_offsets(params)[i], each piece starting on a kFlatAlignBytes
+// boundary of the buffer (so a vector access that is aligned for the params is aligned for the
+// state); the last entry is the buffer length needed. Mirrors bigkernels.reference.optim.flat_offsets.
+constexpr int64_t kFlatAlignBytes = 64;
+
+inline std::vector<int64_t> flat_offsets(at::TensorList params) {
+  std::vector<int64_t> out(params.size() + 1, 0);
+  if (params.empty()) return out;
+  const int64_t align = std::max<int64_t>(1, kFlatAlignBytes / int64_t(params[0].element_size()));
+  int64_t pos = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    out[i] = pos;
+    pos += (params[i].numel() + align - 1) / align * align;
+  }
+  out[params.size()] = out[params.size() - 1] + params[params.size() - 1].numel();
+  return out;
+}
+
+// A flat state buffer: 1-D, contiguous, dense, on the params' device, of their dtype (fp32 step
+// counters when `steps`), holding at least `need` elements.
+inline void check_flat(const char* op, const char* name, const at::Tensor& buf, at::TensorList params, int64_t need,
+                       bool steps = false) {
+  if (params.empty()) return;
+  const auto dtype = steps ? at::kFloat : params[0].scalar_type();
+  TORCH_CHECK(buf.layout() == at::kStrided && buf.dim() == 1 && buf.is_contiguous() && buf.scalar_type() == dtype &&
+                  buf.device() == params[0].device() && buf.numel() >= need,
+              op, ": expected ", name, " to be a contiguous 1-D ", dtype, " tensor of >= ", need, " elements on ",
+              params[0].device(), " (flat state of ", params.size(), " params), got ", buf.scalar_type(), " of shape ",
+              buf.sizes(), " on ", buf.device(), (buf.is_contiguous() ? "" : ", not contiguous"));
+}
+
+// Everything a fused_adam_flat_/fused_adamw_flat_ call takes, checked before any kernel runs.
+inline void check_adam_flat_call(const char* op, at::TensorList params, at::TensorList grads, const at::Tensor& exp_avg,
+                                 const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                                 const at::Tensor& state_steps, const std::vector<int64_t>& offsets, double lr,
+                                 double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                                 const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
+  check_hyper(op, lr >= 0, "learning rate", lr);
+  check_hyper(op, eps >= 0, "epsilon value", eps);
+  check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
+  check_hyper(op, 0 <= beta2 && beta2 < 1, "beta parameter at index 1", beta2);
+  check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
+  check_lists(op, params, &grads, {}, nullptr);
+  const int64_t need = offsets.back();
+  check_flat(op, "exp_avg", exp_avg, params, need);
+  check_flat(op, "exp_avg_sq", exp_avg_sq, params, need);
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sq.has_value(), op, ": amsgrad=True needs max_exp_avg_sq");
+    check_flat(op, "max_exp_avg_sq", *max_exp_avg_sq, params, need);
+  }
+  check_flat(op, "state_steps", state_steps, params, int64_t(params.size()), /*steps=*/true);
   check_masks(op, params, masks);
   if (!params.empty()) check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
 }

@@ -15,6 +15,7 @@
 #include "common/cpu_features.h"
 #include "optim/checks.h"
 #include "optim/optim_cpu.h"
+#include "optim/optim_cpu_binding.h"
 
 namespace bigkernels::optim::cpu {
 
@@ -40,52 +41,7 @@ const Kernels& best_kernels() {
 
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK(false, "bigkernels: unsupported dtype ", t.scalar_type());
-  }
-}
-
-float read_scalar(const std::optional<at::Tensor>& t, float if_absent) {
-  return t.has_value() ? t->data_ptr<float>()[0] : if_absent;
-}
-
-// 1/grad_scale times the clip coefficient (see bigkernels/reference/optim.py).
-float grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
-                      double max_grad_norm) {
-  double mult = 1.0 / double(read_scalar(grad_scale, 1.0f));
-  if (grad_norm.has_value() && max_grad_norm > 0) {
-    const double norm = double(read_scalar(grad_norm, 0.0f)) * mult;
-    mult *= std::min(1.0, max_grad_norm / (norm + 1e-6));
-  }
-  return float(mult);
-}
-
-bool skip_step(const std::optional<at::Tensor>& found_inf) { return read_scalar(found_inf, 0.0f) != 0.0f; }
-
-// Runs fn(tensor_index, begin, end) over every element of every tensor, in parallel.
-template <class Fn>
-void for_each_range(at::TensorList tensors, const Fn& fn) {
-  std::vector<int64_t> offsets(tensors.size() + 1, 0);
-  for (size_t i = 0; i < tensors.size(); ++i) offsets[i + 1] = offsets[i] + tensors[i].numel();
-  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
-    size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++t) {
-      const int64_t stop = std::min(end, offsets[t + 1]);
-      if (stop > pos) fn(t, pos - offsets[t], stop - offsets[t]);
-      pos = std::max(pos, stop);
-    }
-  });
-}
-
-char* at_elem(const at::Tensor& t, int64_t i) {
-  return static_cast<char*>(t.data_ptr()) + i * t.element_size();
-}
+using namespace binding;  // dtype_of, grad_multiplier, skip_step, for_each_range, at_elem, keep_at
 
 // tensor elements -> +0 where the mask byte is 0, as bit patterns (exact for every float dtype;
 // 0 bits are +0). Written so GCC vectorizes it: a select on the mask bytes read as uint8.
@@ -96,10 +52,56 @@ void zero_pruned(void* p, const uint8_t* keep, int64_t n) {
   for (int64_t i = 0; i < n; ++i) bits[i] = k[i] ? bits[i] : Bits(0);
 }
 
-// Tensor t's mask bytes from element b on, or nullptr.
-const uint8_t* keep_at(const std::optional<at::TensorList>& masks, size_t t, int64_t b) {
-  const uint8_t* keep = mask_bytes(masks, t);
-  return keep != nullptr ? keep + b : nullptr;
+// Where each tensor's state starts: one tensor each (list form), or pieces of one flat buffer.
+std::vector<char*> bases_of(at::TensorList list) {
+  std::vector<char*> out(list.size());
+  for (size_t i = 0; i < list.size(); ++i) out[i] = static_cast<char*>(list[i].data_ptr());
+  return out;
+}
+
+std::vector<char*> bases_of(const at::Tensor& flat, const std::vector<int64_t>& offsets, size_t n) {
+  std::vector<char*> out(n);
+  char* base = static_cast<char*>(flat.data_ptr());
+  for (size_t i = 0; i < n; ++i) out[i] = base + offsets[i] * flat.element_size();
+  return out;
+}
+
+// The Adam step once the inputs are validated and each tensor's state located: m, v, vmax (empty
+// without amsgrad) and steps hold tensor i's state at index i.
+template <bool kDecoupled>
+void adam_step(at::TensorList params, at::TensorList grads, const std::vector<char*>& m, const std::vector<char*>& v,
+               const std::vector<char*>& vm, const std::vector<float*>& steps, double lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+               const std::optional<at::TensorList>& masks) {
+  if (params.empty()) return;
+  if (skip_step(found_inf)) return;
+  bump_versions(params);
+
+  const auto g = contiguous_list(grads);
+  const DType dt = dtype_of(params[0]);
+  const int64_t esz = params[0].element_size();
+  const float mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
+  std::vector<AdamArgs> args(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double step = double(*steps[i]) + 1.0;
+    AdamArgs& a = args[i];
+    if (i > 0 && *steps[i] == *steps[i - 1]) {  // the usual case: one step count for the whole bucket
+      a = args[i - 1];
+      continue;
+    }
+    a = AdamArgs{float(lr), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(weight_decay),
+                 float(eps), float(1.0 - lr * weight_decay), mult,
+                 float(lr / (1.0 - std::pow(beta1, step))), float(std::sqrt(1.0 - std::pow(beta2, step))),
+                 amsgrad, maximize, kDecoupled};
+  }
+  const Kernels& k = best_kernels();
+  for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
+    k.adam(dt, at_elem(params[t], b), at_elem(g[t], b), m[t] + b * esz, v[t] + b * esz,
+           amsgrad ? vm[t] + b * esz : nullptr, keep_at(masks, t, b), e - b, args[t]);
+  });
+  for (float* s : steps) *s += 1.0f;
 }
 
 template <bool kDecoupled>
@@ -112,28 +114,35 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
   check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                   weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
-  if (params.empty()) return;
-  if (skip_step(found_inf)) return;
-  bump_versions(params);
+  std::vector<float*> steps(state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) steps[i] = state_steps[i].data_ptr<float>();
+  adam_step<kDecoupled>(params, grads, bases_of(exp_avgs), bases_of(exp_avg_sqs),
+                        amsgrad ? bases_of(max_exp_avg_sqs) : std::vector<char*>{}, steps, lr, beta1, beta2,
+                        weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm, masks);
+}
 
-  const auto g = contiguous_list(grads);
-  const DType dt = dtype_of(params[0]);
-  const float mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm);
-  std::vector<AdamArgs> args(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const double step = double(state_steps[i].data_ptr<float>()[0]) + 1.0;
-    AdamArgs& a = args[i];
-    a = AdamArgs{float(lr), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(weight_decay),
-                 float(eps), float(1.0 - lr * weight_decay), mult,
-                 float(lr / (1.0 - std::pow(beta1, step))), float(std::sqrt(1.0 - std::pow(beta2, step))),
-                 amsgrad, maximize, kDecoupled};
+// The same step on flat state buffers (checks.h: flat_offsets): two tensor lists per call.
+template <bool kDecoupled>
+void fused_adam_flat_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& exp_avg,
+                         const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                         const at::Tensor& state_steps, double lr, double beta1, double beta2, double weight_decay,
+                         double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                         double max_grad_norm, const std::optional<at::TensorList>& masks) {
+  const char* op = kDecoupled ? "fused_adamw_flat_" : "fused_adam_flat_";
+  const auto offsets = flat_offsets(params);
+  check_adam_flat_call(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, state_steps, offsets, lr, beta1, beta2,
+                       weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
+  const size_t n = params.size();
+  std::vector<float*> steps(n);
+  if (n > 0) {
+    float* s0 = state_steps.data_ptr<float>();
+    for (size_t i = 0; i < n; ++i) steps[i] = s0 + i;
   }
-  const Kernels& k = best_kernels();
-  for_each_range(params, [&](size_t t, int64_t b, int64_t e) {
-    k.adam(dt, at_elem(params[t], b), at_elem(g[t], b), at_elem(exp_avgs[t], b), at_elem(exp_avg_sqs[t], b),
-           amsgrad ? at_elem(max_exp_avg_sqs[t], b) : nullptr, keep_at(masks, t, b), e - b, args[t]);
-  });
-  for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
+  adam_step<kDecoupled>(params, grads, bases_of(exp_avg, offsets, n), bases_of(exp_avg_sq, offsets, n),
+                        amsgrad ? bases_of(*max_exp_avg_sq, offsets, n) : std::vector<char*>{}, steps, lr, beta1,
+                        beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm,
+                        masks);
 }
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -209,19 +218,11 @@ at::Tensor sum_of_squares_cpu(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("fused_adam_", &fused_adam_cpu<false>);
   m.impl("fused_adamw_", &fused_adam_cpu<true>);
+  m.impl("fused_adam_flat_", &fused_adam_flat_cpu<false>);
+  m.impl("fused_adamw_flat_", &fused_adam_flat_cpu<true>);
   m.impl("fused_sgd_", &fused_sgd_cpu);
   m.impl("sum_of_squares", &sum_of_squares_cpu);
   m.impl("apply_masks_", &apply_masks_cpu);
 }
 
-}  // namespace bigkernels::optim::cpu
-
-// For the family's other CPU bindings (adamw8bit_cpu.cpp declares these): the GradScaler and
-// clipping inputs, read as the ops above read them.
-namespace bigkernels::optim::cpu {
-float cpu_grad_multiplier(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_norm,
-                          double max_grad_norm) {
-  return grad_multiplier(grad_scale, grad_norm, max_grad_norm);
-}
-bool cpu_skip_step(const std::optional<at::Tensor>& found_inf) { return skip_step(found_inf); }
 }  // namespace bigkernels::optim::cpu

@@ -16,6 +16,8 @@
 // before touching memory, so nothing changes at all. Params with a pruning mask are stored as +0
 // where the mask is false (done by mta::apply_kernel, in the same pass).
 #include <cuda_bf16.h>
+#include <cmath>
+#include <limits>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +31,34 @@ using mta::Entry;
 using mta::Table;
 using mta::kBlockSize;
 
+// fp64 division and square root without the out-of-line slow-path calls that `/` and sqrt()
+// compile to: a call inside the multi-tensor loop makes ptxas spill the registers live across it
+// (seen on sm_90: 16 bytes for bf16 Adam), and the build treats any spill as an error. A float
+// seed refined by Newton steps in fp64 FMAs gives the quotient / root to about one fp64 ulp, so
+// the fp32 values the kernels use round as the reference's fp64 ones do. IEEE special values
+// (b = 0, inf, NaN; x = 0) come out as `/` and sqrt() give them; operands outside fp32's normal
+// range (not met here: bias corrections are in [1 - beta, 1], beta < 1 checked on the host) lose
+// that guarantee.
+__device__ __forceinline__ double div_nocall(double a, double b) {
+  double r = static_cast<double>(__frcp_rn(static_cast<float>(b)));
+  if (r == 0.0 || !isfinite(r)) return a * r;  // b = +-inf, 0 or NaN
+  r = fma(r, fma(-b, r, 1.0), r);
+  r = fma(r, fma(-b, r, 1.0), r);
+  const double q = a * r;
+  return fma(r, fma(-b, q, a), q);
+}
+
+__device__ __forceinline__ double sqrt_nocall(double x) {
+  if (!(x > 0.0) || isinf(x)) {  // sqrt(+-0) = +-0, sqrt(inf) = inf, NaN for negatives and NaN
+    return (x == 0.0 || x > 0.0) ? x : __longlong_as_double(0x7ff8000000000000LL);
+  }
+  double y = static_cast<double>(rsqrtf(static_cast<float>(x)));  // 1 / sqrt(x) to ~23 bits
+  y = y * fma(-0.5 * x * y, y, 1.5);
+  y = y * fma(-0.5 * x * y, y, 1.5);
+  const double s = x * y;
+  return fma(0.5 * y, fma(-s, s, x), s);
+}
+
 // found_inf / grad_scale / grad_norm, read on the device (no host synchronisation).
 struct DeviceGradControl {
   const float* grad_scale;
@@ -41,10 +71,10 @@ struct DeviceGradControl {
   // reference.grad_multiplier: fp64 maths, applied to the fp32 gradient as an fp32 factor.
   __device__ __forceinline__ float multiplier() const {
     double mult = 1.0;
-    if (grad_scale != nullptr) mult = 1.0 / static_cast<double>(__ldg(grad_scale));
+    if (grad_scale != nullptr) mult = div_nocall(1.0, static_cast<double>(__ldg(grad_scale)));
     if (grad_norm != nullptr && max_grad_norm > 0.0) {
       const double norm = static_cast<double>(__ldg(grad_norm)) * mult;
-      double clip = max_grad_norm / (norm + 1e-6);
+      double clip = div_nocall(max_grad_norm, norm + 1e-6);
       clip = clip > 1.0 ? 1.0 : clip;  // torch.clamp(max=1): NaN stays NaN
       mult = mult * clip;
     }
@@ -64,7 +94,7 @@ struct AdamOp {
   __host__ __device__ static constexpr bool writes(int list) { return list != 1; }
 
   DeviceGradControl control;
-  double lr, beta1, beta2;  // fp64 for the bias corrections
+  double lr, log_beta1, log_beta2;  // fp64 for the bias corrections (log: -inf for beta = 0)
   float beta1f, one_minus_beta1, beta2f, one_minus_beta2, eps, weight_decay, decay;
   bool maximize, decoupled, has_weight_decay;
   // Per thread: set by begin_block / begin_tensor.
@@ -76,13 +106,15 @@ struct AdamOp {
     return true;
   }
 
-  // fp64 pow/sqrt by one lane per warp, broadcast by shuffle (cheap on GPUs with slow fp64).
+  // fp64 beta^step = exp(step * log(beta)), the division and the square root by one lane per
+  // warp, broadcast by shuffle (cheap on GPUs with slow fp64). No pow(), `/` or sqrt(): their
+  // out-of-line calls made ptxas spill registers (see div_nocall).
   __device__ __forceinline__ void begin_tensor(const Entry& e) {
     float size = 0.0f, bc2 = 0.0f;
     if ((threadIdx.x & 31u) == 0) {
       const double step = static_cast<double>(__ldg(e.step)) + 1.0;
-      size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
-      bc2 = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+      size = static_cast<float>(div_nocall(lr, 1.0 - exp(step * log_beta1)));
+      bc2 = static_cast<float>(sqrt_nocall(1.0 - exp(step * log_beta2)));
     }
     step_size = __shfl_sync(0xffffffffu, size, 0);
     bias_correction2_sqrt = __shfl_sync(0xffffffffu, bc2, 0);
@@ -242,8 +274,8 @@ cudaError_t adam_for(const Table& table, const AdamHyper& h, const DeviceGradCon
   auto fill = [&](auto& op) {
     op.control = control;
     op.lr = h.lr;
-    op.beta1 = h.beta1;
-    op.beta2 = h.beta2;
+    op.log_beta1 = h.beta1 > 0.0 ? std::log(h.beta1) : -std::numeric_limits<double>::infinity();
+    op.log_beta2 = h.beta2 > 0.0 ? std::log(h.beta2) : -std::numeric_limits<double>::infinity();
     op.beta1f = static_cast<float>(h.beta1);
     op.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
     op.beta2f = static_cast<float>(h.beta2);

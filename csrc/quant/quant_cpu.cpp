@@ -7,9 +7,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "quant/quant_cpu.h"
 
 namespace bigkernels::quant::cpu {
@@ -76,7 +78,7 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds
 // up to 256 rows of a and ~256 KiB of b (nb rows of b_row_bytes each), so those b rows stay in L2
 // while the kernel's row tiles pass over them; blocks shrink (columns first: M = 1 splits N) until
-// every thread gets about four.
+// every thread gets about four; small products run on fewer threads (bigkernels::threads_for).
 template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
@@ -89,12 +91,37 @@ void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   while (blocks() < want && mb > kM) mb = std::max<int64_t>(kM, mb / 2 / kM * kM);
   const int64_t mblocks = (M + mb - 1) / mb;
   // Consecutive blocks share their b rows (column-block major), so a thread reuses them in L2.
-  at::parallel_for(0, blocks(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks(), bigkernels::grain_for(blocks(), double(M) * double(N) * double(b_row_bytes)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk % mblocks, ni = blk / mblocks;
       fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
     }
   });
+}
+
+// The panel engine from this many rows of a (where the instruction set has one): with fewer, the
+// tiles above, which stream each weight row once and need no packing, are as fast or faster.
+constexpr int64_t kInt8PanelMinRows = 16, kW8a16PanelMinRows = 32;
+
+int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
+  const char* v = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");
+  return v ? std::atoll(v) : dflt;
+}
+
+// The panel engine's blocks of out [M, N]: up to 264 rows (their packed a stays in L2 next to the
+// block's sums) by 128 columns.
+template <class Fn>
+void for_each_panel_block(int64_t M, int64_t N, int64_t K, const Fn& fn) {
+  bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, double(M) * double(N) * double(K), fn);
+}
+
+// a [M, K] packed for the panel engine by pack(p0, p1) over row panels, in parallel.
+template <class Pack>
+void pack_panels(int64_t M, int64_t K, const Pack& pack) {
+  const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
+  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+                   [&](int64_t p0, int64_t p1) { pack(p0, p1); });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in) {
@@ -111,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, bigkernels::grain_for(M, 4.0 * double(M) * double(K)), [&](int64_t r0, int64_t r1) {
     k.quantize_rows(dt, xp, ldx, K, r0, r1, qp, sp);
   });
   return {q, scale};
@@ -130,8 +157,17 @@ at::Tensor int8_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const float
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
   GemmArgs g{a.data_ptr(), a.stride(0), b.data_ptr<int8_t>(), b.stride(0), K, out.data_ptr(), N,
-             out_dtype == at::kInt ? DType::i32 : float_dtype(out), a_scale, b_scale, bias};
+             out_dtype == at::kInt ? DType::i32 : float_dtype(out), a_scale, b_scale, bias, nullptr};
   const Kernels& k = best_kernels();
+  if (k.int8_panels && M >= panel_min_rows(kInt8PanelMinRows)) {
+    at::Tensor ap = at::empty({packed_a_i8_pairs(M, K)}, a.options().dtype(at::kInt));
+    int32_t* app = ap.data_ptr<int32_t>();
+    const int8_t* av = a.data_ptr<int8_t>();
+    pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_i8(av, a.stride(0), M, K, p0, p1, app); });
+    g.a_packed = app;
+    for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_panels(g, m0, m1, n0, n1); });
+    return out;
+  }
   for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_gemm(g, m0, m1, n0, n1); });
   return out;
 }
@@ -162,14 +198,26 @@ at::Tensor w8a16_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at
   check_ab(op, x_in, w_in, "x", false);
   check_vector(op, "w_scale", w_scale, w_in.size(0), "one per row of w_int8");
   if (bias.has_value()) check_vector(op, "bias", *bias, w_in.size(0), "one per row of w_int8");
-  const at::Tensor x = x_in.scalar_type() == at::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
   const at::Tensor w = rows_unit_stride(w_in), ws = as_f32(w_scale);
   const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
-  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  const int64_t M = x_in.size(0), N = w.size(0), K = x_in.size(1);
   at::Tensor out = at::empty({M, N}, x_in.options());
-  GemmArgs g{x.data_ptr(), x.stride(0), w.data_ptr<int8_t>(), w.stride(0), K, out.data_ptr(), N, float_dtype(out),
-             nullptr, ws.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr};
+  GemmArgs g{nullptr, 0, w.data_ptr<int8_t>(), w.stride(0), K, out.data_ptr(), N, float_dtype(out),
+             nullptr, ws.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr, nullptr};
   const Kernels& k = best_kernels();
+  if (k.w8a16_panels && M >= panel_min_rows(kW8a16PanelMinRows)) {  // x packed from its own dtype
+    const at::Tensor x = rows_unit_stride(x_in);
+    at::Tensor ap = at::empty({packed_a_f32_floats(M, K)}, x.options().dtype(at::kFloat));
+    float* app = ap.data_ptr<float>();
+    const DType dt = float_dtype(x);
+    pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_f32(dt, x.data_ptr(), x.stride(0), M, K, p0, p1, app); });
+    g.a_packed = app;
+    for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_panels(g, m0, m1, n0, n1); });
+    return out;
+  }
+  const at::Tensor x = x_in.scalar_type() == at::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
+  g.a = x.data_ptr();
+  g.lda = x.stride(0);
   for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_gemm(g, m0, m1, n0, n1); });
   return out;
 }

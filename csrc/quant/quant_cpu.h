@@ -26,7 +26,18 @@ struct GemmArgs {
   const float* a_scale;  // int8 GEMM with a float out_dtype only
   const float* b_scale;  // null: int32 output (int8 GEMM)
   const float* bias;     // may be null
+  const void* a_packed;  // the panel engine's packed a (see Kernels::pack_a_*), else null
 };
+
+// The panel engine (AVX2): a is packed once per call in panels of kPanelRows rows (pack_a_f32:
+// [K][kPanelRows] fp32 per panel; pack_a_i8: [ceil(K / 2)][kPanelRows] int16 pairs); blocks of
+// the output then start at rows that are multiples of kPanelRows and columns multiples of
+// kPanelCols.
+constexpr int64_t kPanelRows = 6, kPanelCols = 16;
+inline int64_t packed_a_f32_floats(int64_t M, int64_t K) { return (M + kPanelRows - 1) / kPanelRows * kPanelRows * K; }
+inline int64_t packed_a_i8_pairs(int64_t M, int64_t K) {
+  return (M + kPanelRows - 1) / kPanelRows * kPanelRows * ((K + 1) / 2);
+}
 
 struct Kernels {
   const char* isa;
@@ -35,10 +46,17 @@ struct Kernels {
                         float* scale);
   void (*int8_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*w8a16_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // The panel engine; null where the instruction set has none (the tiles above then run).
+  // pack_a_*: row panels [p0, p1) of a [M, K] (row stride lda) into dst; *_panels: a block of the
+  // output from g.a_packed (m0 a multiple of kPanelRows, n0 of kPanelCols).
+  void (*pack_a_f32)(DType, const void* a, int64_t lda, int64_t M, int64_t K, int64_t p0, int64_t p1, float* dst);
+  void (*pack_a_i8)(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t p0, int64_t p1, int32_t* dst);
+  void (*w8a16_panels)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*int8_panels)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 const Kernels& scalar_kernels();
-const Kernels& avx2_kernels();        // AVX2 + FMA + F16C: int8 products as int16 pairs (vpmaddwd)
+const Kernels& avx2_kernels();        // AVX2 + FMA + F16C: int8 products as int16 pairs (vpmaddwd), panel engine
 const Kernels& avx512vnni_kernels();  // AVX-512 F/BW/VL/DQ + AVX512_VNNI (vpdpbusd)
 // The widest the CPU has; BIGKERNELS_CPU_ISA=scalar|avx2|avx512 caps it (avx512 here means
 // AVX-512 with VNNI; a CPU with AVX-512 but no VNNI runs the AVX2 kernels).

@@ -1,6 +1,8 @@
 // AVX2 + FMA + F16C instance of the CPU int8 kernels. int8 products go through int16: sixteen
 // bytes sign-extended (vpmovsxbw) and multiplied in pairs into int32 (vpmaddwd), which is exact
-// for every int8 value (unlike vpmaddubsw, whose int16 pair sums saturate). The pragma must
+// for every int8 value (unlike vpmaddubsw, whose int16 pair sums saturate). Small batches run the
+// tiles of quant_cpu_kernels.h (each weight row streamed once); larger ones the panel engine
+// (quant_cpu_panels.h: packed operands, register-blocked micro-kernels). The pragma must
 // precede every include; quant_cpu.cpp calls this unit only after a CPU check.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c")
@@ -44,10 +46,12 @@ struct Isa {
 }  // namespace
 
 #include "quant/quant_cpu_kernels.h"
+#include "quant/quant_cpu_panels.h"
 
 namespace bigkernels::quant::cpu {
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>};
+  static const Kernels k{"avx2",         quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>,
+                         pack_a_f32_any, gemm::pack_a_i8,       w8a16_panels,         int8_panels};
   return k;
 }
 }  // namespace bigkernels::quant::cpu

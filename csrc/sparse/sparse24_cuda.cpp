@@ -12,14 +12,20 @@
 //       operands need both dimensions a multiple of 8); the bias is the epilogue's per-row-of-D
 //       vector, so it is fused. fp32 accumulation (CUSPARSE_COMPUTE_32F).
 //
-// Plans (descriptors + default algorithm + plan) are cached per (device, dtype, M', n, K, bias
-// pointer) in a mutex-guarded map; the bias pointer is part of the key because the plan is built
-// from a matmul descriptor holding it (SparseLinear layers keep their bias tensor, so each layer
-// builds its plans once; a tensor reallocated at the same address reuses the plan correctly, as only
-// the address is baked in). One cuSPARSELt handle per device, initialised on first use and never
-// destroyed (teardown order at process exit is not ours to control). Workspaces come from torch's
-// caching allocator; everything runs on the current stream. Every check on user input comes before
-// anything is allocated or launched. sm_80+ only: older devices get a clear error.
+// Plans (descriptors + default algorithm + plan) are cached per (device, dtype, M', n, K, has bias,
+// stream) in a mutex-guarded map. The plan is built from a matmul descriptor holding the bias
+// pointer, so a plan with a bias owns its bias buffer (n elements of x's dtype) and each call copies
+// the caller's bias into it (converting its dtype) before the matmul, on the same stream, under the
+// plan's lock. So no plan depends on the address of the caller's bias: a bias converted afresh per
+// call (another dtype than x, as SparseLinear's fp32 bias under bf16 inputs) reuses the plan instead
+// of building one per new address. The copy is skipped when the bias is the same live tensor, at the
+// same address and in-place version, as the last one copied (not for inference tensors, which have
+// no version counter). Plans are per stream, so calls on two streams never share a bias buffer.
+// One cuSPARSELt handle per device, initialised on first use and never destroyed (teardown order
+// at process exit is not ours to control). Workspaces come from torch's caching allocator;
+// everything runs on the current stream of x's device (a CUDAGuard makes x's device current).
+// Every check on user input comes before anything is allocated or launched. sm_80+ only: older
+// devices get a clear error. sparse24_cslt_plans() -> int returns the number of cached plans.
 //
 // Compiled only when setup.py finds the nvidia-cusparselt wheel (-DBIGKERNELS_CUSPARSELT, which also
 // links libcusparseLt.so.0); otherwise this file is empty and the ops have no CUDA kernel.
@@ -30,6 +36,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/intrusive_ptr.h>
 #include <cuda_runtime_api.h>
 #include <cusparseLt.h>
 #include <torch/library.h>
@@ -126,17 +133,20 @@ struct PlanKey {
   int device;
   int dtype;
   int64_t m, n, k;
-  uintptr_t bias;  // 0: no bias
+  bool has_bias;
+  int64_t stream;  // c10::cuda::CUDAStream::id()
   bool operator==(const PlanKey& o) const {
-    return device == o.device && dtype == o.dtype && m == o.m && n == o.n && k == o.k && bias == o.bias;
+    return device == o.device && dtype == o.dtype && m == o.m && n == o.n && k == o.k && has_bias == o.has_bias &&
+           stream == o.stream;
   }
 };
 
 struct PlanKeyHash {
   size_t operator()(const PlanKey& key) const {
     size_t h = std::hash<int64_t>()(key.m);
-    for (uint64_t v : {static_cast<uint64_t>(key.n), static_cast<uint64_t>(key.k), static_cast<uint64_t>(key.bias),
-                       static_cast<uint64_t>(key.device), static_cast<uint64_t>(key.dtype)}) {
+    for (uint64_t v : {static_cast<uint64_t>(key.n), static_cast<uint64_t>(key.k), static_cast<uint64_t>(key.has_bias),
+                       static_cast<uint64_t>(key.device), static_cast<uint64_t>(key.dtype),
+                       static_cast<uint64_t>(key.stream)}) {
       h ^= std::hash<uint64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
     }
     return h;
@@ -152,6 +162,13 @@ struct Plan {
   int built = 0;  // how many of a, b, d, alg, plan exist
   size_t workspace = 0;
   size_t compressed_size = 0;
+  at::Tensor bias;  // [n] in x's dtype, the address baked into the plan (undefined: no bias)
+  // Serialises "copy the caller's bias into `bias`, then matmul" of concurrent host threads.
+  std::mutex mu;
+  // The caller's bias last copied into `bias` (skip the copy when it is unchanged).
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> last_source;
+  const void* last_data = nullptr;
+  int64_t last_version = -1;
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -166,9 +183,15 @@ struct Plan {
 };
 
 std::shared_ptr<Plan> build_plan(const char* op, const cusparseLtHandle_t* h, const PlanKey& key,
-                                 at::ScalarType dtype, void* bias) {
+                                 const at::TensorOptions& options) {
+  const at::ScalarType dtype = options.dtype().toScalarType();
   const cudaDataType t = cuda_type(dtype);
   auto p = std::make_shared<Plan>();
+  void* bias = nullptr;
+  if (key.has_bias) {
+    p->bias = at::empty({key.n}, options);  // fresh from the allocator: 256-byte aligned
+    bias = p->bias.data_ptr();
+  }
   // A: the weight [n, k], row-major, structured.
   init_weight_descriptor(op, h, &p->a, key.n, key.k, dtype);
   p->built = 1;
@@ -199,17 +222,50 @@ std::shared_ptr<Plan> build_plan(const char* op, const cusparseLtHandle_t* h, co
   return p;
 }
 
-std::shared_ptr<Plan> plan_for(const char* op, const cusparseLtHandle_t* h, const PlanKey& key, at::ScalarType dtype,
-                               void* bias) {
+std::mutex& plans_mutex() {
   static std::mutex mu;
-  static auto* plans = new std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = plans->find(key);
-  if (it != plans->end()) return it->second;
-  if (plans->size() >= kMaxPlans) plans->clear();  // callers holding a plan keep it alive
-  auto p = build_plan(op, h, key, dtype, bias);
-  plans->emplace(key, p);
+  return mu;
+}
+
+std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>& plans() {
+  static auto* map = new std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>();
+  return *map;
+}
+
+std::shared_ptr<Plan> plan_for(const char* op, const cusparseLtHandle_t* h, const PlanKey& key,
+                               const at::TensorOptions& options) {
+  std::lock_guard<std::mutex> lock(plans_mutex());
+  auto it = plans().find(key);
+  if (it != plans().end()) return it->second;
+  if (plans().size() >= kMaxPlans) plans().clear();  // callers holding a plan keep it alive
+  auto p = build_plan(op, h, key, options);
+  plans().emplace(key, p);
   return p;
+}
+
+int64_t sparse24_cslt_plans() {
+  std::lock_guard<std::mutex> lock(plans_mutex());
+  return static_cast<int64_t>(plans().size());
+}
+
+// Copies `bias` into the plan's buffer (in x's dtype) unless it is the tensor copied last time,
+// unchanged. The caller holds plan.mu and launches the matmul after it on the same stream.
+void stage_bias(Plan& plan, const at::Tensor& bias) {
+  const bool tracked = !bias.is_inference();
+  const int64_t version = tracked ? static_cast<int64_t>(bias._version()) : -1;
+  if (tracked && plan.last_source.has_value() && !plan.last_source->expired() &&
+      plan.last_source->_unsafe_get_target() == bias.unsafeGetTensorImpl() && plan.last_data == bias.data_ptr() &&
+      plan.last_version == version) {
+    return;
+  }
+  plan.bias.copy_(bias);
+  if (tracked) {
+    plan.last_source = c10::weak_intrusive_ptr<c10::TensorImpl>(bias.getIntrusivePtr());
+    plan.last_data = bias.data_ptr();
+    plan.last_version = version;
+  } else {
+    plan.last_source.reset();
+  }
 }
 
 // ----- ops ----------------------------------------------------------------------------------------
@@ -290,14 +346,12 @@ at::Tensor sparse24_cslt_mm_cuda(const at::Tensor& x, const at::Tensor& compress
   c10::cuda::CUDAGuard guard(x.device());
   const cusparseLtHandle_t* h = handle_for(op, device);
   const int64_t Mp = (M + kDenseMultiple - 1) / kDenseMultiple * kDenseMultiple;
-  // The epilogue reads the bias in the output's type.
-  std::optional<at::Tensor> bc;
-  if (bias.has_value()) bc = aligned_contiguous(bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type()));
-  void* bias_ptr = bc.has_value() ? bc->data_ptr() : nullptr;
+  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
   // Shapes only from here on: the plan also gives the byte count a compressed [n, K] weight has.
-  auto plan = Mp > 0 ? plan_for(op, h, PlanKey{device, static_cast<int>(x.scalar_type()), Mp, n, K,
-                                               reinterpret_cast<uintptr_t>(bias_ptr)},
-                                x.scalar_type(), bias_ptr)
+  auto plan = Mp > 0 ? plan_for(op, h,
+                                PlanKey{device, static_cast<int>(x.scalar_type()), Mp, n, K, bias.has_value(),
+                                        static_cast<int64_t>(cstream.id())},
+                                x.options())
                      : nullptr;
   if (plan != nullptr) {
     TORCH_CHECK(compressed.numel() == static_cast<int64_t>(plan->compressed_size), op, ": compressed holds ",
@@ -316,8 +370,11 @@ at::Tensor sparse24_cslt_mm_cuda(const at::Tensor& x, const at::Tensor& compress
   const at::Tensor wc = aligned_contiguous(compressed);
   at::Tensor workspace;
   if (plan->workspace > 0) workspace = at::empty({static_cast<int64_t>(plan->workspace)}, x.options().dtype(at::kByte));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  cudaStream_t stream = cstream.stream();
   const float alpha = 1.0f, beta = 0.0f;
+  // The epilogue reads the bias (in the output's type) from the plan's buffer.
+  std::lock_guard<std::mutex> plan_lock(plan->mu);
+  if (bias.has_value()) stage_bias(*plan, *bias);
   check_lt(op, "cusparseLtMatmul",
            cusparseLtMatmul(h, &plan->plan, &alpha, wc.data_ptr(), xp.data_ptr(), &beta, out.data_ptr(), out.data_ptr(),
                             plan->workspace > 0 ? workspace.data_ptr() : nullptr, &stream, 1));
@@ -330,6 +387,11 @@ at::Tensor sparse24_cslt_mm_cuda(const at::Tensor& x, const at::Tensor& compress
 TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
   m.impl("sparse24_compress", &bigkernels::sparse::sparse24_compress_cuda);
   m.impl("sparse24_cslt_mm", &bigkernels::sparse::sparse24_cslt_mm_cuda);
+}
+
+// No tensor arguments: the kernel serves every dispatch key.
+TORCH_LIBRARY_IMPL(bigkernels, CompositeExplicitAutograd, m) {
+  m.impl("sparse24_cslt_plans", &bigkernels::sparse::sparse24_cslt_plans);
 }
 
 #endif  // BIGKERNELS_CUSPARSELT

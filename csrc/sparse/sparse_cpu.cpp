@@ -12,11 +12,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "sparse/sparse_cpu.h"
 
 namespace bigkernels::sparse::cpu {
@@ -115,20 +117,74 @@ Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int
 
 // Runs fn(m0, m1, n0, n1) over a grid of row blocks (multiples of m_step, at least m_min rows)
 // and feature blocks (at least n_min), small enough that every thread gets about four; blocks
-// are ordered row-block major so a thread's consecutive blocks share their rows of x.
+// are ordered row-block major so a thread's consecutive blocks share their rows of x. `work`
+// (multiply-adds) caps the threads for small products (bigkernels::threads_for).
 template <class Fn>
-void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, const Fn& fn) {
+void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, double work, const Fn& fn) {
   if (M == 0 || N == 0) return;
   const int64_t want = 4 * int64_t(at::get_num_threads());
   int64_t mb = std::max<int64_t>(m_step, std::min<int64_t>((M + m_step - 1) / m_step * m_step, m_max));
   int64_t nb = std::max<int64_t>(n_min, (N + want - 1) / want);
   const int64_t mblocks = (M + mb - 1) / mb, nblocks = (N + nb - 1) / nb;
-  at::parallel_for(0, mblocks * nblocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, mblocks * nblocks, bigkernels::grain_for(mblocks * nblocks, work), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk / nblocks, ni = blk % nblocks;
       fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
     }
   });
+}
+
+// The AVX2 engines (sparse_cpu_panels.h) from these batch sizes (below them the kernels above,
+// which need no packing, are as fast or faster); CSR only from kCsrPanelDensity stored entries
+// per weight, where its per-entry kernels cost more than the dense product on decoded panels
+// (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
+// about even; 90% sparse: the x-chunk kernel 4x ahead). 2:4 with rows along the lanes: 2 rows
+// 0.9x dense vs 1.5x for the permute tiles, 4 rows even, 8 rows 2.0x vs 1.6x.
+constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 4;
+constexpr double kCsrPanelDensity = 0.4;
+
+int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
+  const char* v = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");
+  return v ? std::atoll(v) : dflt;
+}
+
+// x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
+// by 128 output features) in parallel: fn(m0, m1, n0, n1) runs one.
+template <class Fn>
+void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
+  const int64_t M = a.M, K = a.K, panels = (M + kPanelRows - 1) / kPanelRows;
+  keep = at::empty({packed_a_floats(M, K)}, at::TensorOptions().dtype(at::kFloat));
+  float* ap = keep.data_ptr<float>();
+  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+                   [&](int64_t p0, int64_t p1) { k.pack_a_f32(a.x, K, M, K, p0, p1, ap); });
+  a.a_packed = ap;
+  bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, work, fn);
+}
+
+// x [M, K] (fp32, row stride K) as groups of R rows, each [K][R] (rows past M zero): input k of a
+// group's R rows is R contiguous floats (the CSR chunks and the 2:4 lanes kernels read it so).
+at::Tensor pack_row_groups(const float* x, int64_t M, int64_t K, int64_t R) {
+  const int64_t groups = (M + R - 1) / R;
+  at::Tensor packed = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, groups * K, bigkernels::grain_for(groups * K, 4.0 * double(groups * R) * double(K)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t g = i / K, kk = i % K;
+      for (int64_t l = 0; l < R; ++l) dst[i * R + l] = g * R + l < M ? x[(g * R + l) * K + kk] : 0.0f;
+    }
+  });
+  return packed;
+}
+
+// x packed in groups of R = lane_rows(M) rows (pack_row_groups), then blocks of whole groups by up
+// to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
+template <class Fn>
+void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
+  const int64_t R = lane_rows(a.M);
+  keep = pack_row_groups(a.x, a.M, a.K, R);
+  a.a_packed = keep.data_ptr<float>();
+  bigkernels::for_each_engine_block(a.M, a.N, R, 256, 8, 128, work, fn);
 }
 
 at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
@@ -153,28 +209,27 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   if (a.M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
   std::atomic<int64_t> bad{0};
+  if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) && double(nnz) >= kCsrPanelDensity * double(N) * double(a.K)) {
+    at::Tensor packed;
+    run_panels(k, a, packed, double(a.M) * double(N) * double(a.K),
+               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });
+    if (bad.load() == 0) return p.out;
+    bad = 0;  // unsorted rows or columns out of range: the kernels below take the first, report the second
+    a.a_packed = nullptr;
+  }
   if (a.M < kCsrTransposeM) {
     // gathers: rows of x stay in L1/L2, blocks of output features in parallel
     const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
-    const int64_t grain = std::max<int64_t>(1, (1 << 14) / (per_row * a.M));
+    const int64_t grain = std::max(std::max<int64_t>(1, (1 << 14) / (per_row * a.M)),
+                                   bigkernels::grain_for(N, double(nnz) * double(a.M)));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
   } else {
     // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
-    const int64_t CH = k.csr_chunk(a.M), chunks = (a.M + CH - 1) / CH, K = a.K, M = a.M;
-    at::Tensor xt = at::empty({chunks * K * CH}, p.x32.options());
-    float* xtp = xt.data_ptr<float>();
-    const float* xp = a.x;
-    at::parallel_for(0, chunks * K, 256, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t c = i / K, kk = i % K;
-        for (int64_t l = 0; l < CH; ++l) {
-          const int64_t m = c * CH + l;
-          xtp[i * CH + l] = m < M ? xp[m * K + kk] : 0.0f;
-        }
-      }
-    });
+    const int64_t CH = k.csr_chunk(a.M), M = a.M;
+    const at::Tensor xt = pack_row_groups(a.x, M, a.K, CH);
+    const float* xtp = xt.data_ptr<float>();
     a.xt = xtp;
-    for_each_block(M, N, CH, CH, 16, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    for_each_block(M, N, CH, CH, 16, double(nnz) * double(M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       bad += k.csr_rows(a, m0, m1, n0, n1);
     });
   }
@@ -214,8 +269,15 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   const int64_t M = a.M;
   if (M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
+  if (k.bsr_panels && M >= panel_min_rows(kBsrPanelMinRows)) {
+    at::Tensor packed;
+    run_panels(k, a, packed, double(M) * double(nnzb) * double(B * B),
+               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.bsr_panels(a, m0, m1, n0, n1); });
+    return p.out;
+  }
   if (M < kBsrTransposeM) {
-    at::parallel_for(0, nbr, 1, [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
+    at::parallel_for(0, nbr, bigkernels::grain_for(nbr, double(nnzb) * double(B * B) * double(M)),
+                     [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
     return p.out;
   }
   // one scratch buffer per thread: the widest block row, transposed to fp32
@@ -261,8 +323,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   a.meta = meta.data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
   if (a.M == 0 || N == 0) return p.out;
+  if (k.sparse24_lanes && a.M >= panel_min_rows(kSparse24LanesMinRows)) {
+    at::Tensor packed;
+    run_lanes(a, packed, double(a.M) * double(N) * double(K / 2),
+              [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
+    return p.out;
+  }
   if (a.M == 1) {  // one dot product per feature, x read in place, blocks of features in parallel
-    for_each_block(a.M, N, 1, 1, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    for_each_block(a.M, N, 1, 1, 8, double(N) * double(K / 2), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       k.sparse24_rows(a, m0, m1, n0, n1);
     });
     return p.out;
@@ -274,7 +342,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   {
     float* dst = xpack.data_ptr<float>();
     const float* src = a.x;
-    at::parallel_for(0, a.M, 4, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, a.M, std::max<int64_t>(4, bigkernels::grain_for(a.M, 4.0 * double(a.M) * double(K))),
+                     [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         float* d = dst + m / PR * (steps * PR * PK + kSparse24PackPad) + m % PR * PK;
         for (int64_t s = 0; s < steps; ++s)
@@ -286,7 +355,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   // rows of x in blocks whose packed copy stays in L2 while each tile of features' weights, read
   // once from memory, meets all of them
   const int64_t mb = std::max<int64_t>(4, std::min<int64_t>(64, kSparse24PackedX / std::max<int64_t>(K, 1) / 4 * 4));
-  for_each_block(a.M, N, 4, mb, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for_each_block(a.M, N, 4, mb, 8, double(N) * double(K / 2) * double(a.M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     k.sparse24_rows(a, m0, m1, n0, n1);
   });
   return p.out;

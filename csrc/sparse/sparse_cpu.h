@@ -27,6 +27,7 @@ struct SparseArgs {
   void* out;            // [M, N], row stride N
   DType out_dtype;
   float* scratch;       // BSR, M >= kBsrTransposeM: one thread's buffer of crow-row-max * B * B floats
+  const float* a_packed;  // the engines' packed x (see Kernels: *_panels, sparse24_lanes), else null
 };
 
 // x chunk width used by csr_rows for M >= kCsrTransposeM: xt holds ceil(M / chunk) chunks, each
@@ -40,7 +41,24 @@ struct Kernels {
   // Block rows [r0, r1) (outputs r0*B .. r1*B).
   void (*bsr_rows)(const SparseArgs&, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
   void (*sparse24_rows)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // AVX2 engines (null where the instruction set has none; the kernels above then run):
+  // bsr_panels / csr_panels: the panel engine of common/cpu_gemm_avx2.h on a.a_packed (x packed by
+  //   pack_a_f32: row panels [p0, p1) of kPanelRows rows); blocks start at rows that are multiples
+  //   of kPanelRows and columns that are multiples of kPanelCols. csr_panels returns the number of
+  //   col entries it left out: not increasing along their row, or outside [0, K) (csr_rows then
+  //   has to run: it takes any order and reports the latter).
+  // sparse24_lanes: rows of x along the vector lanes: a.a_packed holds x in row groups of
+  //   lane_rows(M) rows, each [K][rows] fp32 (zero rows past M); blocks start at multiples of it.
+  void (*pack_a_f32)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t p0, int64_t p1, float* dst);
+  void (*bsr_panels)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  int64_t (*csr_panels)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*sparse24_lanes)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
+
+constexpr int64_t kPanelRows = 6, kPanelCols = 16;
+inline int64_t packed_a_floats(int64_t M, int64_t K) { return (M + kPanelRows - 1) / kPanelRows * kPanelRows * K; }
+// sparse24_lanes' row groups: 16 rows (two 8-lane vectors) for small batches, 32 from 32 rows
+inline int64_t lane_rows(int64_t M) { return M >= 32 ? 32 : 16; }
 
 constexpr int64_t kCsrTransposeM = 4;  // M at which CSR switches from gathers to x chunks
 constexpr int64_t kBsrTransposeM = 4;  // M at which BSR switches from dot products to broadcasts

@@ -1,5 +1,7 @@
 // AVX2 + FMA + F16C instance of the CPU sparse kernels: 8 lanes; CSR gathers with vgatherdps,
-// 2:4 input selection with two in-lane-free permutes (vpermps) and a blend. The pragma must
+// 2:4 input selection with two in-lane-free permutes (vpermps) and a blend (M = 1); from two rows
+// of x, 2:4 with rows along the lanes and, for larger batches, BSR and dense-enough CSR on the
+// panel engine (sparse_cpu_panels.h). The pragma must
 // precede every include; sparse_cpu.cpp calls this unit only after a CPU check.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c")
@@ -52,10 +54,18 @@ struct Isa {
 }  // namespace
 
 #include "sparse/sparse_cpu_kernels.h"
+#include "sparse/sparse_cpu_panels.h"
 
 namespace bigkernels::sparse::cpu {
 const Kernels& avx2_kernels() {
-  static const Kernels k = make_kernels<Isa>("avx2");
+  static const Kernels k = [] {
+    Kernels r = make_kernels<Isa>("avx2");
+    r.pack_a_f32 = ::pack_a_f32;
+    r.bsr_panels = ::bsr_panels;
+    r.csr_panels = ::csr_panels;
+    r.sparse24_lanes = ::sparse24_lanes;
+    return r;
+  }();
   return k;
 }
 }  // namespace bigkernels::sparse::cpu

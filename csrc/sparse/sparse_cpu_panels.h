@@ -1,0 +1,242 @@
+// The sparse linear ops on the AVX2 engines. Included by the AVX2 unit after sparse_cpu_kernels.h.
+//
+// BSR and CSR on the panel engine (common/cpu_gemm_avx2.h): a decoder writes each strip of 16
+// output features over a block of K as a dense panel (stored blocks / non-zeros, zeros elsewhere)
+// and the fp32 micro-kernel multiplies it by every row panel of x. A strip with nothing stored in
+// the block is skipped, so BSR skips its missing blocks exactly (the k-block is the block size).
+// This is the dense product run on panels that stay in cache: little more than a dense GEMM
+// costs, whatever the sparsity, and less where whole blocks are missing.
+//
+// 2:4 with rows of x along the lanes (sparse24_lanes): x packed [K][R] per group of R rows, so
+// that input k of R rows is R / 8 contiguous vectors; each kept weight (two per group of four
+// inputs, its position from the meta byte) is one broadcast times those vectors. Only the kept
+// half of the multiply-adds is done, no permutes, no decoding pass; a register tile of R rows by
+// NC features keeps 12 accumulators.
+#pragma once
+
+#include "common/cpu_gemm_avx2.h"
+#include "sparse/sparse_cpu.h"
+
+namespace {
+namespace sc = bigkernels::sparse::cpu;
+static_assert(gemm::kMR == sc::kPanelRows && gemm::kNR == sc::kPanelCols, "sparse_cpu.h's panel shape must be the engine's");
+
+// fn(tag) with decltype(tag)::type the stored weights' element type.
+template <class T>
+struct Type {
+  using type = T;
+};
+template <class Fn>
+auto by_weight_type(DType dt, const Fn& fn) {
+  switch (dt) {
+    case DType::f32: return fn(Type<float>{});
+    case DType::bf16: return fn(Type<bf16_t>{});
+    default: return fn(Type<fp16_t>{});
+  }
+}
+
+// out[m, n .. n + cnt) = acc + bias.
+inline void store_sums(const SparseArgs& a, int64_t m, int64_t n, int64_t cnt, const float* acc) {
+  for (int64_t j = 0; j < cnt; ++j) store_out(a.out_dtype, a.out, m * a.N + n + j, acc[j] + bias_of(a, n + j));
+}
+
+// ------------------------------------------------------------------ BSR panels
+template <class T>
+struct BsrPanels {
+  const SparseArgs& a;
+  int64_t n0, n1;                // the unit's output features
+  std::vector<int32_t>& where;   // [block row - n0 / B][k block]: stored block index, or -1
+  int64_t br0 = 0, kb = 0;
+
+  BsrPanels(const SparseArgs& args, int64_t lo, int64_t hi, std::vector<int32_t>& table)
+      : a(args), n0(lo), n1(hi), where(table) {
+    const int64_t B = a.B;
+    br0 = n0 / B;
+    kb = a.K / B;
+    const int64_t brs = (n1 - 1) / B - br0 + 1;
+    where.assign(size_t(brs * kb), -1);
+    for (int64_t r = 0; r < brs; ++r)
+      for (int64_t j = a.crow[br0 + r]; j < a.crow[br0 + r + 1]; ++j) where[size_t(r * kb + a.col[j])] = int32_t(j);
+  }
+  // whole blocks: exact skipping for B >= 32, up to 16 small blocks (<= 128 inputs) per panel otherwise
+  int64_t k_block() const { return a.B >= 32 ? a.B : std::min<int64_t>(16, 128 / a.B) * a.B; }
+  bool pack(int64_t n, int64_t k0, int64_t kc, float* dst) const {
+    const int64_t B = a.B, nkb = kc / B;
+    const T* blocks = static_cast<const T*>(a.w);
+    const T* rows[16][gemm::kNR];  // per block of the panel (at most 128 / B + 1 <= 16 of them)
+    bool any = false;
+    for (int64_t q = 0; q < nkb; ++q)
+      for (int r = 0; r < gemm::kNR; ++r) {
+        const int64_t f = n + r;
+        const int32_t j = f < n1 ? where[size_t((f / B - br0) * kb + k0 / B + q)] : -1;
+        rows[q][r] = j >= 0 ? blocks + (int64_t(j) * B + f % B) * B : nullptr;
+        any = any || j >= 0;
+      }
+    if (!any) return false;  // nothing stored here: no zeros written, no micro-kernels
+    for (int64_t q = 0; q < nkb; ++q) gemm::panel_from_rows(rows[q], 0, B, dst + q * B * gemm::kNR);
+    return true;
+  }
+  void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const { store_sums(a, m, n, cnt, acc); }
+};
+
+template <class T>
+void bsr_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  static thread_local std::vector<int32_t> table;
+  BsrPanels<T> dec(a, n0, n1, table);
+  gemm::unit_f32(dec, a.a_packed, a.K, m0, m1, n0, n1);
+}
+
+void bsr_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  by_weight_type(a.w_dtype, [&](auto t) { bsr_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
+}
+
+// ------------------------------------------------------------------ CSR panels
+// Each row's entries are visited once, in order, as the k-blocks advance (a cursor per row of the
+// unit). An entry that is not where increasing, in-range columns would put it (an unsorted row, a
+// column outside [0, K)) is counted and left out: the binding then runs csr_rows instead.
+template <class T>
+struct CsrPanels {
+  const SparseArgs& a;
+  int64_t n0, n1;
+  std::vector<int64_t>& cursor;
+  int64_t bad = 0;
+  CsrPanels(const SparseArgs& args, int64_t lo, int64_t hi, std::vector<int64_t>& cur) : a(args), n0(lo), n1(hi), cursor(cur) {
+    cursor.assign(a.crow + n0, a.crow + n1);
+  }
+  int64_t k_block() const { return gemm::kKC; }
+  bool pack(int64_t n, int64_t k0, int64_t kc, float* dst) {
+    std::memset(dst, 0, sizeof(float) * size_t(kc * gemm::kNR));
+    const T* vals = static_cast<const T*>(a.w);
+    bool any = false;
+    for (int r = 0; r < gemm::kNR && n + r < n1; ++r) {
+      int64_t c = cursor[size_t(n + r - n0)];
+      const int64_t e = a.crow[n + r + 1];
+      for (; c < e; ++c) {
+        const int64_t col = a.col[c];
+        if (col >= k0 + kc) break;
+        if (col < k0) {
+          ++bad;
+          continue;
+        }
+        dst[(col - k0) * gemm::kNR + r] = Vec1::load(vals + c).x;
+      }
+      any = any || c != cursor[size_t(n + r - n0)];
+      cursor[size_t(n + r - n0)] = c;
+    }
+    return any;
+  }
+  void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const { store_sums(a, m, n, cnt, acc); }
+};
+
+template <class T>
+int64_t csr_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  static thread_local std::vector<int64_t> cursor;
+  CsrPanels<T> dec(a, n0, n1, cursor);
+  gemm::unit_f32(dec, a.a_packed, a.K, m0, m1, n0, n1);
+  for (int64_t n = n0; n < n1; ++n) dec.bad += a.crow[n + 1] - cursor[size_t(n - n0)];  // columns >= K
+  return dec.bad;
+}
+
+int64_t csr_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  return by_weight_type(a.w_dtype, [&](auto t) { return csr_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
+}
+
+void pack_a_f32(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t p0, int64_t p1, float* dst) {
+  gemm::pack_a_f32(x, ldx, M, K, p0, p1, dst);
+}
+
+// ------------------------------------------------------------------ 2:4, rows along the lanes
+// acc[c * ld + r] += sum over the kept weights of feature c in groups [0, groups) of
+// value * x[r, input], for the RV * 8 rows of xa ([4 * groups][RV * 8] fp32).
+template <int RV, int NC>
+void s24_lane_tile(const float* xa, const float* const* v, const uint8_t* const* mt, int64_t groups, float* acc,
+                   int64_t ld) {
+  constexpr int R = RV * 8;
+  __m256 s[NC][RV];
+  for (int c = 0; c < NC; ++c)
+    for (int i = 0; i < RV; ++i) s[c][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = xa + g * 4 * R;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const unsigned m = mt[c][g];
+      const float* p0 = xg + (m & 3) * R;
+      const float* p1 = xg + ((m >> 2) & 3) * R;
+      const __m256 w0 = _mm256_broadcast_ss(v[c] + 2 * g), w1 = _mm256_broadcast_ss(v[c] + 2 * g + 1);
+#pragma GCC unroll 4
+      for (int i = 0; i < RV; ++i) s[c][i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0 + 8 * i), s[c][i]);
+#pragma GCC unroll 4
+      for (int i = 0; i < RV; ++i) s[c][i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p1 + 8 * i), s[c][i]);
+    }
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int i = 0; i < RV; ++i) {
+      float* p = acc + c * ld + 8 * i;
+      _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), s[c][i]));
+    }
+}
+
+// Features [n, n + nc) (nc <= NC) against one group of R rows of x (xa: at k0), k0 .. k0 + kc.
+template <int RV, int NC>
+void s24_lane_strip(const float* xa, const float* const* v, const uint8_t* const* mt, int nc, int64_t groups,
+                    float* acc, int64_t ld) {
+  // (the last strip of a block may be narrower)
+  if (nc == NC) s24_lane_tile<RV, NC>(xa, v, mt, groups, acc, ld);
+  else if (nc == 1) s24_lane_tile<RV, 1>(xa, v, mt, groups, acc, ld);
+  else if (nc == 2) s24_lane_tile<RV, (NC > 2 ? 2 : 1)>(xa, v, mt, groups, acc, ld);
+  else if (nc == 3) s24_lane_tile<RV, (NC > 3 ? 3 : 1)>(xa, v, mt, groups, acc, ld);
+  else if (nc == 4) s24_lane_tile<RV, (NC > 4 ? 4 : 1)>(xa, v, mt, groups, acc, ld);
+  else s24_lane_tile<RV, (NC > 5 ? 5 : 1)>(xa, v, mt, groups, acc, ld);
+}
+
+// For each block of K: each group of R rows of x (its block: 16 KB, in L1) meets every feature of
+// the unit in strips of NC, whose values and meta (a few hundred bytes per strip) stream from L2.
+template <class T, int RV, int NC>
+void sparse24_lanes_rv(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int R = RV * 8;
+  constexpr int64_t KC = 4096 / R;  // R x KC fp32 of x (16 KB) per block
+  static thread_local std::vector<float> acc_buf, vbuf;
+  static thread_local std::vector<const float*> vptr;
+  static thread_local std::vector<const uint8_t*> mptr;
+  const int64_t K = a.K, rows = gemm::round_up(m1 - m0, R), cols = n1 - n0;
+  acc_buf.assign(size_t(cols * rows), 0.0f);
+  vptr.resize(size_t(cols));
+  mptr.resize(size_t(cols));
+  if (!std::is_same_v<T, float>) vbuf.resize(size_t(cols * (KC / 2)));
+  const T* values = static_cast<const T*>(a.w);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, K - k0);
+    for (int64_t c = 0; c < cols; ++c) {
+      mptr[size_t(c)] = a.meta + (n0 + c) * (K / 4) + k0 / 4;
+      const T* src = values + (n0 + c) * (K / 2) + k0 / 2;
+      if constexpr (std::is_same_v<T, float>) {
+        vptr[size_t(c)] = src;
+      } else {  // the block's values as fp32, once for all row groups
+        float* d = vbuf.data() + c * (KC / 2);
+        for (int64_t j = 0; j < kc / 2; ++j) d[j] = Vec1::load(src + j).x;
+        vptr[size_t(c)] = d;
+      }
+    }
+    for (int64_t m = m0; m < m1; m += R) {
+      const float* xa = a.a_packed + (m / R) * K * R + k0 * R;
+      for (int64_t c = 0; c < cols; c += NC)
+        s24_lane_strip<RV, NC>(xa, vptr.data() + c, mptr.data() + c, int(std::min<int64_t>(NC, cols - c)), kc / 4,
+                               acc_buf.data() + c * rows + (m - m0), rows);
+    }
+  }
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t n = n0; n < n1; ++n)
+      store_out(a.out_dtype, a.out, m * a.N + n, acc_buf[size_t((n - n0) * rows + (m - m0))] + bias_of(a, n));
+}
+
+template <class T>
+void sparse24_lanes_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (sc::lane_rows(a.M) == 32) return sparse24_lanes_rv<T, 4, 3>(a, m0, m1, n0, n1);
+  return sparse24_lanes_rv<T, 2, 6>(a, m0, m1, n0, n1);
+}
+
+void sparse24_lanes(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  by_weight_type(a.w_dtype, [&](auto t) { sparse24_lanes_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
+}
+
+}  // namespace
