@@ -174,6 +174,9 @@ def run(device: str, quick: bool) -> List[dict]:
         return run_new_optimizers(device, quick, meta)
     if only == "8bit":  # AdamW8bit only
         return run_8bit(device, quick, meta)
+    if only == "many":  # the many-small-tensors AdamW case only (flat state vs list state)
+        with torch.enable_grad():
+            return run_case(next(c for c in cases(device, quick) if c["n"] >= MANY_TENSORS), device, quick, meta)
     rows = []
     for case in cases(device, quick):
         with torch.enable_grad():  # the optimizers' state and steps, as in training

@@ -76,6 +76,15 @@ def test_state_memory_at_most_027_of_fp32_adamw_on_the_demo_gpt():
 # ----- training quality ------------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train ~20x faster on one intra-op thread than on two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _final_loss(make_opt, model_fn, batches, loss_fn, steps, seed, clip=1.0):
     torch.manual_seed(seed)
     model = model_fn()
@@ -92,30 +101,33 @@ def _final_loss(make_opt, model_fn, batches, loss_fn, steps, seed, clip=1.0):
     return sum(losses[-20:]) / 20
 
 
-def _compare(model_fn, batches, loss_fn, steps, lr):
+def _compare(model_fn, batches, loss_fn, steps, lr, first_loss_bound):
     fp32 = _final_loss(lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01), model_fn, batches, loss_fn,
                        steps, seed=0)
     q8 = _final_loss(lambda ps: AdamW8bit(ps, lr=lr, weight_decay=0.01, max_grad_norm=1.0), model_fn, batches,
                      loss_fn, steps, seed=0)
-    assert q8 <= fp32 * 1.02, f"AdamW8bit final loss {q8:.4f} vs fp32 AdamW {fp32:.4f} (+{100 * (q8 / fp32 - 1):.2f}%)"
+    assert abs(q8 / fp32 - 1) <= 0.02, f"AdamW8bit final loss {q8:.4f} vs fp32 AdamW {fp32:.4f} ({100 * (q8 / fp32 - 1):+.2f}%)"
+    assert fp32 < first_loss_bound, f"fp32 AdamW did not train (final loss {fp32:.4f})"
     return fp32, q8
 
 
 @pytest.mark.slow
-def test_demo_gpt_final_loss_within_2_percent_of_fp32_adamw():
+def test_demo_gpt_final_loss_within_2_percent_of_fp32_adamw(one_thread):
     from bigkernels.demo.data import batches, load_corpus
     from bigkernels.demo.model import TinyGPT
 
-    train, _ = load_corpus(600_000)
+    train, _ = load_corpus(200_000)
 
     def data():
-        return batches(train, 16, 64, torch.Generator().manual_seed(1))
+        return batches(train, 16, 32, torch.Generator().manual_seed(1))
 
-    _compare(lambda: TinyGPT(d=64, layers=2, heads=4, seq=64), data,
-             lambda m, x, y: F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1)), steps=150, lr=3e-3)
+    # byte-level: a uniform guess is ln 256 = 5.55; 150 steps get to ~2.5
+    _compare(lambda: TinyGPT(d=64, layers=2, heads=4, seq=32), data,
+             lambda m, x, y: F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1)), steps=150, lr=3e-3,
+             first_loss_bound=3.5)
 
 
-def test_classifier_final_loss_within_2_percent_of_fp32_adamw():
+def test_classifier_final_loss_within_2_percent_of_fp32_adamw(one_thread):
     torch.manual_seed(123)
     teacher = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
 
@@ -124,13 +136,15 @@ def test_classifier_final_loss_within_2_percent_of_fp32_adamw():
         while True:
             x = torch.randn(128, 64, generator=gen)
             with torch.no_grad():
-                yield x, teacher(x).argmax(1)
+                y = teacher(x).argmax(1)
+            yield x, y  # outside no_grad: the consumer trains between yields
 
     def model():
         return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                    torch.nn.ReLU(), torch.nn.Linear(256, 10))
 
-    _compare(model, data, lambda m, x, y: F.cross_entropy(m(x), y), steps=300, lr=1e-3)
+    _compare(model, data, lambda m, x, y: F.cross_entropy(m(x), y), steps=300, lr=1e-3,
+             first_loss_bound=0.5 * 2.303)  # ln 10: chance
 
 
 # ----- state_dict --------------------------------------------------------------------------------
@@ -166,7 +180,8 @@ def test_loading_a_torch_adamw_state_dict_quantises_it():
     with torch.no_grad():
         for a, b in zip(twin, params):
             a.copy_(b)
-    ours = AdamW8bit.from_fp32_state(twin, torch_opt.state_dict())
+    # a copy, as a checkpoint is (torch's load_state_dict keeps the step tensors it is given)
+    ours = AdamW8bit.from_fp32_state(twin, copy.deepcopy(torch_opt.state_dict()))
     assert ours.param_groups[0]["lr"] == 3e-3 and ours.param_groups[0]["weight_decay"] == 0.05
     st = ours.state[twin[0]]
     assert st["exp_avg"].dtype == torch.uint8 and float(st["step"]) == 5
@@ -291,12 +306,12 @@ def test_lr_scheduler_drives_the_step():
     oa, ob = AdamW8bit(a, lr=0.05), AdamW8bit(b, lr=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(oa, max_lr=0.1, total_steps=10)
     for s in range(6):
-        for g in ob.param_groups:
-            g["lr"] = oa.param_groups[0]["lr"]
+        for g in ob.param_groups:  # OneCycleLR drives lr and beta1 (cycle_momentum)
+            g["lr"], g["betas"] = oa.param_groups[0]["lr"], oa.param_groups[0]["betas"]
         _train(oa, a, 1, seed=s)
         _train(ob, b, 1, seed=s)
         sched.step()
-    assert oa.param_groups[0]["lr"] != 0.05
+    assert oa.param_groups[0]["lr"] != 0.05 and oa.param_groups[0]["betas"][0] != 0.9
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -383,28 +398,33 @@ def _dtensor_body():
     for s in range(3):
         step(o_plain, plain, False, s)
         step(o_dt, dts, True, s)
+    # same maths on the same blocks; the clipping norm's sum is reduced across ranks in another
+    # order (fp64 partial sums), so equal within the optimizer tolerance rather than bitwise
     for a, b in zip(dts, plain):
-        assert torch.equal(a.full_tensor(), b.detach()), (a.full_tensor() - b).abs().max()
+        assert_close(a.full_tensor(), b.detach(), rtol=1e-5, atol=1e-6, what="DTensor vs plain")
     assert abs(float(o_dt.last_grad_norm) - float(o_plain.last_grad_norm)) <= 1e-5 * float(o_plain.last_grad_norm)
     st = o_dt.state[dts[0]]
     assert isinstance(st["exp_avg"], DTensor) and tuple(st["exp_avg"].placements) == (Shard(0),)
-    assert torch.equal(st["exp_avg"].full_tensor(), o_plain.state[plain[0]]["exp_avg"])
+    codes, want = st["exp_avg"].full_tensor(), o_plain.state[plain[0]]["exp_avg"]
+    assert (codes != want).sum() <= codes.numel() // 500, (codes != want).sum()
     assert st["exp_avg_scale"].to_local().shape == (38,)  # the larger shard's 38 blocks (rank 1 pads one)
     assert o_dt.state[dts[2]]["exp_avg"].dtype == torch.float32  # small: fp32 moments
     # state dict round trip on the same mesh, then both continue identically
-    sd = o_dt.state_dict()
-    dts2 = [torch.nn.Parameter(distribute_tensor(p.full_tensor(), mesh, pl)) for p, pl in zip(dts, pls)]
+    sd = copy.deepcopy(o_dt.state_dict())  # as a checkpoint: no tensor shared with o_dt
+    dts2 = [torch.nn.Parameter(distribute_tensor(p.full_tensor().detach().clone(), mesh, pl)) for p, pl in zip(dts, pls)]
     o_dt2 = AdamW8bit(dts2, **kw)
     o_dt2.load_state_dict(sd)
     for s in range(3, 5):
         step(o_dt, dts, True, s)
         step(o_dt2, dts2, True, s)
         step(o_plain, plain, False, s)
-    for a, b, c in zip(dts, dts2, plain):
-        assert torch.equal(a.full_tensor(), b.full_tensor()) and torch.equal(a.full_tensor(), c.detach())
+    for i, (a, b, c) in enumerate(zip(dts, dts2, plain)):
+        assert_close(a.full_tensor(), c.detach(), rtol=1e-5, atol=1e-6, what=f"continued {i}")
+        assert torch.equal(a.full_tensor(), b.full_tensor()), (i, "reloaded", (a.full_tensor() - b.full_tensor()).abs().max())
     fp32 = o_dt.fp32_state_dict()["state"][0]["exp_avg"]
     want = o_plain.fp32_state_dict()["state"][0]["exp_avg"]
-    assert isinstance(fp32, DTensor) and torch.equal(fp32.full_tensor(), want)
+    assert isinstance(fp32, DTensor) and tuple(fp32.placements) == (Shard(0),)
+    assert_close(fp32.full_tensor(), want, rtol=0, atol=float(want.abs().max()) / 8, what="fp32_state_dict")
     return float(o_dt.last_grad_norm)
 
 
