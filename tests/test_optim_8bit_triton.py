@@ -47,7 +47,7 @@ def test_matches_reference(dtype, block_size, seed):
         _op(lists, kw, masks)
         cases.run_reference(want, ref_kw)
         cases.run_reference(want32, ref_kw)
-        cases.assert_state_equal(lists, want, f"step {step}: ")
+        cases.assert_state_equal(lists, want, f"step {step}: ", block_size)
         cases.assert_params_close(lists["params"], want["params"], want32["params"], dtype, f"step {step}: ")
     assert [s.item() for s in lists["state_steps"]] == [s.item() for s in want["state_steps"]]
 

@@ -159,15 +159,6 @@ def _tile(p, g, mc, rc, ms, rs, keep, start, n, mult, step_size, bias_correction
 
 
 @triton.jit
-def _aligned(ptr, ALIGNED: tl.constexpr):
-    """A table address with its 16-byte alignment (checked on the host) made known to the compiler."""
-    if ALIGNED:
-        return tl.multiple_of(ptr, 16)
-    else:
-        return ptr
-
-
-@triton.jit
 def _adamw8bit_kernel(
     table, n_tensors,
     p_ptr, g_ptr, mc_ptr, rc_ptr, ms_ptr, rs_ptr, s_ptr, keep_ptr, numel,
@@ -182,18 +173,14 @@ def _adamw8bit_kernel(
     # 6 steps, 7 masks.
     if _is_finite_step(found_inf_ptr, HAS_FOUND_INF) != 0:
         tid, start, n = _locate(table, n_tensors, numel, NROWS, ROWS * BLOCK, USE_TABLE)
-        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE)
-        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE)
-        mc = _row_ptr(table, n_tensors, tid, 2, mc_ptr, USE_TABLE)
-        rc = _row_ptr(table, n_tensors, tid, 3, rc_ptr, USE_TABLE)
-        ms = _row_ptr(table, n_tensors, tid, 4, ms_ptr, USE_TABLE)
-        rs = _row_ptr(table, n_tensors, tid, 5, rs_ptr, USE_TABLE)
-        s = _row_ptr(table, n_tensors, tid, 6, s_ptr, USE_TABLE)
-        keep = _row_ptr(table, n_tensors, tid, 7, keep_ptr, USE_TABLE and HAS_MASK)
-        if USE_TABLE:
-            p, g, mc, rc = _aligned(p, ALIGNED), _aligned(g, ALIGNED), _aligned(mc, ALIGNED), _aligned(rc, ALIGNED)
-            if HAS_MASK:
-                keep = _aligned(keep, ALIGNED)
+        p = _row_ptr(table, n_tensors, tid, 0, p_ptr, USE_TABLE, ALIGNED)
+        g = _row_ptr(table, n_tensors, tid, 1, g_ptr, USE_TABLE, ALIGNED)
+        mc = _row_ptr(table, n_tensors, tid, 2, mc_ptr, USE_TABLE, ALIGNED)
+        rc = _row_ptr(table, n_tensors, tid, 3, rc_ptr, USE_TABLE, ALIGNED)
+        ms = _row_ptr(table, n_tensors, tid, 4, ms_ptr, USE_TABLE, False)
+        rs = _row_ptr(table, n_tensors, tid, 5, rs_ptr, USE_TABLE, False)
+        s = _row_ptr(table, n_tensors, tid, 6, s_ptr, USE_TABLE, False)
+        keep = _row_ptr(table, n_tensors, tid, 7, keep_ptr, USE_TABLE and HAS_MASK, ALIGNED)
         mult = 1.0
         if HAS_GRAD_SCALE or CLIP:
             mult = _grad_multiplier(grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_GRAD_SCALE, CLIP)
