@@ -53,6 +53,22 @@ def test_matches_reference(dtype, block_size, seed):
 
 
 @pytest.mark.triton_interpret
+def test_non_finite_gradient_poisons_only_its_block():
+    """A NaN / inf gradient makes its block's scales NaN / inf exactly as the reference's amax."""
+    _runtime()
+    lists, kw = cases.make_case(DEVICE, torch.float32, 5, 64, shapes=[(300,)])
+    kw.pop("grad_norm", None)
+    lists["grads"][0] = lists["grads"][0].contiguous()
+    lists["grads"][0][70] = float("nan")  # block 1 of 64
+    lists["grads"][0][200] = float("inf")  # block 3
+    want = copy.deepcopy(lists)
+    _op(lists, kw)
+    cases.run_reference(want, kw)
+    cases.assert_state_equal(lists, want, "", 64)
+    assert lists["exp_avg_scales"][0].isnan()[1] and not lists["exp_avg_scales"][0][[0, 2, 4]].isnan().any()
+
+
+@pytest.mark.triton_interpret
 def test_found_inf_changes_nothing_and_bad_input_is_rejected():
     _runtime()
     lists, kw = cases.make_case(DEVICE, torch.float32, 1, 64, shapes=SHAPES)

@@ -85,8 +85,10 @@ def _encode_magnitude(a, SHIFT: tl.constexpr, OFFSET: tl.constexpr, MAXQ: tl.con
 
 
 @triton.jit
-def _nan_max(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+def _row_max(x):
+    """Maximum of each row of non-negative ``x``, NaN where the row has a NaN (as torch.amax)."""
+    has_nan = tl.max((x != x).to(tl.int32), 1) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, 1))
 
 
 @triton.jit
@@ -144,8 +146,8 @@ def _tile(p, g, mc, rc, ms, rs, keep, start, n, mult, step_size, bias_correction
         pf = tl.where(_ld(keep, offs, mask, FULL) != 0, pf, 0.0)
     _st(p, offs, pf.to(p.dtype.element_ty), mask, FULL)
     # requantise against the new block maxima
-    m_scale = tl.reduce(tl.abs(mf), 1, _nan_max)
-    r_scale = tl.reduce(rf, 1, _nan_max)
+    m_scale = _row_max(tl.abs(mf))
+    r_scale = _row_max(rf)
     x = (mf * _inverse(m_scale)[:, None]).to(tl.int32, bitcast=True)
     a = x & 0x7FFFFFFF
     m_code = _encode_magnitude(a, _M_SHIFT, _M_OFFSET, _M_MAXQ) | tl.where(x < 0, 128, 0)
