@@ -102,6 +102,28 @@ def make_params(case: dict, device: str):
     return [m.weight for m in model], model
 
 
+def time_optimizers(factories: Dict[str, Callable], params, device: str, quick: bool, **cpu_kw) -> Dict[str, tuple]:
+    """(median, p20, p80) ms per ``step()`` of the optimizer each factory makes over ``params``: on
+    a GPU one optimizer (and its state) at a time; on the CPU all at once, timed in alternating rounds
+    after a first step (state creation out of the timing; ``cpu_kw`` goes to time_cpu_interleaved)."""
+    results: Dict[str, tuple] = {}
+    if device == "cuda":  # one optimizer's state at a time (1B params: 8 GB each)
+        for name, make in factories.items():
+            opt = make(params)
+            results[name] = time_gpu(opt.step, quick)
+            del opt
+            gc.collect()
+            torch.cuda.empty_cache()
+        return results
+    opts = {name: make(params) for name, make in factories.items()}
+    for opt in opts.values():
+        opt.step()
+    results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick, **cpu_kw)
+    del opts
+    gc.collect()
+    return results
+
+
 def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     torch.manual_seed(0)
     params, model = make_params(case, device)
@@ -111,21 +133,7 @@ def run_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]:
     bytes_moved = ACCESSES[case["kind"]] * total * params[0].element_size()
     if model is not None:
         bytes_moved += total  # the bool masks
-    results: Dict[str, tuple] = {}
-    if device == "cuda":  # one optimizer's state at a time (1B params: 8 GB each)
-        for name, make in providers(case["kind"], case["n"]).items():
-            opt = make(params)
-            results[name] = time_gpu(opt.step, quick)
-            del opt
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
-        opts = {name: make(params) for name, make in providers(case["kind"], case["n"]).items()}
-        for opt in opts.values():
-            opt.step()  # state created, first-step work out of the timing
-        results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick)
-        del opts
-        gc.collect()
+    results = time_optimizers(providers(case["kind"], case["n"]), params, device, quick)
     baseline = next((name for name in results if name.endswith("fused")), None)
     return result_rows(meta, f"optim_{case['kind']}", f"{case['n']}x{params[0].numel()}", case["dtype"], total,
                        bytes_moved, results, baseline)
@@ -239,22 +247,7 @@ def run_new_case(case: dict, device: str, quick: bool, meta: dict) -> List[dict]
         p.grad = torch.randn_like(p)
     total = sum(p.numel() for p in params)
     bytes_moved = NEW_ACCESSES[case["kind"]] * total * params[0].element_size()
-    factories = new_providers(case["kind"])
-    if device == "cuda":
-        results = {}
-        for name, make in factories.items():
-            opt = make(params)
-            results[name] = time_gpu(opt.step, quick)
-            del opt
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
-        opts = {name: make(params) for name, make in factories.items()}
-        for opt in opts.values():
-            opt.step()  # state created, first-step work out of the timing
-        results = time_cpu_interleaved({name: opt.step for name, opt in opts.items()}, quick)
-        del opts
-        gc.collect()
+    results = time_optimizers(new_providers(case["kind"]), params, device, quick)
     best_torch = min((name for name in results if not name.startswith("bigkernels")), key=lambda n: results[n][0])
     shape = f"{case['n']}x{'x'.join(map(str, case['shape']))}"
     return result_rows(meta, f"optim_{case['kind']}", shape, case["dtype"], total, bytes_moved, results, best_torch)
@@ -340,21 +333,8 @@ def run_8bit(device: str, quick: bool, meta: dict) -> List[dict]:
                                    **peers})
             results: Dict[str, tuple] = {}
             for gi, group in enumerate(groups):
-                if device == "cuda":
-                    for name, make in group.items():
-                        opt = make(params)
-                        results[name] = time_gpu(opt.step, quick)
-                        del opt
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                else:
-                    opts = {name: make(params) for name, make in group.items()}
-                    for opt in opts.values():
-                        opt.step()
-                    results.update(time_cpu_interleaved({n: o.step for n, o in opts.items()}, quick,
-                                                        **({} if gi == 0 else dict(budget_s=0.0, min_rounds=3))))
-                    del opts
-                    gc.collect()
+                results.update(time_optimizers(group, params, device, quick,
+                                               **({} if gi == 0 else dict(budget_s=0.0, min_rounds=3))))
             for name, res in results.items():
                 moved = (16 if "8bit" in name.lower() else 28) * total
                 rows += result_rows(meta, "optim_adamw8bit", shape, torch.float32, total, moved,
