@@ -150,6 +150,9 @@ def result_rows(meta: dict, kernel: str, shape: str, dtype: torch.dtype, total: 
 
 
 def print_table(rows: List[dict]) -> None:
+    rows = [r for r in rows if "kernel" in r]  # the code-error rows print their own table
+    if not rows:
+        return
     header = f"{'case':<34} {'provider':<26} {'ms/step':>9} {'Gparam/s':>9} {'eff TB/s':>9} {'vs torch fused':>15}"
     print(header)
     print("-" * len(header))
@@ -182,6 +185,8 @@ def run(device: str, quick: bool) -> List[dict]:
         return run_new_optimizers(device, quick, meta)
     if only == "8bit":  # AdamW8bit only
         return run_8bit(device, quick, meta)
+    if only == "8bit_codes":  # AdamW8bit's codes vs bitsandbytes' dynamic map (quantisation error)
+        return code_error_8bit()
     if only == "many":  # the many-small-tensors AdamW case only (flat state vs list state)
         with torch.enable_grad():
             return run_case(next(c for c in cases(device, quick) if c["n"] >= MANY_TENSORS), device, quick, meta)
@@ -349,6 +354,58 @@ def run_8bit(device: str, quick: bool, meta: dict) -> List[dict]:
                         print(f"  {name} / AdamW8bit (same rounds): {results[name][0] / mine:.2f}x")
             del params
             gc.collect()
+    return rows
+
+
+def code_error_8bit(n: int = 1 << 20, block: int = 256, steps: int = 200) -> List[dict]:
+    """Quantisation error of AdamW8bit's codes vs bitsandbytes' dynamic maps (``create_dynamic_map``,
+    signed for exp_avg, unsigned for exp_avg_sq, applied as a blockwise absmax nearest-code quantiser:
+    an emulation of the map, not bitsandbytes' kernel) on Adam moments after ``steps`` EMA steps of
+    gradients whose per-element scale is log-normal (sigma 1.5: magnitudes over several decades, as
+    across a weight matrix). Reports the relative error of the Adam denominator sqrt(v), the error of
+    the update m / (sqrt(v) + eps), and how many non-zero v are stored as 0."""
+    from bigkernels.reference import optim as ref
+
+    try:
+        import bitsandbytes.functional as bnbf
+
+        maps = {"bitsandbytes dynamic map": (bnbf.create_dynamic_map(signed=True),
+                                             bnbf.create_dynamic_map(signed=False))}
+    except Exception as e:  # noqa: BLE001
+        print(f"  skipped bitsandbytes' dynamic map: {type(e).__name__}: {e}")
+        maps = {}
+    g = torch.Generator().manual_seed(0)
+    scale = torch.exp(torch.randn(n, generator=g) * 1.5)
+    m, v = torch.zeros(n), torch.zeros(n)
+    for _ in range(steps):
+        grad = torch.randn(n, generator=g) * scale
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad * grad
+
+    def nearest(x, qmap):
+        xb = x.view(-1, block)
+        s = xb.abs().amax(1, keepdim=True)
+        y = (xb / s).reshape(-1)
+        out = torch.empty_like(y)
+        for i in range(0, y.numel(), 1 << 16):
+            out[i:i + (1 << 16)] = qmap[(y[i:i + (1 << 16), None] - qmap[None, :]).abs().argmin(1)]
+        return (out.view_as(xb) * s).reshape(-1)
+
+    results = {name: (nearest(m, qs), nearest(v, qu)) for name, (qs, qu) in maps.items()}
+    codes = ref.quantize_adamw8bit_state(m, v, block)
+    results["bigkernels AdamW8bit codes"] = ref.dequantize_adamw8bit_state(*codes, block)
+    u = m / (v.sqrt() + 1e-8)
+    rows = []
+    print(f"{'codes':<30} {'sqrt(v) rel err p50':>20} {'update err p50':>15} {'p99':>10} {'max':>10} {'v>0 stored 0':>13}")
+    for name, (mq, vq) in results.items():
+        root = vq.clamp(min=0).sqrt()
+        err = (mq / (root + 1e-8) - u).abs()
+        row = dict(codes=name, denom_rel_err_p50=float(((root - v.sqrt()).abs() / v.sqrt()).median()),
+                   update_err_p50=float(err.median()), update_err_p99=float(err.quantile(0.99)),
+                   update_err_max=float(err.max()), v_zeroed=int(((vq == 0) & (v > 0)).sum()))
+        rows.append(row)
+        print(f"{name:<30} {row['denom_rel_err_p50']:>20.4f} {row['update_err_p50']:>15.4f} "
+              f"{row['update_err_p99']:>10.3g} {row['update_err_max']:>10.3g} {row['v_zeroed']:>13}")
+    print(f"  (median |update| {float(u.abs().median()):.3f}; {n} elements, blocks of {block})")
     return rows
 
 
