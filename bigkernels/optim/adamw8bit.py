@@ -60,6 +60,12 @@ class AdamW8bit(FusedOptimizerMixin, torch.optim.Optimizer):
     schedulers, bigkernels.prune_ masks (applied inside the step), fp32/bf16/fp16 params on the
     kernels (fp64 and non-contiguous params on the reference op) and ``torch.compile``.
     A non-finite moment makes its whole block non-finite (as in other block-quantised optimizers).
+
+    DTensor params (FSDP2, tensor parallel) are stepped on their local shards, blocks counted within
+    each rank's shard: ``exp_avg`` / ``exp_avg_sq`` are DTensors placed like the param, the scales 1-D
+    DTensors split evenly over the param's sharded mesh dimensions (each rank holding as many as the
+    largest shard has blocks). Such a checkpoint reloads on the same mesh and placements; to change
+    the sharding go through :meth:`fp32_state_dict` (DTensor moments placed like the params).
     """
 
     MIN_8BIT_NUMEL = ref.ADAMW8BIT_MIN_NUMEL
