@@ -243,7 +243,9 @@ def fused_lion_(params, grads, exp_avgs, *, backend=None, **kwargs) -> None:
 # exp_avg_scales / exp_avg_sq_scales (fp32, one per ``block_size`` elements) and state_steps: one
 # AdamW step with dequantise -> update -> requantise in one pass. Codes, scales and rounding are
 # defined exactly in bigkernels.reference.optim (every backend writes the same codes and scales bit
-# for bit); GradScaler, clipping and masks as the other update ops.
+# for bit); GradScaler, clipping and masks as the other update ops. Unlike the ops above it takes
+# plain tensors only: a DTensor param's scales are not placed like it (blocks are per shard), so
+# bigkernels.optim.AdamW8bit hands the op each rank's local shards itself.
 ADAMW8BIT_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] state_steps, *, float lr, "
