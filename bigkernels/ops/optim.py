@@ -18,6 +18,9 @@ Ops (all in the ``bigkernels`` namespace):
 ``sum_of_squares``
     Sum of squares of every element of a list of tensors as a 0-d fp32 tensor: the reduction
     pass of the global-norm clipping done inside the fused steps.
+``adamw8bit_``
+    One AdamW step with both moments as 8-bit codes plus one fp32 absmax scale per ``block_size``
+    elements (dequantise -> update -> requantise in one pass; bigkernels.optim.AdamW8bit).
 ``apply_masks_``
     Pruned elements (bool mask False) of a list of same-device, same-dtype tensors set to zero:
     the pass prune_'s hook makes after a torch.optim step (the fused optimizers need none).
@@ -233,3 +236,30 @@ def fused_adafactor_(params, grads, row_vars, col_vars, variances, state_steps, 
 def fused_lion_(params, grads, exp_avgs, *, backend=None, **kwargs) -> None:
     """Run the Lion step on ``backend`` (default: the fastest for the tensors' device)."""
     _run("fused_lion_", backend, params, grads, exp_avgs, **kwargs)
+
+
+# ----- AdamW8bit: AdamW with 8-bit block-quantised moments (bigkernels.optim.AdamW8bit) -----------
+# ``adamw8bit_`` mutates params, exp_avgs / exp_avg_sqs (uint8 codes shaped like the params),
+# exp_avg_scales / exp_avg_sq_scales (fp32, one per ``block_size`` elements) and state_steps: one
+# AdamW step with dequantise -> update -> requantise in one pass. Codes, scales and rounding are
+# defined exactly in bigkernels.reference.optim (every backend writes the same codes and scales bit
+# for bit); GradScaler, clipping and masks as the other update ops. Unlike the ops above it takes
+# plain tensors only: a DTensor param's scales are not placed like it (blocks are per shard), so
+# bigkernels.optim.AdamW8bit hands the op each rank's local shards itself.
+ADAMW8BIT_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] state_steps, *, float lr, "
+    f"float beta1, float beta2, float weight_decay, float eps, bool maximize, int block_size, {_COMMON_TAIL}) -> ()"
+)
+torch.library.define(f"{_registry.NAMESPACE}::adamw8bit_", ADAMW8BIT_SCHEMA)
+torch.library.register_fake(f"{_registry.NAMESPACE}::adamw8bit_")(_no_output)
+torch.library.impl(f"{_registry.NAMESPACE}::adamw8bit_", "CompositeExplicitAutograd")(ref.adamw8bit_)
+_registry.register(_registry.OpInfo("adamw8bit_", ADAMW8BIT_SCHEMA, ref.adamw8bit_, triton_name="adamw8bit_triton_",
+                                    triton_kwargs=_masks_as_list))
+
+
+def adamw8bit_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, *,
+               backend=None, **kwargs) -> None:
+    """Run the 8-bit AdamW step on ``backend`` (default: the fastest for the tensors' device)."""
+    _run("adamw8bit_", backend, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+         state_steps, **kwargs)

@@ -27,7 +27,7 @@ is what bigkernels.prune_'s post-step hook does for any optimizer, done inside t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -520,3 +520,223 @@ class Lion(torch.optim.Optimizer):
                 p.add_(m.mul(beta1).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
                 m.mul_(beta2).add_(g, alpha=1 - beta2)
         return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# AdamW8bit (bigkernels.optim.AdamW8bit): AdamW with both moments stored in 8 bits
+# ------------------------------------------------------------------------------------------------
+# Block-wise quantisation: every ``block_size`` consecutive elements of a state (in the param's
+# flat order; the last block may be shorter) share one fp32 scale, the block's absolute maximum,
+# and each element is stored as an 8-bit code of its value divided by that scale.
+#
+# The codes are small floating-point formats, so encoding and decoding are a few integer
+# operations on the fp32 bits (vectorised on every CPU ISA, no table lookups):
+#
+# * magnitude code ``c >= 1`` decodes to the fp32 whose bits are
+#   ``((c - 1) << (23 - mant)) + bits(2**-binades)``: a float with ``mant`` mantissa bits on
+#   [2**-binades, 1], 2**mant values per binade; ``c = 0`` is 0.0.
+# * encoding is round to nearest on the magnitude, ties away from zero (adding half a step to
+#   the fp32 bits and shifting: within a binade the bits are linear in the value, so this is the
+#   nearest of the two neighbours), saturating at 1.0.
+# * exp_avg (signed): bit 7 is the sign (set only for a non-zero magnitude), bits 0-6 the
+#   magnitude code with EXP_AVG_MANT / EXP_AVG_BINADES (codes 0..121). Magnitudes below half the
+#   smallest non-zero value become 0.
+# * exp_avg_sq is stored as its square root (the Adam denominator's own quantity, which needs half
+#   the dynamic range): an unsigned code with SQRT_MANT / SQRT_BINADES (codes 0..241), i.e.
+#   exp_avg_sq relative to its block maximum down to 2**-30. A non-zero root never encodes to 0
+#   (it saturates at the smallest non-zero value): a second moment rounded to zero under a
+#   non-zero first moment would make the update ~exp_avg / eps (the "zero-point" failure of
+#   8-bit Adam).
+#
+# The step, elementwise in fp32 with every operation rounded as written (no fused multiply-add),
+# so every backend produces the same codes and scales bit for bit:
+#   g   = fp32(grad) * mult (grad_multiplier, as fp32), negated when maximize
+#   m   = decode(exp_avg) * exp_avg_scale;   r = decode(exp_avg_sq) * exp_avg_sq_scale
+#   m   = beta1 * m + (1 - beta1) * g;       v = beta2 * (r * r) + ((1 - beta2) * g) * g
+#   r   = sqrt(v)  (correctly rounded)
+#   p   = p * (1 - lr * weight_decay) - lr / bc1 * m / (r / sqrt(bc2) + eps)   (within 1e-5 relative)
+#   scale = max |m| (resp. r) over the block;  code = encode(m * (1 / scale)) (0 where scale is 0)
+# The constants (1 - beta1), (1 - beta2), (1 - lr * weight_decay) are computed in double and
+# rounded to fp32, as for the other Adam ops. Non-finite values make their whole block non-finite.
+
+ADAMW8BIT_MIN_NUMEL = 4096  # params with fewer elements keep fp32 state (as bitsandbytes does)
+EXP_AVG_MANT, EXP_AVG_BINADES = 3, 15
+SQRT_MANT, SQRT_BINADES = 4, 15
+
+
+def _min_bits(binades: int) -> int:
+    return (127 - binades) << 23  # fp32 bits of 2**-binades
+
+
+def _encode_magnitude(a: Tensor, mant: int, binades: int) -> Tensor:
+    """int32 magnitude code (1.. binades << mant + 1) of the non-negative fp32 bit patterns ``a``
+    (values >= 2**-binades round to nearest, ties up; smaller ones give 1, larger ones saturate)."""
+    shift = 23 - mant
+    q = (a - _min_bits(binades) + (1 << (shift - 1))) >> shift
+    return q.clamp(0, binades << mant) + 1
+
+
+def _decode_magnitude(code: Tensor, mant: int, binades: int) -> Tensor:
+    """fp32 values of int32 magnitude codes (0 -> 0.0)."""
+    bits = ((code - 1).clamp(min=0) << (23 - mant)) + _min_bits(binades)
+    return torch.where(code > 0, bits.view(torch.float32), 0.0)
+
+
+def encode_exp_avg(x: Tensor) -> Tensor:
+    """uint8 codes of fp32 ``x`` in [-1, 1] (the first moment over its block scale)."""
+    bits = x.contiguous().view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    mag = _encode_magnitude(a, EXP_AVG_MANT, EXP_AVG_BINADES)
+    mag = torch.where(a < _min_bits(EXP_AVG_BINADES + 1), 0, mag)  # nearer to 0 than to 2**-binades
+    sign = torch.where((bits < 0) & (mag > 0), 128, 0)
+    return (mag | sign).to(torch.uint8)
+
+
+def decode_exp_avg(codes: Tensor) -> Tensor:
+    """fp32 values in [-1, 1] of uint8 first-moment codes."""
+    c = codes.to(torch.int32)
+    mag = _decode_magnitude(c & 127, EXP_AVG_MANT, EXP_AVG_BINADES)
+    return torch.where(c >= 128, -mag, mag)
+
+
+def encode_exp_avg_sq_root(x: Tensor) -> Tensor:
+    """uint8 codes of fp32 ``x`` in [0, 1] (the root of the second moment over its block scale)."""
+    a = x.contiguous().view(torch.int32) & 0x7FFFFFFF
+    code = _encode_magnitude(a, SQRT_MANT, SQRT_BINADES)
+    return torch.where(a == 0, 0, code).to(torch.uint8)
+
+
+def decode_exp_avg_sq_root(codes: Tensor) -> Tensor:
+    """fp32 values in [0, 1] of uint8 second-moment-root codes."""
+    return _decode_magnitude(codes.to(torch.int32), SQRT_MANT, SQRT_BINADES)
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Scales per state of a ``numel``-element param."""
+    return -(-numel // block_size)
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """Correctly rounded fp32 square root: torch's CPU sqrt is only faithful (1 ulp), so it is
+    taken in fp64 and rounded once (innocuous double rounding for sqrt: 53 >= 2 * 24 + 2 bits)."""
+    return x.double().sqrt().float()
+
+
+def _blocks(flat: Tensor, block_size: int) -> Tensor:
+    """(blocks, block_size) view of a flat tensor zero-padded to whole blocks."""
+    pad = (-flat.numel()) % block_size
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
+
+
+def _block_scale(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(absmax per row, its reciprocal or 0 where it is 0); NaN propagates."""
+    scale = x.abs().amax(dim=1)
+    return scale, torch.where(scale > 0, 1.0 / scale, 0.0)
+
+
+def quantize_adamw8bit_state(exp_avg: Tensor, exp_avg_sq: Tensor, block_size: int):
+    """fp32 AdamW moments (shaped like the param) -> (exp_avg codes, exp_avg_sq codes, exp_avg
+    scales, exp_avg_sq scales), the layout of AdamW8bit's state. Used to convert a
+    torch.optim.AdamW state."""
+    shape, n = exp_avg.shape, exp_avg.numel()
+    m = _blocks(exp_avg.detach().reshape(-1).float(), block_size)
+    r = _blocks(_sqrt_rn(exp_avg_sq.detach().reshape(-1).float().clamp(min=0)), block_size)
+    ms, mi = _block_scale(m)
+    rs, ri = _block_scale(r)
+    mc = encode_exp_avg(m * mi[:, None]).reshape(-1)[:n].view(shape)
+    rc = encode_exp_avg_sq_root(r * ri[:, None]).reshape(-1)[:n].view(shape)
+    return mc, rc, ms, rs
+
+
+def dequantize_adamw8bit_state(exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor,
+                               exp_avg_sq_scale: Tensor, block_size: int) -> Tuple[Tensor, Tensor]:
+    """AdamW8bit's codes and scales -> fp32 (exp_avg, exp_avg_sq) shaped like the codes."""
+    shape, n = exp_avg.shape, exp_avg.numel()
+    m = _blocks(decode_exp_avg(exp_avg.reshape(-1)), block_size) * exp_avg_scale[:, None]
+    r = _blocks(decode_exp_avg_sq_root(exp_avg_sq.reshape(-1)), block_size) * exp_avg_sq_scale[:, None]
+    return m.reshape(-1)[:n].view(shape), (r * r).reshape(-1)[:n].view(shape)
+
+
+def check_adamw8bit_lists(op: str, params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                          block_size: int) -> None:
+    """Codes: uint8 shaped like the params; scales: fp32 of num_blocks(numel, block_size)."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"{op}: block_size must be a power of two, got {block_size}")
+    for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("exp_avg_scales", exp_avg_scales),
+                      ("exp_avg_sq_scales", exp_avg_sq_scales)):
+        if len(lst) != len(params):
+            raise ValueError(f"{op}: expected {len(params)} {name} (one per param), got {len(lst)}")
+    for i, p in enumerate(params):
+        nb = num_blocks(p.numel(), block_size)
+        for name, t, dtype, shape in (("exp_avgs", exp_avgs[i], torch.uint8, p.shape),
+                                      ("exp_avg_sqs", exp_avg_sqs[i], torch.uint8, p.shape),
+                                      ("exp_avg_scales", exp_avg_scales[i], torch.float32, (nb,)),
+                                      ("exp_avg_sq_scales", exp_avg_sq_scales[i], torch.float32, (nb,))):
+            if t.dtype != dtype or t.shape != shape or t.device != p.device:
+                raise ValueError(f"{op}: expected {name}[{i}] to be {dtype} of shape {tuple(shape)} on {p.device}, "
+                                 f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+
+
+def adamw8bit_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    exp_avg_scales: Sequence[Tensor],
+    exp_avg_sq_scales: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    block_size: int,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_norm: Optional[Tensor] = None,
+    max_grad_norm: float = 0.0,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """AdamW step with 8-bit block-quantised moments (see the comment above for the exact maths).
+    Hyperparameters may be 0-d tensors (the traced path of torch.compile)."""
+    op = "adamw8bit_"
+    check_masks(op, params, masks)
+    check_adamw8bit_lists(op, params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, block_size)
+    skip = _skip(found_inf)
+    mult = grad_multiplier(grad_scale, grad_norm, max_grad_norm)
+    mult32 = mult.float() if isinstance(mult, Tensor) else mult  # one fp32 factor, as the kernels
+    one_minus_beta1, one_minus_beta2, decay = 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay
+    for i, p in enumerate(params):
+        n = p.numel()
+        step = state_steps[i].double() + 1.0
+        g = grads[i].reshape(-1).float() * mult32
+        if maximize:
+            g = -g
+        m = _blocks(decode_exp_avg(exp_avgs[i].reshape(-1)), block_size) * exp_avg_scales[i][:, None]
+        r = _blocks(decode_exp_avg_sq_root(exp_avg_sqs[i].reshape(-1)), block_size) * exp_avg_sq_scales[i][:, None]
+        m, r = m.reshape(-1)[:n], r.reshape(-1)[:n]
+        m = m * beta1 + g * one_minus_beta1
+        r = _sqrt_rn((r * r) * beta2 + (g * one_minus_beta2) * g)
+        # the param in its own precision (fp32 for 16-bit params)
+        acc = _math_dtype(p)
+        pf = p.reshape(-1).to(acc)
+        if weight_decay != 0:
+            pf = pf * decay
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = (1.0 - beta2**step).sqrt()
+        pf = pf - (lr / bias_correction1) * m.to(acc) / (r.to(acc) / bias_correction2_sqrt + eps)
+        if masks is not None:
+            pf = torch.where(masks[i].reshape(-1), pf, 0.0)
+        mb, rb = _blocks(m, block_size), _blocks(r, block_size)
+        ms, mi = _block_scale(mb)
+        rs, ri = _block_scale(rb)
+        mc = encode_exp_avg(mb * mi[:, None]).reshape(-1)[:n]
+        rc = encode_exp_avg_sq_root(rb * ri[:, None]).reshape(-1)[:n]
+        _commit(p, pf.view(p.shape), skip)
+        _commit(exp_avgs[i], mc.view(p.shape), skip)
+        _commit(exp_avg_sqs[i], rc.view(p.shape), skip)
+        _commit(exp_avg_scales[i], ms, skip)
+        _commit(exp_avg_sq_scales[i], rs, skip)
+        _commit(state_steps[i], state_steps[i] + 1, skip)

@@ -9,7 +9,8 @@ import functools
 import importlib
 
 _MODULES = ("bigkernels.triton.codebook", "bigkernels.triton.optim", "bigkernels.triton.quant",
-            "bigkernels.triton.sparse", "bigkernels.triton.distill", "bigkernels.triton.optim_more")
+            "bigkernels.triton.sparse", "bigkernels.triton.distill", "bigkernels.triton.optim_more",
+            "bigkernels.triton.optim8bit")
 
 
 @functools.lru_cache(maxsize=None)
