@@ -599,8 +599,10 @@ class FusedOptimizerMixin:
 
 
 def _is_piece(t: Tensor, piece: Tensor) -> bool:
-    """Whether ``t`` is exactly ``piece`` (same memory, shape, dtype and device)."""
-    return (t.data_ptr() == piece.data_ptr() and t.shape == piece.shape and t.dtype == piece.dtype
+    """Whether ``t`` is exactly ``piece`` (same storage and offset, shape, dtype and device; an
+    empty tensor has no data pointer of its own, so the storage is compared)."""
+    return (t.untyped_storage().data_ptr() == piece.untyped_storage().data_ptr()
+            and t.storage_offset() == piece.storage_offset() and t.shape == piece.shape and t.dtype == piece.dtype
             and t.device == piece.device and t.is_contiguous())
 
 
