@@ -62,9 +62,11 @@ struct Staged {
   T x[W];
   Staged(const T* src, int64_t r) {
     std::memset(x, 0, sizeof(x));
-    if (src != nullptr) std::memcpy(x, src, size_t(r) * sizeof(T));
+    for (int64_t j = 0; src != nullptr && j < r; ++j) x[j] = src[j];
   }
-  void back(T* dst, int64_t r) const { std::memcpy(dst, x, size_t(r) * sizeof(T)); }
+  void back(T* dst, int64_t r) const {
+    for (int64_t j = 0; j < r; ++j) dst[j] = x[j];
+  }
 };
 
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
