@@ -34,11 +34,13 @@
 * **Flat state** (``_flat_state = True``; FusedAdam/AdamW): every state of a kernel bucket lives
   in one flat buffer per state name (``step``: one fp32 counter per param), the state_dict entries
   being views of it (DTensors made from those views for DTensor params), so a step hands the op
-  two tensor lists (params, grads) instead of one per state. State replaced from outside (a
-  ``load_state_dict`` of other tensors, a bucket that changed) is copied back into a flat buffer
-  at the next step (once); a checkpoint saved from flat state (``torch.save``, DCP) reloads into
-  the same buffers without a copy. Steps where some params of a bucket have no gradient, and
-  devices without a flat kernel, pass the views as lists.
+  two tensor lists (params, grads) instead of one per state. ``state_dict()`` hands out compact
+  copies of those views (torch's layout: one tensor of its own per entry), because ``torch.save``
+  writes a view's whole storage (every param's piece, the alignment padding): a checkpoint holds
+  exactly the state's elements, as torch.optim's does. State replaced from outside (a
+  ``load_state_dict``, a bucket that changed) is copied back into a flat buffer at the next step
+  (once). Steps where some params of a bucket have no gradient, and devices without a flat
+  kernel, pass the views as lists.
 * A step that raises removes the state it created (nothing half-initialised is left for a
   checkpoint to save).
 
@@ -214,6 +216,18 @@ class FusedOptimizerMixin:
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in self._fused_keywords})
         return state
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict`` (same keys, same layout), except that a state entry that is a view
+        into a larger storage (flat state: a piece of its bucket's buffer) is handed out as a compact
+        copy (a DTensor of a compact local shard for DTensor params), so ``torch.save`` and
+        ``torch.distributed.checkpoint`` write exactly its elements. Other entries are the live
+        tensors, as torch hands them out."""
+        sd = super().state_dict()
+        if any(map(_is_view_of_more, (t for st in sd["state"].values() for t in st.values()))):
+            sd["state"] = {k: {n: _compact(t) if _is_view_of_more(t) else t for n, t in st.items()}
+                           for k, st in sd["state"].items()}
+        return sd
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # Also how torch's load_state_dict installs the loaded state and groups.
@@ -408,9 +422,8 @@ class FusedOptimizerMixin:
     # ----- flat state --------------------------------------------------------------------------------
     def _flatten(self, bucket: Bucket, names: tuple, new: List[Tensor]) -> None:
         """Make every state entry of ``bucket``'s params a view of the bucket's flat buffer of
-        its name (recovered from the entries when they already are, e.g. after a reload; entries
-        that are not are copied in once) and create the entries of ``new`` params as zeroed
-        views. ``step``: one fp32 counter per param; other names: shaped like the param."""
+        its name (entries that are not, e.g. after a ``load_state_dict``, are copied in once) and
+        create the entries of ``new`` params as zeroed views. ``step``: one fp32 counter per param; other names: shaped like the param."""
         params = bucket.params
         locs = bucket.locals(params)
         if bucket.offsets is None:
@@ -422,8 +435,6 @@ class FusedOptimizerMixin:
             steps = name == "step"
             entries = [(get(p) or {}).get(name) for p in params]
             buf = bucket.flat.get(name)
-            if buf is None:
-                buf = self._recover_flat(bucket, name, entries, locs)
             if buf is None:
                 n = len(params) if steps else bucket.offsets[-1]
                 buf = torch.zeros(n, dtype=torch.float32 if steps else bucket.dtype, device=locs[0].device)
@@ -446,23 +457,6 @@ class FusedOptimizerMixin:
                     piece.copy_(t.reshape(piece.shape))
                 self.state[p][name] = piece if steps or bucket.spec is None else DTensor.from_local(
                     piece, bucket.spec[0], bucket.spec[1], run_check=False, shape=p.shape, stride=p.stride())
-
-    @staticmethod
-    def _recover_flat(bucket: Bucket, name: str, entries: list, locs: List[Tensor]) -> Optional[Tensor]:
-        """The flat buffer the entries are views of, when the first one sits where the layout
-        puts it in a storage of exactly the buffer's size (as after torch.load or DCP of flat
-        state); None otherwise. The other entries are checked by the caller."""
-        i = next((i for i, e in enumerate(entries) if e is not None), None)
-        if i is None:
-            return None
-        t = entries[i]._local_tensor if isinstance(entries[i], DTensor) else entries[i]
-        steps = name == "step"
-        n = len(entries) if steps else bucket.offsets[-1]
-        dtype = torch.float32 if steps else bucket.dtype
-        if (t.storage_offset() != (i if steps else bucket.offsets[i]) or t.dtype != dtype
-                or t.device != locs[0].device or t.untyped_storage().nbytes() != n * t.element_size()):
-            return None
-        return t.as_strided((n,), (1,), 0)
 
     def _forget_new_state(self) -> None:
         """Remove the state entries the current step created (it raised)."""
@@ -605,9 +599,29 @@ class FusedOptimizerMixin:
 
 
 def _is_piece(t: Tensor, piece: Tensor) -> bool:
-    """Whether ``t`` is exactly ``piece`` (same memory, shape, dtype and device)."""
-    return (t.data_ptr() == piece.data_ptr() and t.shape == piece.shape and t.dtype == piece.dtype
+    """Whether ``t`` is exactly ``piece`` (same storage and offset, shape, dtype and device; an
+    empty tensor has no data pointer of its own, so the storage is compared)."""
+    return (t.untyped_storage().data_ptr() == piece.untyped_storage().data_ptr()
+            and t.storage_offset() == piece.storage_offset() and t.shape == piece.shape and t.dtype == piece.dtype
             and t.device == piece.device and t.is_contiguous())
+
+
+def _is_view_of_more(t) -> bool:
+    """Whether ``t`` (a state_dict value) is a tensor viewing a storage larger than itself (for a
+    DTensor: its local shard), which ``torch.save`` would write whole."""
+    if not isinstance(t, Tensor):
+        return False
+    local = t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+    return local.untyped_storage().nbytes() != local.numel() * local.element_size()
+
+
+def _compact(t: Tensor) -> Tensor:
+    """A copy of ``t`` in a storage of its own (a DTensor keeps its mesh, placements and global
+    shape and stride)."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return DTensor.from_local(t._local_tensor.clone(memory_format=torch.contiguous_format), t.device_mesh,
+                                  t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _reduce_partial_sums(mesh, by_dims: Dict[tuple, List[Tensor]]) -> Tensor:

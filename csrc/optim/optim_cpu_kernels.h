@@ -3,6 +3,8 @@
 // avx512,avx512bf16}.cpp, each of which instantiates it for its own instruction set.
 #pragma once
 
+#include <cstring>
+
 #include "common/cpu_vec.h"
 #include "optim/optim_cpu.h"
 
@@ -50,13 +52,38 @@ inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, const uint8_t* ke
   exp_avg_sq.store(v + i);
 }
 
+// Copies of the last r < W elements of a range, zero-padded to one vector of W lanes: the tail of a
+// range runs through the same lanes as its body. Vector lanes and Vec1 do not round alike (the
+// lanes' refined reciprocal vs an exact division, FMA contraction), and an element's result must
+// not depend on where it sits in its tensor or thread range: a tensor split into shards (FSDP2,
+// tensor parallel) is then updated bit for bit like the whole tensor.
+template <class T, int64_t W>
+struct Staged {
+  T x[W];
+  Staged(const T* src, int64_t r) {
+    std::memset(x, 0, sizeof(x));
+    for (int64_t j = 0; src != nullptr && j < r; ++j) x[j] = src[j];
+  }
+  void back(T* dst, int64_t r) const {
+    for (int64_t j = 0; j < r; ++j) dst[j] = x[j];
+  }
+};
+
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
 void adam_range_impl(T* p, const T* g, T* m, T* v, T* vm, const uint8_t* keep, int64_t n, const AdamArgs& a) {
   const AdamConsts<V> c(a);
-  const AdamConsts<Vec1> c1(a);
   int64_t i = 0;
   for (; i + V::W <= n; i += V::W) adam_lanes<V, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, keep, i, c);
-  for (; i < n; ++i) adam_lanes<Vec1, kWeightDecay, kDecoupled, kAmsgrad>(p, g, m, v, vm, keep, i, c1);
+  if (i == n) return;
+  const int64_t r = n - i;
+  Staged<T, V::W> sp(p + i, r), sg(g + i, r), sm(m + i, r), sv(v + i, r), svm(kAmsgrad ? vm + i : nullptr, r);
+  Staged<uint8_t, V::W> sk(keep != nullptr ? keep + i : nullptr, r);
+  adam_lanes<V, kWeightDecay, kDecoupled, kAmsgrad>(sp.x, sg.x, sm.x, sv.x, svm.x, keep != nullptr ? sk.x : nullptr,
+                                                     0, c);
+  sp.back(p + i, r);
+  sm.back(m + i, r);
+  sv.back(v + i, r);
+  if constexpr (kAmsgrad) svm.back(vm + i, r);
 }
 
 // The mode flags become template arguments so the inner loop has no branches.
@@ -89,12 +116,18 @@ inline void sgd_lanes(T* p, const T* g, T* buf, const uint8_t* keep, int64_t i, 
   updated.store(p + i);
 }
 
-// Full vectors with V, the tail with Vec1.
+// Full vectors with V, the tail through the same lanes (Staged).
 template <class V, class T>
 void sgd_range(T* p, const T* g, T* buf, const uint8_t* keep, int64_t n, const SgdArgs& a) {
   int64_t i = 0;
   for (; i + V::W <= n; i += V::W) sgd_lanes<V>(p, g, buf, keep, i, a);
-  for (; i < n; ++i) sgd_lanes<Vec1>(p, g, buf, keep, i, a);
+  if (i == n) return;
+  const int64_t r = n - i;
+  Staged<T, V::W> sp(p + i, r), sg(g + i, r), sb(a.has_momentum ? buf + i : nullptr, r);
+  Staged<uint8_t, V::W> sk(keep != nullptr ? keep + i : nullptr, r);
+  sgd_lanes<V>(sp.x, sg.x, sb.x, keep != nullptr ? sk.x : nullptr, 0, a);
+  sp.back(p + i, r);
+  if (a.has_momentum) sb.back(buf + i, r);
 }
 
 // fp32 lane sums over blocks of 64 vectors, flushed to fp64 (keeps the relative error < 1e-5).
