@@ -50,6 +50,22 @@ inline __m256i encode_magnitude16(__m256i a16) {
   return _mm256_min_epi16(_mm256_max_epi16(q, _mm256_set1_epi16(1)), _mm256_set1_epi16((kBinades << kMant) + 1));
 }
 
+// Pass 1's decode on sixteen lanes in 16-bit integers: a decoded magnitude's fp32 bits have 16 zero low
+// bits (kMant <= 7), so the top halves are computed sixteen at a time and unpacked against zeros.
+// Sixteen codes as 16-bit lanes ordered [0-3, 8-11 | 4-7, 12-15]: unpacklo / unpackhi then give
+// elements 0-7 / 8-15.
+inline __m256i load_codes16(const uint8_t* c) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  return _mm256_cvtepu8_epi16(_mm_shuffle_epi32(b, 0xd8));
+}
+// Top 16 bits of decode_magnitude for 16-bit codes (0 for code 0).
+template <int kMant, int kBinades>
+inline __m256i decode_magnitude16(__m256i code) {
+  const __m256i bits = _mm256_add_epi16(_mm256_slli_epi16(code, 7 - kMant),
+                                        _mm256_set1_epi16(int16_t((min_bits(kBinades) >> 16) - (1 << (7 - kMant)))));
+  return _mm256_andnot_si256(_mm256_cmpeq_epi16(code, _mm256_setzero_si256()), bits);
+}
+
 template <>
 struct Codec<Vec8> : CodecDefaults<Vec8> {
   static Vec8 abs(Vec8 a) { return Vec8(_mm256_and_ps(a.x, _mm256_castsi256_ps(set1(0x7fffffff)))); }
@@ -75,6 +91,29 @@ struct Codec<Vec8> : CodecDefaults<Vec8> {
     const __m256 e = _mm256_fnmadd_ps(d, y0, _mm256_set1_ps(2.0f));
     const __m256 y = _mm256_blendv_ps(_mm256_mul_ps(y0, e), y0, _mm256_cmp_ps(e, e, _CMP_UNORD_Q));
     return Vec8(_mm256_fnmadd_ps(_mm256_mul_ps(c.step_size.x, m.x), y, param.x));
+  }
+  template <bool kWeightDecay, class T>
+  static int64_t update_wide(T* p, const T* g, const uint8_t* mc, const uint8_t* rc, const uint8_t* keep, int64_t n,
+                             const Vec8& m_scale, const Vec8& r_scale, const Consts8<Vec8>& c, float* m_buf,
+                             float* r_buf, Vec8& m_max, Vec8& r_max) {
+    static_assert(kExpAvgMant <= 7 && kSqrtMant <= 7, "decoded values must have 16 zero low bits");
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256i cm = load_codes16(mc + i);
+      const __m256i tm = _mm256_or_si256(
+          decode_magnitude16<kExpAvgMant, kExpAvgBinades>(_mm256_and_si256(cm, _mm256_set1_epi16(127))),
+          _mm256_slli_epi16(_mm256_and_si256(cm, _mm256_set1_epi16(128)), 8));  // sign: bit 7 -> bit 15
+      const __m256i tr = decode_magnitude16<kSqrtMant, kSqrtBinades>(load_codes16(rc + i));
+      update_decoded<Vec8, kWeightDecay>(p, g, keep, i, Vec8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, tm))) * m_scale,
+                                         Vec8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, tr))) * r_scale, c,
+                                         m_buf, r_buf, m_max, r_max);
+      update_decoded<Vec8, kWeightDecay>(p, g, keep, i + 8,
+                                         Vec8(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, tm))) * m_scale,
+                                         Vec8(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, tr))) * r_scale, c,
+                                         m_buf, r_buf, m_max, r_max);
+    }
+    return i;
   }
   static int64_t encode_wide(uint8_t* mc, uint8_t* rc, const float* m_buf, const float* r_buf, float m_inv,
                              float r_inv, int64_t n) {

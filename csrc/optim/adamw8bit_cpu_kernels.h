@@ -54,7 +54,7 @@ inline float nan_max(float a, float b) { return a != a || a > b ? a : b; }  // N
 // The codec of a lane type: Codec<V>::decode_exp_avg / decode_root (W codes -> W fp32 values in
 // [-1, 1] / [0, 1]), encode_exp_avg / encode_root (W normalised values -> W codes), abs, max_lanes
 // (of a max_abs / max_root accumulator; NaN propagates). Specialised here for Vec1 and by each ISA's unit for its lane type; the hooks of
-// CodecDefaults (block maxima, the param update, a wider pass 2) may be replaced by an ISA's codec.
+// CodecDefaults (block maxima, the param update, wider passes 1 and 2) may be replaced by an ISA's codec.
 template <class V>
 struct Codec;
 
@@ -66,6 +66,12 @@ struct CodecDefaults {
   // The param update of AdamW (decay already applied); not part of the bit-exact state.
   static V param_update(V param, V m, V r, const Consts8<V>& c) {
     return param - c.step_size * m * vrcp(r * c.inv_bc2_sqrt + c.eps);
+  }
+  // Pass 1 over a prefix of [0, n) (update_lanes on each W lanes); returns how many elements it did.
+  template <bool kWeightDecay, class T>
+  static int64_t update_wide(T*, const T*, const uint8_t*, const uint8_t*, const uint8_t*, int64_t, const V&, const V&,
+                             const Consts8<V>&, float*, float*, V&, V&) {
+    return 0;
   }
   // Pass 2 over a prefix of [0, n): returns how many elements it encoded (the rest: W lanes, then 1).
   static int64_t encode_wide(uint8_t*, uint8_t*, const float*, const float*, float, float, int64_t) { return 0; }
@@ -132,7 +138,8 @@ inline void adamw8bit_block(T* p, const T* g, uint8_t* mc, uint8_t* rc, float* m
   const Vec1 m_scale1(*ms), r_scale1(*rs);
   V m_max(0.0f), r_max(0.0f);
   Vec1 m_max1(0.0f), r_max1(0.0f);
-  int64_t i = 0;
+  int64_t i = Codec<V>::template update_wide<kWeightDecay>(p, g, mc, rc, keep, n, m_scale, r_scale, c, m_buf, r_buf,
+                                                          m_max, r_max);
   for (; i + V::W <= n; i += V::W)
     update_lanes<V, kWeightDecay>(p, g, mc, rc, keep, i, m_scale, r_scale, c, m_buf, r_buf, m_max, r_max);
   for (; i < n; ++i)
