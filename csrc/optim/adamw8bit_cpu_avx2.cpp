@@ -105,7 +105,8 @@ struct Codec<Vec8> : CodecDefaults<Vec8> {
           decode_magnitude16<kExpAvgMant, kExpAvgBinades>(_mm256_and_si256(cm, _mm256_set1_epi16(127))),
           _mm256_slli_epi16(_mm256_and_si256(cm, _mm256_set1_epi16(128)), 8));  // sign: bit 7 -> bit 15
       const __m256i tr = decode_magnitude16<kSqrtMant, kSqrtBinades>(load_codes16(rc + i));
-      update_decoded<Vec8, kWeightDecay>(p, g, keep, i, Vec8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, tm))) * m_scale,
+      update_decoded<Vec8, kWeightDecay>(p, g, keep, i,
+                                         Vec8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, tm))) * m_scale,
                                          Vec8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, tr))) * r_scale, c,
                                          m_buf, r_buf, m_max, r_max);
       update_decoded<Vec8, kWeightDecay>(p, g, keep, i + 8,
@@ -129,14 +130,16 @@ struct Codec<Vec8> : CodecDefaults<Vec8> {
       // exp_avg: 0 below half the smallest magnitude, else magnitude code | sign << 7
       const __m256i hm = top16(m0, m1);
       const __m256i am = _mm256_and_si256(hm, abs16);
-      const __m256i keep = _mm256_cmpgt_epi16(am, _mm256_set1_epi16(int16_t((min_bits(kExpAvgBinades + 1) >> 16) - 1)));
+      const __m256i keep =
+          _mm256_cmpgt_epi16(am, _mm256_set1_epi16(int16_t((min_bits(kExpAvgBinades + 1) >> 16) - 1)));
       const __m256i sign = _mm256_and_si256(_mm256_srli_epi16(hm, 8), _mm256_set1_epi16(128));
       const __m256i cm = _mm256_and_si256(
           _mm256_or_si256(encode_magnitude16<kExpAvgMant, kExpAvgBinades>(am), sign), keep);
       // root: 0 for +-0 (a compare on the floats: the top 16 bits cannot tell a tiny value from 0)
       const __m256i ar = _mm256_and_si256(top16(r0, r1), abs16);
-      const __m256i zero = _mm256_packs_epi32(_mm256_castps_si256(_mm256_cmp_ps(r0, _mm256_setzero_ps(), _CMP_EQ_OQ)),
-                                              _mm256_castps_si256(_mm256_cmp_ps(r1, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+      const __m256 z = _mm256_setzero_ps();
+      const __m256i zero = _mm256_packs_epi32(_mm256_castps_si256(_mm256_cmp_ps(r0, z, _CMP_EQ_OQ)),
+                                              _mm256_castps_si256(_mm256_cmp_ps(r1, z, _CMP_EQ_OQ)));
       const __m256i cr = _mm256_andnot_si256(zero, encode_magnitude16<kSqrtMant, kSqrtBinades>(ar));
       // bytes [m 0-3, 8-11, r 0-3, 8-11 | m 4-7, 12-15, r 4-7, 12-15] -> [m 0-15 | r 0-15]
       const __m256i codes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(cm, cr), order);

@@ -9,7 +9,9 @@
 // maxima; pass 2 encodes the scratch against the new scales. Every state operation is a single
 // rounded fp32 operation in the reference's order (the unit is compiled with -ffp-contract=off),
 // so codes and scales equal bigkernels/reference/optim.py's bit for bit on every ISA; the param
-// update uses the refined reciprocal of the fused Adam kernels (within 1e-5 relative).
+// update uses the refined reciprocal of the fused Adam kernels (within 1e-5 relative; the AVX2 codec's
+// param_update uses FMAs there). The AVX2 codec replaces the hooks of CodecDefaults: both passes on
+// sixteen elements in 16-bit lanes, block maxima as integer maxima.
 #pragma once
 
 #include <cmath>
@@ -53,8 +55,9 @@ inline float nan_max(float a, float b) { return a != a || a > b ? a : b; }  // N
 
 // The codec of a lane type: Codec<V>::decode_exp_avg / decode_root (W codes -> W fp32 values in
 // [-1, 1] / [0, 1]), encode_exp_avg / encode_root (W normalised values -> W codes), abs, max_lanes
-// (of a max_abs / max_root accumulator; NaN propagates). Specialised here for Vec1 and by each ISA's unit for its lane type; the hooks of
-// CodecDefaults (block maxima, the param update, wider passes 1 and 2) may be replaced by an ISA's codec.
+// (of a max_abs / max_root accumulator; NaN propagates). Specialised here for Vec1 and by each
+// ISA's unit for its lane type; the hooks of CodecDefaults (block maxima, the param update, wider
+// passes 1 and 2) may be replaced by an ISA's codec.
 template <class V>
 struct Codec;
 
