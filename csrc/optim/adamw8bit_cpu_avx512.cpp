@@ -35,7 +35,7 @@ inline __m512 decode_magnitude16(__m512i code) {
 }
 
 template <>
-struct Codec<Vec16> {
+struct Codec<Vec16> : CodecDefaults<Vec16> {
   static Vec16 abs(Vec16 a) { return Vec16(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a.x),
                                                                                   set1(0x7fffffff)))); }
   static float max_lanes(Vec16 a) {

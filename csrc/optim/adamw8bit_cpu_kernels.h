@@ -9,7 +9,9 @@
 // maxima; pass 2 encodes the scratch against the new scales. Every state operation is a single
 // rounded fp32 operation in the reference's order (the unit is compiled with -ffp-contract=off),
 // so codes and scales equal bigkernels/reference/optim.py's bit for bit on every ISA; the param
-// update uses the refined reciprocal of the fused Adam kernels (within 1e-5 relative).
+// update uses the refined reciprocal of the fused Adam kernels (within 1e-5 relative; the AVX2 codec's
+// param_update uses FMAs there). The AVX2 codec replaces the hooks of CodecDefaults: both passes on
+// sixteen elements in 16-bit lanes, block maxima as integer maxima.
 #pragma once
 
 #include <cmath>
@@ -40,14 +42,46 @@ inline float decode_magnitude(int32_t code) {
   return code == 0 ? 0.0f : bits_to_float(uint32_t(((code - 1) << (23 - kMant)) + min_bits(kBinades)));
 }
 
+// ----- the step ----------------------------------------------------------------------------------
+template <class V>
+struct Consts8 {
+  V beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, mult, step_size, inv_bc2_sqrt;
+  explicit Consts8(const Adam8Args& a)
+      : beta1(a.beta1), one_minus_beta1(a.one_minus_beta1), beta2(a.beta2), one_minus_beta2(a.one_minus_beta2),
+        eps(a.eps), decay(a.decay), mult(a.grad_mult), step_size(a.step_size), inv_bc2_sqrt(a.inv_bc2_sqrt) {}
+};
+
+inline float nan_max(float a, float b) { return a != a || a > b ? a : b; }  // NaN propagates, like torch.amax
+
 // The codec of a lane type: Codec<V>::decode_exp_avg / decode_root (W codes -> W fp32 values in
 // [-1, 1] / [0, 1]), encode_exp_avg / encode_root (W normalised values -> W codes), abs, max_lanes
-// (NaN propagates). Specialised here for Vec1 and by each ISA's unit for its lane type.
+// (of a max_abs / max_root accumulator; NaN propagates). Specialised here for Vec1 and by each
+// ISA's unit for its lane type; the hooks of CodecDefaults (block maxima, the param update, wider
+// passes 1 and 2) may be replaced by an ISA's codec.
 template <class V>
 struct Codec;
 
+template <class V>
+struct CodecDefaults {
+  // Running NaN-propagating maxima of |m| and of r (r >= 0), reduced by max_lanes.
+  static V max_abs(V acc, V m) { return vmax(acc, Codec<V>::abs(m)); }
+  static V max_root(V acc, V r) { return vmax(acc, r); }
+  // The param update of AdamW (decay already applied); not part of the bit-exact state.
+  static V param_update(V param, V m, V r, const Consts8<V>& c) {
+    return param - c.step_size * m * vrcp(r * c.inv_bc2_sqrt + c.eps);
+  }
+  // Pass 1 over a prefix of [0, n) (update_lanes on each W lanes); returns how many elements it did.
+  template <bool kWeightDecay, class T>
+  static int64_t update_wide(T*, const T*, const uint8_t*, const uint8_t*, const uint8_t*, int64_t, const V&, const V&,
+                             const Consts8<V>&, float*, float*, V&, V&) {
+    return 0;
+  }
+  // Pass 2 over a prefix of [0, n): returns how many elements it encoded (the rest: W lanes, then 1).
+  static int64_t encode_wide(uint8_t*, uint8_t*, const float*, const float*, float, float, int64_t) { return 0; }
+};
+
 template <>
-struct Codec<Vec1> {
+struct Codec<Vec1> : CodecDefaults<Vec1> {
   static Vec1 abs(Vec1 a) { return Vec1(std::fabs(a.x)); }
   static float max_lanes(Vec1 a) { return a.x; }
   static Vec1 decode_exp_avg(const uint8_t* c) {
@@ -70,37 +104,33 @@ struct Codec<Vec1> {
   }
 };
 
-inline float nan_max(float a, float b) { return a != a || a > b ? a : b; }  // NaN propagates, like torch.amax
-
-// ----- the step ----------------------------------------------------------------------------------
-template <class V>
-struct Consts8 {
-  V beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, mult, step_size, inv_bc2_sqrt;
-  explicit Consts8(const Adam8Args& a)
-      : beta1(a.beta1), one_minus_beta1(a.one_minus_beta1), beta2(a.beta2), one_minus_beta2(a.one_minus_beta2),
-        eps(a.eps), decay(a.decay), mult(a.grad_mult), step_size(a.step_size), inv_bc2_sqrt(a.inv_bc2_sqrt) {}
-};
-
-// Pass 1 on lanes [i, i + V::W): new moments into the scratch (m, root), the param stored.
+// Pass 1 on lanes [i, i + V::W) from the dequantised moments m and r: new moments into the scratch
+// (m, root) and the block maxima, the param stored.
 template <class V, bool kWeightDecay, class T>
-inline void update_lanes(T* p, const T* g, const uint8_t* mc, const uint8_t* rc, const uint8_t* keep, int64_t i,
-                         const V& m_scale, const V& r_scale, const Consts8<V>& c, float* m_out, float* r_out,
-                         V& m_max, V& r_max) {
-  const V grad = V::load(g + i) * c.mult;
+inline void update_decoded(T* p, const T* g, const uint8_t* keep, int64_t i, V m, V r, const Consts8<V>& c,
+                           float* m_out, float* r_out, V& m_max, V& r_max) {
   using C = Codec<V>;
-  V m = C::decode_exp_avg(mc + i) * m_scale;
-  V r = C::decode_root(rc + i) * r_scale;
+  const V grad = V::load(g + i) * c.mult;
   m = m * c.beta1 + grad * c.one_minus_beta1;
   r = vsqrt((r * r) * c.beta2 + (grad * c.one_minus_beta2) * grad);
   V param = V::load(p + i);
   if constexpr (kWeightDecay) param = param * c.decay;
-  param = param - c.step_size * m * vrcp(r * c.inv_bc2_sqrt + c.eps);
+  param = C::param_update(param, m, r, c);
   if (keep != nullptr) param = keep_or_zero(param, keep + i);
   param.store(p + i);
   m.store(m_out + i);
   r.store(r_out + i);
-  m_max = vmax(m_max, C::abs(m));
-  r_max = vmax(r_max, r);
+  m_max = C::max_abs(m_max, m);
+  r_max = C::max_root(r_max, r);
+}
+
+template <class V, bool kWeightDecay, class T>
+inline void update_lanes(T* p, const T* g, const uint8_t* mc, const uint8_t* rc, const uint8_t* keep, int64_t i,
+                         const V& m_scale, const V& r_scale, const Consts8<V>& c, float* m_out, float* r_out,
+                         V& m_max, V& r_max) {
+  using C = Codec<V>;
+  update_decoded<V, kWeightDecay>(p, g, keep, i, C::decode_exp_avg(mc + i) * m_scale,
+                                  C::decode_root(rc + i) * r_scale, c, m_out, r_out, m_max, r_max);
 }
 
 // One block of n <= block_size elements.
@@ -111,7 +141,8 @@ inline void adamw8bit_block(T* p, const T* g, uint8_t* mc, uint8_t* rc, float* m
   const Vec1 m_scale1(*ms), r_scale1(*rs);
   V m_max(0.0f), r_max(0.0f);
   Vec1 m_max1(0.0f), r_max1(0.0f);
-  int64_t i = 0;
+  int64_t i = Codec<V>::template update_wide<kWeightDecay>(p, g, mc, rc, keep, n, m_scale, r_scale, c, m_buf, r_buf,
+                                                          m_max, r_max);
   for (; i + V::W <= n; i += V::W)
     update_lanes<V, kWeightDecay>(p, g, mc, rc, keep, i, m_scale, r_scale, c, m_buf, r_buf, m_max, r_max);
   for (; i < n; ++i)
@@ -121,7 +152,7 @@ inline void adamw8bit_block(T* p, const T* g, uint8_t* mc, uint8_t* rc, float* m
   // Pass 2: codes against the new scales (a zero scale: every code 0).
   const float m_inv = m_abs > 0.0f ? 1.0f / m_abs : 0.0f, r_inv = r_abs > 0.0f ? 1.0f / r_abs : 0.0f;
   const V m_inv_v(m_inv), r_inv_v(r_inv);
-  i = 0;
+  i = Codec<V>::encode_wide(mc, rc, m_buf, r_buf, m_inv, r_inv, n);
   for (; i + V::W <= n; i += V::W) {
     Codec<V>::encode_exp_avg(mc + i, V::load(m_buf + i) * m_inv_v);
     Codec<V>::encode_root(rc + i, V::load(r_buf + i) * r_inv_v);
