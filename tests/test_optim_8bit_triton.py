@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -119,5 +120,7 @@ def test_aot_state_path_keeps_its_rounded_adds():
     case = next(c for c in optim8bit.aot_cases() if c.arch == 90)
     ok, error, _, ptx = _aot.compile_case(case)
     assert ok, error
-    assert "add.rn.f32" in ptx, "the state path lost its explicitly rounded adds"
+    # libdevice's add_rn: a separately rounded add (``add.rn.f32``, or ``add.rn.ftz.f32`` where
+    # Triton builds libdevice with flush-to-zero), never contracted into an fma with its product
+    assert re.search(r"\badd\.rn(\.ftz)?\.f32\b", ptx), "the state path lost its explicitly rounded adds"
     assert _aot.count_loads(ptx)[0] >= case.vector_loads

@@ -377,6 +377,13 @@ def aot_cases():
     convention is in the tree), for each of its targets."""
     from bigkernels.triton._common import AOT_TARGETS, AOTCase
 
-    return [AOTCase(kernel, constexprs, sig, num_warps=NUM_WARPS, arch=arch, group=f"adamw8bit/{sig['p_ptr'][1:]}",
-                    vector_loads=vector_loads)
-            for arch in AOT_TARGETS for kernel, sig, constexprs, vector_loads in AOT_CASES]
+    cases = [AOTCase(kernel, constexprs, sig, num_warps=NUM_WARPS, arch=arch, group=f"adamw8bit/{sig['p_ptr'][1:]}",
+                     vector_loads=vector_loads)
+             for arch in AOT_TARGETS for kernel, sig, constexprs, vector_loads in AOT_CASES]
+    # the per-tensor path (one launch per tensor, for tensors the host's alignment check rejects
+    # from the table): vectorised by Triton's specialisation of aligned pointer arguments
+    kernel, sig, constexprs, vector_loads = AOT_CASES[0]
+    cases += [AOTCase(kernel, dict(constexprs, USE_TABLE=False, ALIGNED=False), sig, num_warps=NUM_WARPS, arch=arch,
+                      group="adamw8bit/per-tensor", vector_loads=vector_loads, note="per-tensor path")
+              for arch in AOT_TARGETS]
+    return cases
