@@ -292,3 +292,28 @@ def test_reference_rejects_mixed_adafactor_lists():
     with pytest.raises(ValueError, match="mixes"):
         ref.fused_adafactor_(p, p, [], [], [], [torch.zeros(())] * 2, lr=0.1, beta2_decay=-0.8, eps1=1e-3, eps2=1e-3,
                              d=1.0, weight_decay=0.0, maximize=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,seed", [("fused_rmsprop_", s) for s in range(4)] + [("fused_lion_", s) for s in range(2)])
+def test_cpu_kernels_update_each_element_as_the_whole_tensor_does(dtype, op, seed, cpu_isa):
+    """As Adam's (tests/test_optim_ops.py): an element's update does not depend on whether it sits in a
+    vector of the kernel's body or in a range's tail (FSDP2 / tensor-parallel shards, thread ranges):
+    one call on a 37-element tensor equals 37 one-element calls, bit for bit, masks included."""
+    require_kernel(op, "cpu")
+    make, _, names = CASES[op]
+    n = 37
+    lists, kw = make("cpu", dtype, 100 + seed, shapes=[(n,), (n,)])
+    lists["grads"] = [g.contiguous() for g in lists["grads"]]
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(seed)) > 0.3
+
+    def run(sl):
+        args = {k: [t[sl].clone() if t.dim() else t.clone() for t in v] for k, v in lists.items()}
+        getattr(torch.ops.bigkernels, op)(*args.values(), **kw, masks=[keep[sl].clone()] * 2)
+        return [args[k][0] for k in names if args[k]]
+
+    whole = run(slice(0, n))
+    pieces = [run(slice(i, i + 1)) for i in range(n)]
+    for k, w in enumerate(whole):
+        got = torch.cat([pc[k] for pc in pieces])
+        assert torch.equal(got, w), f"{op} output {k} ({kw}): elements {(got != w).nonzero().flatten().tolist()} differ"

@@ -23,7 +23,7 @@ from torch.testing._internal.common_optimizers import (
 import bigkernels as bk
 from bigkernels.reference.optim import Lion
 from conftest import assert_close
-from test_optim_torch_compat import _pair
+from test_optim_torch_compat import TOL, _close, _pair, _same_state_layout, _steps
 from test_optim_torch_compat import _params as _params_base
 
 OURS = {torch.optim.RMSprop: bk.optim.FusedRMSprop, torch.optim.Adafactor: bk.optim.FusedAdafactor}
@@ -31,47 +31,10 @@ INFOS = [info for info in optim_db if info.optim_cls in OURS]
 # torch's Adafactor divides by a param's size (it cannot step an empty param): no (0, 4) there.
 SHAPES = {torch.optim.RMSprop: [(5, 13, 17), (17,), (1,), (0, 4), (3, 7)],
           torch.optim.Adafactor: [(5, 13, 17), (17,), (1,), (3, 7), (2, 3, 4, 5), ()]}
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14),
-       torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
 
 
 def _params(dtype, shapes, seed=0):
     return _params_base(dtype, seed=seed, shapes=shapes)
-
-
-def _steps(pairs, steps, seed=1, none_every=0):
-    """Step each (params, optimizer) with the same fresh random gradients; every ``none_every``-th
-    step param 1 has no gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for i, p in enumerate(pairs[0][0]):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            none = none_every and step % none_every == 0 and i == 1
-            for params, _ in pairs:
-                params[i].grad = None if none else g.clone()
-        for _, opt in pairs:
-            opt.step()
-
-
-def _close(ours, theirs, dtype, what):
-    for i, (x, y) in enumerate(zip(ours, theirs)):
-        assert x.dtype == y.dtype
-        assert_close(x, y, what=f"{what} param {i}", **TOL[dtype])
-
-
-def _same_state_layout(opt_f, opt_t, what):
-    sd_f, sd_t = opt_f.state_dict(), opt_t.state_dict()
-    assert sd_f["state"].keys() == sd_t["state"].keys(), what
-    for k, st in sd_t["state"].items():
-        assert sd_f["state"][k].keys() == st.keys(), f"{what}: state keys of param {k}"
-        for name, v in st.items():
-            if name == "step":
-                assert float(sd_f["state"][k]["step"]) == float(v), f"{what}: step"
-            else:
-                assert sd_f["state"][k][name].dtype == v.dtype and sd_f["state"][k][name].shape == v.shape, name
-                assert_close(sd_f["state"][k][name], v, rtol=1e-4, atol=1e-6, what=f"{what}: state {name}")
-    for gf, gt in zip(sd_f["param_groups"], sd_t["param_groups"]):
-        assert gf.keys() == gt.keys(), f"{what}: param group keys"
 
 
 # ----- torch's optim_db: every configuration -----------------------------------------------------

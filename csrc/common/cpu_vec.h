@@ -79,4 +79,21 @@ struct Vec1 {
 // The lane, or +0 where the pruning mask byte is 0 (NaN included). One per lane type.
 inline Vec1 keep_or_zero(Vec1 a, const uint8_t* keep) { return Vec1(*keep != 0 ? a.x : 0.0f); }
 
+// Copies of the last r < W elements of a range, zero-padded to one vector of W lanes: the tail of a
+// range runs through the same lanes as its body. Vector lanes and Vec1 do not round alike (the
+// lanes' refined reciprocal vs an exact division, FMA contraction), and an element's result must
+// not depend on where it sits in its tensor or thread range: a tensor split into shards (FSDP2,
+// tensor parallel) is then updated bit for bit like the whole tensor.
+template <class T, int64_t W>
+struct Staged {
+  T x[W];
+  Staged(const T* src, int64_t r) {
+    std::memset(x, 0, sizeof(x));
+    for (int64_t j = 0; src != nullptr && j < r; ++j) x[j] = src[j];
+  }
+  void back(T* dst, int64_t r) const {
+    for (int64_t j = 0; j < r; ++j) dst[j] = x[j];
+  }
+};
+
 }  // namespace

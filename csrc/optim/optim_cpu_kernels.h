@@ -52,23 +52,6 @@ inline void adam_lanes(T* p, const T* g, T* m, T* v, T* vmax_, const uint8_t* ke
   exp_avg_sq.store(v + i);
 }
 
-// Copies of the last r < W elements of a range, zero-padded to one vector of W lanes: the tail of a
-// range runs through the same lanes as its body. Vector lanes and Vec1 do not round alike (the
-// lanes' refined reciprocal vs an exact division, FMA contraction), and an element's result must
-// not depend on where it sits in its tensor or thread range: a tensor split into shards (FSDP2,
-// tensor parallel) is then updated bit for bit like the whole tensor.
-template <class T, int64_t W>
-struct Staged {
-  T x[W];
-  Staged(const T* src, int64_t r) {
-    std::memset(x, 0, sizeof(x));
-    for (int64_t j = 0; src != nullptr && j < r; ++j) x[j] = src[j];
-  }
-  void back(T* dst, int64_t r) const {
-    for (int64_t j = 0; j < r; ++j) dst[j] = x[j];
-  }
-};
-
 template <class V, bool kWeightDecay, bool kDecoupled, bool kAmsgrad, class T>
 void adam_range_impl(T* p, const T* g, T* m, T* v, T* vm, const uint8_t* keep, int64_t n, const AdamArgs& a) {
   const AdamConsts<V> c(a);

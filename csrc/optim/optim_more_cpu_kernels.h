@@ -84,7 +84,19 @@ template <class V, bool kWd, bool kCentered, bool kMomentum, class T>
 void rmsprop_range_impl(T* p, const T* g, T* sq, T* ga, T* buf, const uint8_t* keep, int64_t n, const RmspropArgs& a) {
   int64_t i = 0;
   for (; i + V::W <= n; i += V::W) rmsprop_lanes<V, kWd, kCentered, kMomentum>(p, g, sq, ga, buf, keep, i, a);
-  for (; i < n; ++i) rmsprop_lanes<Vec1, kWd, kCentered, kMomentum>(p, g, sq, ga, buf, keep, i, a);
+  if (i == n) return;
+  // The tail through the same lanes as the body (Staged, common/cpu_vec.h): an element's update must
+  // not depend on where it sits (shards, thread ranges); Vec1's exact division would round differently.
+  const int64_t r = n - i;
+  Staged<T, V::W> sp(p + i, r), sg(g + i, r), ssq(sq + i, r), sga(kCentered ? ga + i : nullptr, r),
+      sbuf(kMomentum ? buf + i : nullptr, r);
+  Staged<uint8_t, V::W> sk(keep != nullptr ? keep + i : nullptr, r);
+  rmsprop_lanes<V, kWd, kCentered, kMomentum>(sp.x, sg.x, ssq.x, sga.x, sbuf.x, keep != nullptr ? sk.x : nullptr, 0,
+                                              a);
+  sp.back(p + i, r);
+  ssq.back(sq + i, r);
+  if constexpr (kCentered) sga.back(ga + i, r);
+  if constexpr (kMomentum) sbuf.back(buf + i, r);
 }
 
 template <class V, class T>
@@ -118,7 +130,13 @@ template <class V, class T>
 void lion_range(T* p, const T* g, T* m, const uint8_t* keep, int64_t n, const LionArgs& a) {
   int64_t i = 0;
   for (; i + V::W <= n; i += V::W) lion_lanes<V>(p, g, m, keep, i, a);
-  for (; i < n; ++i) lion_lanes<Vec1>(p, g, m, keep, i, a);
+  if (i == n) return;
+  const int64_t r = n - i;  // the tail through the body's lanes, as RMSprop's
+  Staged<T, V::W> sp(p + i, r), sg(g + i, r), sm(m + i, r);
+  Staged<uint8_t, V::W> sk(keep != nullptr ? keep + i : nullptr, r);
+  lion_lanes<V>(sp.x, sg.x, sm.x, keep != nullptr ? sk.x : nullptr, 0, a);
+  sp.back(p + i, r);
+  sm.back(m + i, r);
 }
 
 // ------------------------------------------------------------------------------ Adafactor, factored
