@@ -396,6 +396,17 @@ def _scalar_tensor(t: Optional[Tensor], name: str, op: str, device: torch.device
     return t
 
 
+def _prologue(op: str, params, grad_scale, found_inf, grad_norm, max_grad_norm):
+    """The step's device and its GradScaler / clipping scalars on it (clipping only when both a norm and
+    ``max_grad_norm > 0`` are given)."""
+    device = params[0].device
+    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
+    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
+    clip = grad_norm is not None and max_grad_norm > 0
+    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    return device, grad_scale, found_inf, grad_norm, clip
+
+
 def _check_lengths(op: str, n: int, **lists) -> None:
     for name, lst in lists.items():
         if len(lst) != n:
@@ -521,11 +532,8 @@ def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     keep = _mask_row(op, params, masks)
     if n == 0:
         return
-    device = params[0].device
-    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
-    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
-    clip = grad_norm is not None and max_grad_norm > 0
-    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    device, grad_scale, found_inf, grad_norm, clip = _prologue(op, params, grad_scale, found_inf, grad_norm,
+                                                               max_grad_norm)
     # Rows; without amsgrad the max_exp_avg_sqs row repeats exp_avg_sqs (never touched).
     rows = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps),
             list(max_exp_avg_sqs) if amsgrad else list(exp_avg_sqs)] + ([keep] if keep is not None else [])
@@ -646,11 +654,8 @@ def fused_sgd_triton_(
     keep = _mask_row(op, params, masks)
     if n == 0:
         return
-    device = params[0].device
-    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
-    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
-    clip = grad_norm is not None and max_grad_norm > 0
-    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    device, grad_scale, found_inf, grad_norm, clip = _prologue(op, params, grad_scale, found_inf, grad_norm,
+                                                               max_grad_norm)
     # Without momentum the buffer row repeats params (never touched).
     rows = [list(params), list(grads), list(momentum_buffers) if has_momentum else list(params)]
     rows += [keep] if keep is not None else []

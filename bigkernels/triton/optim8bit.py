@@ -31,7 +31,7 @@ from bigkernels.reference import optim as ref
 from bigkernels.triton._common import _INTERPRET, launcher
 from bigkernels.triton.optim import (_contiguous_rows, _grad_multiplier, _increment_steps_kernel,
                                      _increment_steps_traced, _is_eager, _is_finite_step, _locate,
-                                     _log_beta, _mask_row, _row_ptr, _scalar_tensor, _split, STEP_BLOCK)
+                                     _log_beta, _mask_row, _prologue, _row_ptr, _split, STEP_BLOCK)
 
 if not _INTERPRET:
     from triton.language.extra import libdevice
@@ -287,11 +287,8 @@ def adamw8bit_triton_(
     n = len(params)
     if n == 0:
         return
-    device = params[0].device
-    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
-    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
-    clip = grad_norm is not None and max_grad_norm > 0
-    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
+    device, grad_scale, found_inf, grad_norm, clip = _prologue(op, params, grad_scale, found_inf, grad_norm,
+                                                               max_grad_norm)
     rows = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(exp_avg_scales),
             list(exp_avg_sq_scales), list(state_steps)] + ([keep] if keep is not None else [])
     lr_hi, lr_lo = _split(lr)

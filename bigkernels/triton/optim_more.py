@@ -44,8 +44,8 @@ from bigkernels.triton.optim import (
     _ld,
     _locate,
     _mask_row,
+    _prologue,
     _row_ptr,
-    _scalar_tensor,
     _st,
     _table,
     _validate_rows,
@@ -419,15 +419,6 @@ ADAFACTOR_BLOCK_R = 8   # rows per program of the factored Adafactor kernels
 ADAFACTOR_BLOCK_C = 128  # columns per tile
 ADAFACTOR_COLS_BLOCK = 512  # columns per program of the column-factor kernel (4 per thread: 16-byte loads)
 SUM_BLOCK = 256  # partials per iteration of the in-kernel sums
-
-
-def _prologue(op: str, params, grad_scale, found_inf, grad_norm, max_grad_norm):
-    device = params[0].device
-    grad_scale = _scalar_tensor(grad_scale, "grad_scale", op, device)
-    found_inf = _scalar_tensor(found_inf, "found_inf", op, device)
-    clip = grad_norm is not None and max_grad_norm > 0
-    grad_norm = _scalar_tensor(grad_norm, "grad_norm", op, device) if clip else None
-    return device, grad_scale, found_inf, grad_norm, clip
 
 
 def _control(dummy, found_inf, grad_scale, grad_norm):
