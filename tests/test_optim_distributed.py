@@ -435,3 +435,54 @@ def test_grad_scaler_under_fsdp2(dist_workers):
     """GradScaler's grad_scale/found_inf consumed in the step on sharded params: an overflow step
     changes nothing, the others match torch's AdamW under the same scaler."""
     dist_workers.run(_scaler_body)
+
+
+def _new_optimizers_placements_body(kind: str):
+    """As _placements_body, for the optimizers of issue 12 (every optimizer the package has)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from bigkernels.reference.optim import Lion
+
+    mesh = init_device_mesh("cpu", (1, 2))
+    g = torch.Generator().manual_seed(5)
+    shapes = [(6, 5), (7, 4), (5,), (3, 3), (2, 6), (37,), (5, 3), (1, 3)]  # uneven shards, an empty one
+    placements = [(Shard(0), Shard(0)), (Replicate(), Shard(1)), (Shard(0), Replicate()), (Replicate(), Replicate()),
+                  (Replicate(), Shard(0)), (Replicate(), Shard(0)), (Replicate(), Shard(0)), (Replicate(), Shard(0))]
+    full_p = [torch.randn(s, generator=g) for s in shapes]
+    full_g = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    cls, torch_cls, kw = {
+        "rmsprop": (bk.optim.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True,
+                                                                      weight_decay=0.1)),
+        "lion": (bk.optim.FusedLion, Lion, dict(lr=0.01, weight_decay=0.1)),
+        "adafactor": (bk.optim.FusedAdafactor, torch.optim.Adafactor, dict(lr=0.01, weight_decay=0.1)),
+        "adamw8bit": (bk.optim.AdamW8bit, None, dict(lr=0.01)),
+    }[kind]
+    ours = [nn.Parameter(distribute_tensor(p.clone(), mesh, pl)) for p, pl in zip(full_p, placements)]
+    theirs = [nn.Parameter(p.clone()) for p in full_p]
+    opt = cls(ours, max_grad_norm=0.5, **kw)
+    ref = torch_cls(theirs, **kw) if torch_cls is not None else bk.optim.AdamW8bit(theirs, max_grad_norm=0.5, **kw)
+    for step, grads in enumerate(full_g):
+        for p, q, gr in zip(ours, theirs, grads):
+            q.grad = gr.clone()
+            p.grad = distribute_tensor(gr.clone(), mesh, p.placements)
+        if torch_cls is not None:
+            norm = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        opt.step()
+        ref.step()
+        if torch_cls is not None:
+            assert abs(float(opt.last_grad_norm) - float(norm)) <= 1e-6 * float(norm), (kind, step)
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        diff = (_full(p) - q.detach()).abs().max().item()
+        assert diff <= 1e-5, f"{kind} param {i} ({placements[i]}): max |diff| {diff}"
+        for name, t in opt.state[p].items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and kind != "adafactor":
+                assert isinstance(t, DTensor) and t.placements == p.placements, (kind, i, name)
+    return True
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "lion", "adafactor", "adamw8bit"])
+def test_new_optimizers_on_any_placement_match_the_full_tensors(dist_workers, kind):
+    """FusedRMSprop / FusedLion / FusedAdafactor / AdamW8bit on DTensor params of every placement
+    (max_grad_norm: one global norm) equal the same optimizer on the full tensors."""
+    assert dist_workers.run(_new_optimizers_placements_body, kind) == [True, True]
