@@ -287,3 +287,39 @@ def test_meta_skeleton_load_state_dict_assign_and_safetensors():
     empty = QuantLinear.empty(16, 32, mode="w8a8", smoothquant=True, device="meta")
     empty.load_state_dict({k[2:]: v for k, v in safetensors.load(blob).items() if k.startswith("0.")}, assign=True)
     assert torch.equal(empty(x), model[0](x))
+
+
+# The inference kernel path calls the op bodies directly (no autograd custom-op layer); in grad
+# mode a bias that wants a gradient is added by torch's add (fp32: the kernel's own rounding).
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothquant"])
+def test_inference_kernel_path_matches_the_differentiable_op(mode, smooth, force_linear_dispatch):
+    force_linear_dispatch("kernel")
+    torch.manual_seed(0)
+    lin = nn.Linear(123, 77)
+    q = QuantLinear.from_linear(lin, mode=mode)
+    if smooth:
+        q.smooth_scale = torch.rand(123) + 0.5
+    wide = torch.randn(5, 9, 2 * 123)
+    for x in (torch.randn(5, 123, 123), wide[:, :, ::2], torch.randn(1, 123), torch.randn(0, 123),
+              torch.randn(40, 123)):
+        x2 = x.reshape(-1, 123)
+        want = q._kernel_forward(x2)  # the autograd op
+        want.sum().backward()
+        want_grad, q.bias.grad = q.bias.grad, None
+        got = q(x)  # grad mode, bias requires grad: kernel without bias + add
+        assert got.shape == (*x.shape[:-1], 77)
+        assert torch.equal(got.reshape(-1, 77), want.detach()), (mode, tuple(x.shape))
+        if x2.shape[0]:
+            assert got.requires_grad
+            got.sum().backward()
+            assert torch.equal(q.bias.grad, want_grad)
+            q.bias.grad = None
+        with torch.no_grad():
+            assert torch.equal(q(x).reshape(-1, 77), want.detach())
+    with torch.no_grad():  # bf16: the bias inside the kernel either way
+        qb = copy.deepcopy(q).to(torch.bfloat16)
+        xb = torch.randn(7, 123, dtype=torch.bfloat16)
+        assert torch.equal(qb(xb), qb._kernel_forward(xb))
+    qb.bias.requires_grad_(True)
+    assert torch.equal(qb(xb).detach(), qb._kernel_forward(xb).detach())

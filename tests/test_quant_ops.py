@@ -264,3 +264,16 @@ def test_engine_float_outputs(dtype, shape, cpu_isa):
         assert_close(got, ref32, rtol=1e-5, atol=1e-6 * ref32.abs().max().item(), what="int8_scaled_mm fp32")
     else:
         check_16bit(got, ref32, ref.int8_scaled_mm(xq, xs, wq, ws, bias, dtype), "int8_scaled_mm")
+
+
+@pytest.mark.parametrize("shape", ENGINE_SHAPES + [(6, 64, 1), (48, 2048, 1024)], ids=str)
+def test_engine_fp32_epilogue_is_the_reference_rounding(shape, cpu_isa):
+    """fp32 int8_scaled_mm: the exact int32 sums, then (acc * a_scale) * b_scale + bias in fp32,
+    bit for bit the reference's order, in the vector epilogue (8 columns at a time) and its tail."""
+    require_kernel("int8_scaled_mm", "cpu")
+    M, K, N = shape
+    a, b = _int8((M, K), "cpu", noncontig=(M % 2 == 1)), _int8((N, K), "cpu")
+    a_scale, b_scale, bias = torch.rand(M) / 100, torch.rand(N) / 100, torch.randn(N)
+    for bi in (bias, None):
+        got = ops.int8_scaled_mm(a, a_scale, b, b_scale, bi, torch.float32)
+        assert torch.equal(got, ref.int8_scaled_mm(a, a_scale, b, b_scale, bi, torch.float32)), shape

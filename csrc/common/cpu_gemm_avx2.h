@@ -37,6 +37,25 @@ constexpr int64_t kKC2 = 256;  // int16: k pairs per panel (256 x 16 x 2 x 2 B =
 inline int64_t row_panels(int64_t m) { return (m + kMR - 1) / kMR; }
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+// 8 x 8 fp32 transpose of r[0..7] in place.
+inline void transpose8x8_ps(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+  }
+}
+
 // ------------------------------------------------------------------ A packing
 // fp32 A: row panel p (rows 6p .. 6p + 5) is [K][6] floats at dst + p * K * 6, rows past M zero.
 template <class T>
@@ -67,6 +86,25 @@ inline void pack_a_i8(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
   const int64_t K2 = (K + 1) / 2;
   for (int64_t p = p0; p < p1; ++p) {
     int32_t* d = dst + p * K2 * kMR;
+    int64_t j0 = 0;  // pairs done by the vector loop
+    if (M - p * kMR >= kMR) {
+      // 8 pairs (16 bytes) of each of the 6 rows: sign-extended to int16 (= 8 int32 pairs per row),
+      // transposed as 8 x 8 lanes (rows 6, 7 unused) and stored as 8 runs of 6 pairs; the 8th run
+      // stores only its 6 lanes (the next ones belong to the next pairs or the next panel).
+      const int8_t* r0 = a + p * kMR * lda;
+      const __m256i keep6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+      for (; 2 * (j0 + 8) <= K; j0 += 8) {
+        __m256 t[8];
+        for (int i = 0; i < kMR; ++i)
+          t[i] = _mm256_castsi256_ps(
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + i * lda + 2 * j0))));
+        t[6] = t[7] = _mm256_setzero_ps();
+        transpose8x8_ps(t);
+        int32_t* o = d + j0 * kMR;
+        for (int c = 0; c < 7; ++c) _mm256_storeu_ps(reinterpret_cast<float*>(o + c * kMR), t[c]);
+        _mm256_maskstore_epi32(o + 7 * kMR, keep6, _mm256_castps_si256(t[7]));
+      }
+    }
     for (int i = 0; i < kMR; ++i) {
       const int64_t m = p * kMR + i;
       if (m >= M) {
@@ -74,7 +112,7 @@ inline void pack_a_i8(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
         continue;
       }
       const int8_t* r = a + m * lda;
-      for (int64_t j = 0; j < K2; ++j) {
+      for (int64_t j = j0; j < K2; ++j) {
         const int32_t lo = r[2 * j], hi = 2 * j + 1 < K ? r[2 * j + 1] : 0;
         d[j * kMR + i] = int32_t(uint32_t(uint16_t(int16_t(lo))) | (uint32_t(uint16_t(int16_t(hi))) << 16));
       }
@@ -171,7 +209,19 @@ void unit(Dec& dec, const T* ap, int64_t depth, int64_t kcmax, int64_t m0, int64
     const int64_t kc = std::min(kcmax, depth - k0);
     for (int64_t j = 0; j < nw; j += kNR) {
       if (!dec.pack(n0 + j, k0, kc, b)) continue;
-      for (int64_t p = 0; p < mp; ++p) micro(kc, ap + ((m0 / kMR + p) * depth + k0) * kMR, b, acc + p * kMR * nw + j, nw);
+      for (int64_t p = 0; p < mp; ++p) {
+        // The next row panel's first k (its A panel starts a whole depth away, past the hardware
+        // prefetcher's stream) and its sums (read back at the end of its micro-kernel call).
+        const int64_t q = p + 1 < mp ? p + 1 : 0;
+        const char* an = reinterpret_cast<const char*>(ap + ((m0 / kMR + q) * depth + k0) * kMR);
+        for (int l = 0; l < 6; ++l) _mm_prefetch(an + 64 * l, _MM_HINT_T0);
+        const T* cn = acc + q * kMR * nw + (p + 1 < mp ? j : j + kNR < nw ? j + kNR : 0);
+        for (int i = 0; i < kMR; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(cn + i * nw), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(cn + i * nw + kNR - 1), _MM_HINT_T0);
+        }
+        micro(kc, ap + ((m0 / kMR + p) * depth + k0) * kMR, b, acc + p * kMR * nw + j, nw);
+      }
     }
   }
   for (int64_t m = m0; m < m1; ++m) dec.store(m, n0, n1 - n0, acc + (m - m0) * nw);
@@ -265,25 +315,6 @@ inline void panel_from_i8_rows_pairs(const int8_t* const rows[kNR], int64_t K, i
       const int32_t lo = rows[r] && k < K ? rows[r][k] : 0, hi = rows[r] && k + 1 < K ? rows[r][k + 1] : 0;
       dst[j * kNR + r] = int32_t(uint32_t(uint16_t(int16_t(lo))) | (uint32_t(uint16_t(int16_t(hi))) << 16));
     }
-}
-
-// 8 x 8 fp32 transpose of r[0..7] in place.
-inline void transpose8x8_ps(__m256 r[8]) {
-  __m256 t[8], s[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
-    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
-  }
 }
 
 // Float rows rows[r] (r < 16, dtype T; null = a zero row), inputs k0 .. k0 + kc, as [kc][16] fp32.

@@ -28,7 +28,16 @@ struct W8Panels {
     return true;
   }
   void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const {
-    for (int64_t j = 0; j < cnt; ++j) {
+    int64_t j = 0;
+    if (g.out_dtype == DType::f32) {  // 8 at a time, the same two roundings (mul, then add)
+      float* out = static_cast<float*>(g.out) + m * g.ldo + n;
+      for (; j + 8 <= cnt; j += 8) {
+        __m256 o = _mm256_mul_ps(_mm256_loadu_ps(acc + j), _mm256_loadu_ps(g.b_scale + n + j));
+        if (g.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(g.bias + n + j));
+        _mm256_storeu_ps(out + j, o);
+      }
+    }
+    for (; j < cnt; ++j) {
       float o = acc[j] * g.b_scale[n + j];
       if (g.bias) o = o + g.bias[n + j];
       store_float(g.out_dtype, g.out, m * g.ldo + n + j, o);
@@ -47,7 +56,22 @@ struct I8Panels {
     return true;
   }
   void store(int64_t m, int64_t n, int64_t cnt, const int32_t* acc) const {
-    for (int64_t j = 0; j < cnt; ++j) {
+    int64_t j = 0;
+    if (g.out_dtype == DType::i32) {
+      std::memcpy(static_cast<int32_t*>(g.out) + m * g.ldo + n, acc, size_t(cnt) * sizeof(int32_t));
+      return;
+    }
+    if (g.out_dtype == DType::f32) {  // 8 at a time, the scalar order: (acc * a_scale) * b_scale + bias
+      float* out = static_cast<float*>(g.out) + m * g.ldo + n;
+      const __m256 as = _mm256_set1_ps(g.a_scale[m]);
+      for (; j + 8 <= cnt; j += 8) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)));
+        __m256 o = _mm256_mul_ps(_mm256_mul_ps(v, as), _mm256_loadu_ps(g.b_scale + n + j));
+        if (g.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(g.bias + n + j));
+        _mm256_storeu_ps(out + j, o);
+      }
+    }
+    for (; j < cnt; ++j) {
       const int64_t idx = m * g.ldo + n + j;
       if (g.out_dtype == DType::i32) {
         static_cast<int32_t*>(g.out)[idx] = acc[j];
