@@ -9,12 +9,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <vector>
 
 #include "codebook/codebook_cpu.h"
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 
 namespace bigkernels::codebook::cpu {
 
@@ -144,6 +146,19 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
   const Kernels& k = best_kernels();
   GemmArgs g{format_of(idx, table, K, group_size, bits), x.data_ptr<float>(), x.stride(0), nullptr,
              bi ? bi->data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
+  // Larger M: the panel engine (x packed once; blocks of up to 264 rows x 128 columns, as quant's).
+  const char* min_rows_env = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");  // tuning override
+  if (k.engine_gemm && M >= (min_rows_env ? std::atoll(min_rows_env) : k.engine_min_rows(bits))) {
+    at::Tensor ap = at::empty({packed_x_floats(M, K)}, x.options());
+    float* app = ap.data_ptr<float>();
+    const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
+    at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+                     [&](int64_t p0, int64_t p1) { k.pack_x(g.x, g.ldx, M, K, p0, p1, app); });
+    g.a_packed = app;
+    bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, double(M) * double(N) * double(K),
+                                      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.engine_gemm(g, m0, m1, n0, n1); });
+    return out;
+  }
   // Small M on the 4-bit lookup path: x rearranged once here rather than by every block.
   at::Tensor xp;
   if (bits == 4 && k.permute_x && M < k.permute_rows && K >= 64) {

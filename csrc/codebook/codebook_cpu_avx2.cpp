@@ -104,6 +104,7 @@ struct Isa {
 }  // namespace
 
 #include "codebook/codebook_cpu_kernels.h"
+#include "codebook/codebook_cpu_panels.h"
 
 // ---------------------------------------------------------------- 4-bit GEMM by byte shuffles
 // A 16-entry fp32 table is four 16-byte planes (byte b of every entry); vpshufb looks up 32
@@ -224,9 +225,16 @@ void Isa::nibble_gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
     });
 }
 
+namespace {
+// The panel engine from this many rows of x; below, the lookup-table tiles (each packed row
+// streamed once, nothing packed) are as fast or faster. See engine_min_rows in codebook_cpu.h.
+int64_t engine_min_rows(int bits) { return bits == 8 ? 8 : 8; }
+}  // namespace
+
 namespace bigkernels::codebook::cpu {
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", lut_gemm_block<Isa>, dequantize_rows<Isa>, permute_x, Isa::kNibbleRows};
+  static const Kernels k{"avx2",        lut_gemm_block<Isa>, dequantize_rows<Isa>, permute_x, Isa::kNibbleRows,
+                         pack_x_panels, engine_gemm<Isa>,    engine_min_rows};
   return k;
 }
 }  // namespace bigkernels::codebook::cpu
