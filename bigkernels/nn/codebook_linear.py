@@ -63,10 +63,12 @@ class CodebookLinear(nn.Module):
     x's dtype.
 
     Inference runs a lookup-table GEMV/GEMM (indices -> centroids in registers, no dense weight in
-    memory); each shape and batch size runs the fastest of that kernel and the dense product with
-    the weight decoded (per call, or once and kept for layers of at most 1 MiB dense), measured on
-    first use (``bigkernels.nn._dispatch``), so the layer is not slower than the ``nn.Linear`` it
-    replaced. Training and ``torch.compile`` run the differentiable kernel op.
+    memory; on AVX2 CPUs from 12 rows of x on, index panels decoded into the packed-panel GEMM
+    engine). On such a CPU a layer whose dense weight exceeds the dense-cache budget
+    (``BIGKERNELS_DENSE_CACHE_BYTES``, 1 MiB) always runs that kernel (see :meth:`_choose`); other
+    layers and devices run the fastest of the kernel and the dense product with the weight decoded
+    (per call, or once and kept for layers within the budget), measured on first use
+    (``bigkernels.nn._dispatch``). Training and ``torch.compile`` run the differentiable kernel op.
 
     Build from a trained layer with :meth:`from_linear` (1-D k-means, see
     :func:`bigkernels.quant.codebook.kmeans_1d`) or for a whole model with
