@@ -6,10 +6,12 @@ it replaces, one process, same data; plus the time k-means takes per layer.
 
 Baseline: ``F.linear`` in the float dtype a user runs on that device (fp32 on the CPU, bf16 via
 cuBLAS on CUDA), timed in alternating rounds with ours (CPU) or by do_bench (GPU). Ours: the
-module (``bigkernels <b>-bit``: its shape dispatch picks the lookup-table kernel or the dense
-product with the weight decoded, measured on its first call, which is the warm-up outside the
-timing; the "path" column says which) and the bare kernel op (``codebook_mm <b>-bit``: the
-lookup-table kernel alone). The "kmeans" rows time ``bigkernels.quant.codebook.fit_codebook``
+module (``bigkernels <b>-bit``: on an AVX2 CPU, layers over the dense-cache budget run the kernel
+(lookup tiles, then the panel engine from 12 rows); elsewhere its shape dispatch picks the kernel
+or the dense product with the weight decoded, measured on its first call, which is the warm-up
+outside the timing; the "path" column says which) and the bare kernel op (``codebook_mm
+<b>-bit``). ``--sweep --bits 2,3,4,8`` sweeps every bit width (one layer per shape and width,
+built once). The "kmeans" rows time ``bigkernels.quant.codebook.fit_codebook``
 (histogram k-means + one exact Lloyd step + packing) on a Gaussian weight of that shape, with the
 relative MSE of the shared weight; full CPU runs add torchao's prototype codebook k-means (the only
 peer with weight-shared codebooks; its layer dequantises and calls F.linear) on 512 x 512.
