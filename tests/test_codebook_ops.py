@@ -94,9 +94,10 @@ def test_codebook_mm(device, dtype, shape, bits, isa):
 
 # The CPU panel engine (csrc/codebook/codebook_cpu_panels.h) forced from M = 1 on: strips of 16
 # rows (N = 1, 5, 16, 33: partial strips), 256-wide K blocks with vector and scalar tails (K = 8,
-# 64: the 3-bit last unit read exactly; 123, 600, 777), groups inside a strip (3, 7) or per layer.
+# 64: the 3-bit last unit read exactly; 123, 600, 777; 0 and 1: bias only, scalar tail only), groups
+# inside a strip (3, 7) or per layer.
 ENGINE_SHAPES = [(1, 123, 123, 123), (5, 123, 123, 7), (0, 64, 16, 16), (7, 64, 5, 5), (12, 777, 33, 3),
-                 (6, 8, 1, 1), (19, 600, 16, 16)]
+                 (6, 8, 1, 1), (19, 600, 16, 16), (13, 0, 5, 5), (12, 1, 17, 17)]
 
 
 @pytest.mark.parametrize("shape", ENGINE_SHAPES, ids=str)
