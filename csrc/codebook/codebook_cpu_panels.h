@@ -1,8 +1,8 @@
 // The codebook GEMM on the packed-panel engine (common/cpu_gemm_avx2.h), for the larger M. A
 // decoder writes each strip of 16 output features over a block of K as a dense fp32 [kc][16]
 // panel (16 KB: L1): each row's indices are looked up eight at a time by the instruction set's
-// decoder (Isa::Dec<BITS>: vpermps / vpshufb-free table lookups in registers), and 8 x 8 register
-// transposes turn 8 rows x 8 inputs into the panel's [k][16] order. The engine's 6 x 16 FMA
+// decoder (Isa::Dec<BITS>: vpermps table lookups in registers, scalar table loads for 8 bits), and
+// 8 x 8 register transposes turn 8 rows x 8 inputs into the panel's [k][16] order. The engine's 6 x 16 FMA
 // micro-kernel then runs every row panel of its block of x against it, so the decoding costs
 // 1 / (rows per block) of a multiply-add and no dense weight exists beyond one panel per thread.
 // Included by the AVX2 unit after codebook_cpu_kernels.h (which defines index_at, store_float,
