@@ -1,15 +1,17 @@
 """CodebookLinear (weight sharing: k-means codebooks, lookup-table GEMV/GEMM) vs the float nn.Linear
 it replaces, one process, same data; plus the time k-means takes per layer.
 
-    python benchmarks/bench_codebook.py [--quick] [--sweep] [--device cpu|cuda] [--out FILE.json]
+    python benchmarks/bench_codebook.py [--quick] [--sweep [--bits 2,3,4,8]] [--device cpu|cuda] [--out FILE.json]
     BENCH_CPU_TIME=1 python benchmarks/bench_codebook.py ...   # CPU: one thread, CPU time (see below)
 
 Baseline: ``F.linear`` in the float dtype a user runs on that device (fp32 on the CPU, bf16 via
 cuBLAS on CUDA), timed in alternating rounds with ours (CPU) or by do_bench (GPU). Ours: the
-module (``bigkernels <b>-bit``: its shape dispatch picks the lookup-table kernel or the dense
-product with the weight decoded, measured on its first call, which is the warm-up outside the
-timing; the "path" column says which) and the bare kernel op (``codebook_mm <b>-bit``: the
-lookup-table kernel alone). The "kmeans" rows time ``bigkernels.quant.codebook.fit_codebook``
+module (``bigkernels <b>-bit``: on an AVX2 CPU, layers over the dense-cache budget run the kernel
+(lookup tiles, then the panel engine from 12 rows); elsewhere its shape dispatch picks the kernel
+or the dense product with the weight decoded, measured on its first call, which is the warm-up
+outside the timing; the "path" column says which) and the bare kernel op (``codebook_mm
+<b>-bit``). ``--sweep --bits 2,3,4,8`` sweeps every bit width (one layer per shape and width,
+built once). The "kmeans" rows time ``bigkernels.quant.codebook.fit_codebook``
 (histogram k-means + one exact Lloyd step + packing) on a Gaussian weight of that shape, with the
 relative MSE of the shared weight; full CPU runs add torchao's prototype codebook k-means (the only
 peer with weight-shared codebooks; its layer dequantises and calls F.linear) on 512 x 512.
@@ -39,13 +41,13 @@ from common import (SWEEP_HELP, SWEEP_KN, SWEEP_M, bench_main, header, metadata,
 KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
-def grid(device: str, quick: bool, sweep: bool = False):
+def grid(device: str, quick: bool, sweep: bool = False, bits=(4,)):
     """(M, K, N, bit widths): the issue's 4096 x 4096 at M = 1 first; full runs add the Llama-size
     MLP shapes, M = 16 / 128, every bit width at 4096^2 and a small layer (the edge of "never
-    slower than dense", where the module must fall back to the dense product). ``sweep``: 4 bits
-    over SWEEP_M x SWEEP_KN."""
+    slower than dense", where the module must fall back to the dense product). ``sweep``: ``bits``
+    (default 4) over SWEEP_M x SWEEP_KN."""
     if sweep:
-        return [(m, k, n, (4,)) for k, n in SWEEP_KN for m in SWEEP_M]
+        return [(m, k, n, tuple(bits)) for k, n in SWEEP_KN for m in SWEEP_M]
     if device == "cuda":
         ms = [1, 16] if quick else [1, 4, 16, 128, 2048]
         return [(m, 4096, 4096, (4,) if quick else (2, 3, 4, 8)) for m in ms] + \
@@ -57,12 +59,16 @@ def grid(device: str, quick: bool, sweep: bool = False):
     return cases + [(1, 256, 256, (4,)), (128, 256, 256, (4,))]
 
 
-def providers(x: torch.Tensor, lin: torch.nn.Linear, bits_list):
-    """(name -> call, name -> the CodebookLinear behind it)."""
+def providers(x: torch.Tensor, lin: torch.nn.Linear, bits_list, cache=None):
+    """(name -> call, name -> the CodebookLinear behind it); ``cache`` (dict) keeps the layers
+    built from ``lin`` for the next batch size (k-means on 4096^2 takes seconds)."""
     out: Dict[str, Callable] = {f"F.linear {str(x.dtype).split('.')[1]}": lambda: F.linear(x, lin.weight, lin.bias)}
     layers = {}
+    cache = {} if cache is None else cache
     for bits in bits_list:
-        layer = CodebookLinear.from_linear(lin, bits=bits)
+        layer = cache.get((id(lin), bits))
+        if layer is None:
+            layer = cache[(id(lin), bits)] = CodebookLinear.from_linear(lin, bits=bits)
         layers[f"bigkernels {bits}-bit"] = layer
         out[f"bigkernels {bits}-bit"] = lambda layer=layer: layer(x)
         out[f"codebook_mm {bits}-bit"] = (lambda layer=layer: torch.ops.bigkernels.codebook_mm(
@@ -111,7 +117,7 @@ def kmeans_rows(device: str, quick: bool, meta: dict) -> List[dict]:
     return rows
 
 
-def run(device: str, quick: bool, sweep: bool = False) -> List[dict]:
+def run(device: str, quick: bool, sweep: bool = False, bits: str = "4") -> List[dict]:
     cpu_time = device == "cpu" and os.environ.get("BENCH_CPU_TIME") == "1"
     if cpu_time:
         torch.set_num_threads(1)
@@ -120,11 +126,18 @@ def run(device: str, quick: bool, sweep: bool = False) -> List[dict]:
     print(header(meta))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
-    for m, k, n, bits_list in grid(device, quick, sweep):
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, device=device, dtype=dtype)
+    bits_sweep = tuple(int(b) for b in bits.split(","))
+    lins: Dict[tuple, torch.nn.Linear] = {}
+    cache: dict = {}
+    for m, k, n, bits_list in grid(device, quick, sweep, bits_sweep):
+        if (k, n) not in lins:  # one layer per shape (and its codebook layers, in `cache`)
+            lins.clear()
+            cache.clear()
+            torch.manual_seed(0)
+            lins[(k, n)] = torch.nn.Linear(k, n, device=device, dtype=dtype)
+        lin = lins[(k, n)]
         x = torch.randn(m, k, device=device, dtype=dtype)
-        fns, layers = providers(x, lin, bits_list)
+        fns, layers = providers(x, lin, bits_list, cache)
         res = (time_cpu_interleaved(fns, quick, 4.0, clock=time.thread_time) if cpu_time
                else time_providers(fns, device, quick, budget_s=4.0))
         base = next(t[0] for name, t in res.items() if name.startswith("F.linear"))
@@ -155,7 +168,8 @@ def print_table(rows: List[dict]) -> None:
 
 def main(argv=None):
     return bench_main(__doc__.split("\n")[0], run, print_table, argv,
-                      options={"sweep": dict(action="store_true", help=SWEEP_HELP)})
+                      options={"sweep": dict(action="store_true", help=SWEEP_HELP),
+                               "bits": dict(default="4", help="--sweep: comma list of bit widths (default 4)")})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """``bigkernels bench``: the benchmark families (optimizers, int8 layers, sparse layers,
-distillation losses) on this device, one summary table, JSON and a bar chart. The benchmark scripts live in the source
+distillation losses, weight-shared codebook layers) on this device, one summary table, JSON and a bar chart. The benchmark scripts live in the source
 tree's ``benchmarks/`` folder (an editable install, as the README's commands make)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Dict, List
 
-FAMILIES = ("bench_optim", "bench_quant", "bench_sparse", "bench_distill")
+FAMILIES = ("bench_optim", "bench_quant", "bench_sparse", "bench_distill", "bench_codebook")
 BASELINES = ("torch AdamW fused", "torch SGD fused", "F.linear", "dense F.linear", "torch F.kl_div")
 
 

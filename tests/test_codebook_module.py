@@ -17,7 +17,7 @@ import bigkernels as bk
 from bigkernels.nn import CodebookLinear
 from bigkernels.quant.codebook import kmeans_1d
 from bigkernels.reference import codebook as ref
-from conftest import assert_close
+from conftest import assert_close, require_kernel
 
 # Minimum mean squared error of any 2**bits-level scalar quantiser of N(0, 1) (Max, 1960; the
 # Lloyd-Max quantiser): k-means on Gaussian weights must come within 2% of it (a finite sample's
@@ -221,6 +221,41 @@ def test_shape_dispatch_gives_the_kernels_numbers(mode, force_linear_dispatch):
         x = torch.randn(2, 96)
         assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5, what="rewritten")
     assert want.shape == (1, 40)
+
+
+def test_dispatch_runs_the_kernel_on_large_cpu_layers(force_linear_dispatch, monkeypatch):
+    """On a CPU with the panel engine, a layer over the dense-cache budget routes to the kernel at
+    every batch size without timing the per-call dense fallback (which the engine outruns and a
+    loaded machine's timing could pick); layers within the budget are still measured, and a
+    forced mode is obeyed."""
+    from bigkernels.nn import _dispatch
+    from bigkernels.nn.codebook_linear import cpu_engine
+
+    require_kernel("codebook_mm", "cpu")
+    if not cpu_engine():
+        pytest.skip("no AVX2 panel engine on this CPU")
+    force_linear_dispatch("measure")
+    monkeypatch.setenv("BIGKERNELS_DENSE_CACHE_BYTES", str(64 * 48 * 4 - 1))  # 64 x 48 fp32: over the budget
+    _dispatch.clear()
+    timed = []
+    real_time = _dispatch._time
+    monkeypatch.setattr(_dispatch, "_time", lambda paths, device: timed.append(sorted(paths)) or real_time(paths, device))
+    torch.manual_seed(9)
+    q = CodebookLinear.from_linear(nn.Linear(64, 48), bits=4)
+    small = CodebookLinear.from_linear(nn.Linear(32, 16), bits=4)
+    with torch.no_grad():
+        for m in (1, 7, 64):
+            x = torch.randn(m, 64)
+            assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5, what=f"M={m}")
+            assert q._routes.get(x) == "kernel" and q._dense.weight is None
+        assert timed == []
+        small(torch.randn(3, 32))  # within the budget: measured, with the cached dense path offered
+    assert timed == [["decompress", "dense", "kernel"]]
+    force_linear_dispatch("dense")
+    with torch.no_grad():
+        x = torch.randn(2, 64)
+        assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-5, what="forced")
+        assert q._routes.get(x) == "decompress"
 
 
 def test_share_weights_filter_logging_and_bad_input(caplog):

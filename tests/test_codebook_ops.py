@@ -92,6 +92,36 @@ def test_codebook_mm(device, dtype, shape, bits, isa):
         check_16bit(got, ref32, lowp, f"codebook_mm {bits}-bit {dtype}")
 
 
+# The CPU panel engine (csrc/codebook/codebook_cpu_panels.h) forced from M = 1 on: strips of 16
+# rows (N = 1, 5, 16, 33: partial strips), 256-wide K blocks with vector and scalar tails (K = 8,
+# 64: the 3-bit last unit read exactly; 123, 600, 777; 0 and 1: bias only, scalar tail only), groups
+# inside a strip (3, 7) or per layer.
+ENGINE_SHAPES = [(1, 123, 123, 123), (5, 123, 123, 7), (0, 64, 16, 16), (7, 64, 5, 5), (12, 777, 33, 3),
+                 (6, 8, 1, 1), (19, 600, 16, 16), (13, 0, 5, 5), (12, 1, 17, 17)]
+
+
+@pytest.mark.parametrize("shape", ENGINE_SHAPES, ids=str)
+@pytest.mark.parametrize("bits", BITS)
+def test_codebook_mm_panel_engine_at_every_m(shape, bits, monkeypatch):
+    require_kernel("codebook_mm", "cpu")
+    monkeypatch.setenv("BIGKERNELS_PANEL_MIN_ROWS", "1")
+    M, K, N, gs = shape
+    gen = torch.Generator().manual_seed(M * 7 + K + N + bits)
+    packed, cent, _ = _format(N, K, bits, gs, "cpu", gen)
+    x = _x(M, K, torch.float32, "cpu", noncontig=M % 2 == 1)
+    bias = torch.randn(N) if M % 2 else None
+    got = ops.codebook_mm(x, packed, cent, bias, gs)
+    w64 = ref.codebook_dequantize(packed, cent, K, gs).double()
+    want = x.double() @ w64.T + (bias.double() if bias is not None else 0)
+    mag = (x.double().abs() @ w64.abs().T).max().item() if want.numel() else 0
+    assert_close(got, want, rtol=1e-5, atol=1e-6 * mag, what=f"engine {bits}-bit {shape}")
+    if M:  # bf16 x and output: packed from the fp32 copy, stored rounded
+        got16 = ops.codebook_mm(x.bfloat16(), packed, cent, bias, gs)
+        check_16bit(got16, ref.codebook_mm(x.bfloat16().float(), packed, cent, bias, gs),
+                    torch.nn.functional.linear(x.bfloat16(), w64.bfloat16(), None if bias is None else bias.bfloat16()),
+                    f"engine {bits}-bit bf16")
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("bits", BITS)
 def test_codebook_mm_without_bias_and_large_values(device, bits, isa):

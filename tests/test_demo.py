@@ -77,6 +77,6 @@ def test_bench_cli_quick(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     kernels = {s["case"].split()[0] for s in data["summary"]}
-    assert {"optim_adamw", "quant_linear", "sparse_linear", "kd_loss", "fused_linear_kd_loss"} <= kernels
+    assert {"optim_adamw", "quant_linear", "sparse_linear", "kd_loss", "fused_linear_kd_loss", "codebook_linear"} <= kernels
     assert all(math.isfinite(s["speedup"]) and s["speedup"] > 0 for s in data["summary"])
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -10,8 +11,27 @@ from torch import Tensor, nn
 
 from bigkernels.nn import _dispatch, _layers
 from bigkernels.nn._checks import check_linear_input
+from bigkernels.ops import _registry
 from bigkernels.ops import codebook as ops
 from bigkernels.reference import codebook as ref
+
+
+def cpu_engine() -> bool:
+    """Whether ``codebook_mm`` on CPU tensors runs the C++ kernels with the AVX2 panel engine
+    (csrc/codebook/codebook_cpu_panels.h): lookup-table tiles for a few rows of x, then the packed
+    panel GEMM (index panels decoded in L1 for a 6 x 16 FMA micro-kernel that runs at ~80% of the
+    FMA peak, above MKL's sgemm on these CPUs). Then the kernel is the layer's fast path at every
+    batch size and a dense fallback that is not cached (decode the whole weight, then F.linear)
+    cannot win. Re-read with the environment (``BIGKERNELS_CPU_ISA`` caps the kernels)."""
+    return _cpu_engine(os.environ.get("BIGKERNELS_CPU_ISA"), os.environ.get("BIGKERNELS_IMPL"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_engine(_isa_cap, _impl) -> bool:
+    from bigkernels._info import cpu_kernel_isa
+
+    return (_registry.choose("codebook_mm", "cpu") == "cpu-c++" and cpu_kernel_isa().startswith("avx")
+            and _registry.has_kernel(f"{_registry.NAMESPACE}::codebook_mm", "CPU"))
 
 
 def _check_config(in_features, out_features, bits, group_size) -> None:
@@ -43,10 +63,12 @@ class CodebookLinear(nn.Module):
     x's dtype.
 
     Inference runs a lookup-table GEMV/GEMM (indices -> centroids in registers, no dense weight in
-    memory); each shape and batch size runs the fastest of that kernel and the dense product with
-    the weight decoded (per call, or once and kept for layers of at most 1 MiB dense), measured on
-    first use (``bigkernels.nn._dispatch``), so the layer is not slower than the ``nn.Linear`` it
-    replaced. Training and ``torch.compile`` run the differentiable kernel op.
+    memory; on AVX2 CPUs from 12 rows of x on, index panels decoded into the packed-panel GEMM
+    engine). On such a CPU a layer whose dense weight exceeds the dense-cache budget
+    (``BIGKERNELS_DENSE_CACHE_BYTES``, 1 MiB) always runs that kernel (see :meth:`_choose`); other
+    layers and devices run the fastest of the kernel and the dense product with the weight decoded
+    (per call, or once and kept for layers within the budget), measured on first use
+    (``bigkernels.nn._dispatch``). Training and ``torch.compile`` run the differentiable kernel op.
 
     Build from a trained layer with :meth:`from_linear` (1-D k-means, see
     :func:`bigkernels.quant.codebook.kmeans_1d`) or for a whole model with
@@ -164,6 +186,19 @@ class CodebookLinear(nn.Module):
         return x2
 
     def _choose(self, x2: Tensor, stored: Tensor) -> str:
+        """The path for this input's batch size. On a CPU with the panel engine (:func:`cpu_engine`),
+        a layer whose dense weight exceeds the dense-cache budget runs the kernel without timing
+        anything: its only dense fallback there ("decompress") builds the whole weight per call and
+        multiplies it with MKL, which the engine outruns at every M (measured:
+        benchmarks/bench_codebook.py --sweep), and a first-call timing on a loaded machine can pick
+        it wrongly. Other layers (small ones, which may keep a dense copy; other devices) are
+        measured by the shared dispatch."""
+        dense_bytes = self.in_features * self.out_features * x2.element_size()
+        if (x2.device.type == "cpu" and _dispatch.mode() == "measure" and dense_bytes > _dispatch.cache_bytes()
+                and cpu_engine()):
+            self._routes.put(x2, "kernel")
+            self._dense.drop()
+            return "kernel"
         key = ("CodebookLinear", x2.device, x2.dtype, self.bits, self.num_codebooks, self.in_features,
                self.out_features, self.bias is not None)
         return _dispatch.pick(self, x2, key, {"kernel": functools.partial(self._kernel_forward, x2)}, stored)

@@ -213,6 +213,31 @@ def launch_tiled(interp_kernel, tuned_kernel, interp_meta: dict, M: int, N: int,
     launcher(tuned_kernel)[grid](*args, **flags)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_k(N: int, K: int, kdiv: int, device: torch.device) -> Tuple[int, int]:
+    """(splits, k_per_split) of a split-K GEMV-like launch (small M: the weight is read once, so
+    enough programs must stream it to keep every SM busy): about two waves of 64-wide N tiles, each
+    K slice a multiple of ``kdiv`` (the configs' largest BLOCK_K) and at least one; 16 slices at
+    most. Under the interpreter two slices whenever K spans more than one ``kdiv`` (tests cover the
+    split path)."""
+    split = 1
+    if _INTERPRET:
+        split = 2 if K > kdiv else 1
+    elif K >= 2 * kdiv:
+        tiles = triton.cdiv(N, 64)
+        split = max(1, min(triton.cdiv(2 * _num_sms(device.index or 0), tiles), K // kdiv, 16))
+    if split == 1:
+        return 1, K
+    k_per_split = triton.cdiv(triton.cdiv(K, split), kdiv) * kdiv
+    split = triton.cdiv(K, k_per_split)
+    return (split, k_per_split) if split > 1 else (1, K)
+
+
 # --------------------------------------------------------------------------------------------
 # Shared memory: the device's limit and the autotuners' pruning
 # --------------------------------------------------------------------------------------------
@@ -294,6 +319,16 @@ def autotune(configs, key, estimate: Estimate):
         return tuner
 
     return register
+
+
+class _Tuned:
+    """An autotuned kernel (:func:`autotune`: configs pruned by shared memory) and, for K-looping
+    kernels, the K multiple (largest BLOCK_K of its configs) that lets every config run its K loop
+    without masks (1 where no config has a BLOCK_K)."""
+
+    def __init__(self, kernel, configs, key, estimate: Estimate):
+        self.kernel = autotune(configs, key, estimate)(kernel)
+        self.kdiv = max((c.kwargs.get("BLOCK_K", 1) for c in configs), default=1)
 
 
 def tile_smem(config, stages: Optional[int] = None, **tiles: Tuple[Tuple[str, str], int]) -> int:

@@ -31,10 +31,10 @@ from torch import Tensor
 from torch.library import triton_op
 
 from bigkernels.reference import codebook as ref
-from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy, _m_bucket,
-                                       autotune, dtype_size, launch_tiled, launcher, tile_smem)
-# Shared with the int8 kernels: grouped tile order, the config constructor, the GPU's SM count.
-from bigkernels.triton.quant import _cfg, _num_sms, _tile_ids
+from bigkernels.triton._common import (_INTERPRET, _Tuned, _check_runnable, _check_tensor, _check_vector, _dummy,
+                                       _m_bucket, dtype_size, launch_tiled, launcher, split_k, tile_smem)
+# Shared with the int8 kernels: grouped tile order, the config constructor.
+from bigkernels.triton.quant import _cfg, _tile_ids
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -172,15 +172,14 @@ SMALL_M = 16  # M <= this: the split-K GEMV-like variant
 _EPILOGUE_BLOCK = 1024
 _DEQ_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)
 
+# The autotuned GEMM by M bucket (True: M <= SMALL_M, the split-K variant).
+_MM_TUNED = {True: _Tuned(_codebook_mm_kernel, _SMALL_M, _AUTOTUNE_KEY + ["SPLIT_K", "BITS"], _mm_smem),
+             False: _Tuned(_codebook_mm_kernel, _LARGE_M, _AUTOTUNE_KEY + ["BITS"], _mm_smem)}
+# One tiny config under the interpreter: tiles of 16 so that small test shapes span several tiles and K steps.
+_INTERP_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+_INTERP_KDIV = 16
 if _INTERPRET:
-    _INTERP_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-    _SPLITK_KDIV = 16
     _DEQ_BLOCK = dict(BLOCK_N=16, BLOCK_K=16)
-else:
-    _INTERP_META = None
-    _SPLITK_KDIV = max(c.kwargs["BLOCK_K"] for c in _SMALL_M)
-    _mm_small = autotune(_SMALL_M, _AUTOTUNE_KEY + ["SPLIT_K", "BITS"], _mm_smem)(_codebook_mm_kernel)
-    _mm_large = autotune(_LARGE_M, _AUTOTUNE_KEY + ["BITS"], _mm_smem)(_codebook_mm_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,21 +206,6 @@ def _check_format(op: str, indices: Tensor, centroids: Tensor, in_features: int,
     return bits
 
 
-def _split(M: int, N: int, K: int, device: torch.device):
-    """(split, k_per_split) for the small-M variant: enough programs to keep every SM streaming."""
-    kdiv = _SPLITK_KDIV
-    split = 1
-    if _INTERPRET:
-        split = 2 if K > kdiv else 1
-    elif K >= 2 * kdiv:
-        tiles = triton.cdiv(N, 64)
-        split = max(1, min(triton.cdiv(2 * _num_sms(device.index or 0), tiles), K // kdiv, 16))
-    if split == 1:
-        return 1, K
-    k_per_split = triton.cdiv(triton.cdiv(K, split), kdiv) * kdiv
-    return triton.cdiv(K, k_per_split), k_per_split
-
-
 @triton_op("bigkernels::codebook_mm_triton", mutates_args=())
 def codebook_mm_triton(x: Tensor, indices: Tensor, centroids: Tensor, bias: Optional[Tensor],
                        group_size: int) -> Tensor:
@@ -240,15 +224,16 @@ def codebook_mm_triton(x: Tensor, indices: Tensor, centroids: Tensor, bias: Opti
     x = x.contiguous()
     indices = indices.contiguous()
     centroids = centroids.contiguous()
-    small = M <= SMALL_M
-    split, k_per_split = _split(M, N, K, x.device) if small else (1, K)
+    small = bool(M <= SMALL_M)  # bool: M may be symbolic (traced)
+    tuned = _MM_TUNED[small]
+    kdiv = _INTERP_KDIV if _INTERPRET else tuned.kdiv
+    split, k_per_split = split_k(N, K, kdiv, x.device) if small else (1, K)
     dummy = _dummy(x.device)
     ws = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else dummy
     args = (x, indices, centroids, bias if bias is not None else dummy, out, ws, M, N, K, _m_bucket(M), k_per_split,
             group_size, x.stride(0), indices.stride(0), out.stride(0))
     flags = dict(BITS=bits, SPLIT_K=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
-    launch_tiled(_codebook_mm_kernel, None if _INTERPRET else (_mm_small if small else _mm_large), _INTERP_META,
-                 M, N, args, flags, splits=split)
+    launch_tiled(_codebook_mm_kernel, tuned.kernel, _INTERP_META, M, N, args, flags, splits=split)
     if split > 1:
         launcher(_splitk_bias_kernel)[(triton.cdiv(M * N, _EPILOGUE_BLOCK),)](
             ws, bias if bias is not None else dummy, out, M * N, N, SPLIT_K=split, HAS_BIAS=bias is not None,
@@ -303,7 +288,7 @@ def aot_cases():
     aligned = ("x_ptr", "idx_ptr", "cent_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K", "K_PER_SPLIT",
                "stride_xm", "stride_in", "stride_om")
     for small in (True, False):
-        tuner = _mm_small if small else _mm_large
+        tuner = _MM_TUNED[small].kernel
         bucket = f"M{'<=' if small else '>'}{SMALL_M}"
         for dt in ("bf16", "fp32", "fp16"):
             sig = dict(x_ptr=f"*{dt}", idx_ptr="*u8", cent_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",

@@ -29,7 +29,6 @@ K remainders and the split-K path.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -39,8 +38,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 # The shared launcher (_common.launcher: device guard, tracing wrapper) and host helpers.
-from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy,
-                                       _m_bucket, autotune, dtype_size, launch_tiled, tile_smem)
+from bigkernels.triton._common import (_INTERPRET, _Tuned, _check_runnable, _check_tensor, _check_vector, _dummy,
+                                       _m_bucket, dtype_size, launch_tiled, split_k, tile_smem)
 from bigkernels.triton._common import _traced as _launch
 _QMAX = 127.0
 
@@ -319,15 +318,6 @@ def _w8a16_smem(config, named_args, kwargs) -> int:
             + tile_smem(config, 1, w=(("BLOCK_K", "BLOCK_N"), xs)))
 
 
-class _Tuned:
-    """An autotuned kernel and the K multiple (largest BLOCK_K of its configs) that lets every
-    config run its K loop without masks."""
-
-    def __init__(self, kernel, configs, key, estimate):
-        self.kernel = autotune(configs, key, estimate)(kernel)
-        self.kdiv = max(c.kwargs["BLOCK_K"] for c in configs)
-
-
 _INT8_TUNED = {small: _Tuned(_int8_gemm_kernel, cfgs, _AUTOTUNE_KEY, _int8_smem)
                for small, cfgs in ((True, _INT8_SMALL_M), (False, _INT8_LARGE_M))}
 _W8A16_TUNED = {
@@ -342,11 +332,6 @@ _INTERP_KDIV = 16
 INT8_SMALL_M = 64  # int8 GEMMs with M <= this use the narrow-M configs
 W8A16_SMALL_M = 16  # w8a16 with M <= this uses the split-K GEMV-like variant
 _EPILOGUE_BLOCK = 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,21 +444,7 @@ def w8a16_mm_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
     small = bool(M <= W8A16_SMALL_M)  # bool: M may be symbolic (traced)
     tuned = _W8A16_TUNED[(small, x.dtype == torch.float32)]
     kdiv = _INTERP_KDIV if _INTERPRET else tuned.kdiv
-    split = 1
-    k_per_split = K
-    if small:
-        if _INTERPRET:
-            split = 2 if K > kdiv else 1
-        elif K >= 2 * kdiv:
-            # Enough programs to keep every SM streaming weights (~2 waves of 64-wide N tiles),
-            # each K slice at least one of the widest K tiles.
-            tiles = triton.cdiv(N, 64)
-            split = max(1, min(triton.cdiv(2 * _num_sms(x.device.index or 0), tiles), K // kdiv, 16))
-        if split > 1:
-            k_per_split = triton.cdiv(triton.cdiv(K, split), kdiv) * kdiv
-            split = triton.cdiv(K, k_per_split)
-        if split == 1:
-            k_per_split = K
+    split, k_per_split = split_k(N, K, kdiv, x.device) if small else (1, K)
     dummy = _dummy(x.device)
     ws = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else dummy
     args = (x, w_int8, w_scale, bias if bias is not None else dummy, out, ws, M, N, K, _m_bucket(M),

@@ -54,8 +54,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 # The shared launcher (_common.launcher: device guard, tracing wrapper) and host helpers.
-from bigkernels.triton._common import (_INTERPRET, _check_runnable, _check_tensor, _check_vector, _dummy,
-                                       _m_bucket, autotune, dtype_size, launch_tiled, tile_smem)
+from bigkernels.triton._common import (_INTERPRET, _Tuned, _check_runnable, _check_tensor, _check_vector, _dummy,
+                                       _m_bucket, dtype_size, launch_tiled, tile_smem)
 from bigkernels.triton._common import _traced as _launch
 from bigkernels.triton.quant import _tile_ids
 
@@ -293,15 +293,6 @@ def _bsr_smem(config, named_args, kwargs) -> int:
     depth = kwargs["B"] * (2 if config.kwargs.get("PAIR") else 1)
     return (tile_smem(config, x=(("BLOCK_M", depth), size), w=((depth, "BLOCK_N"), size))
             + tile_smem(config, 1, w=((depth, "BLOCK_N"), size)))
-
-
-class _Tuned:
-    """An autotuned kernel (configs pruned by shared memory) and, for K-looping kernels, the K
-    multiple (largest BLOCK_K of its configs) that lets every config run without K masks."""
-
-    def __init__(self, kernel, configs, key, estimate):
-        self.kernel = autotune(configs, key, estimate)(kernel)
-        self.kdiv = max((c.kwargs.get("BLOCK_K", 1) for c in configs), default=1)
 
 
 _SPARSE24_TUNED = {

@@ -9,12 +9,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <vector>
 
 #include "codebook/codebook_cpu.h"
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 
 namespace bigkernels::codebook::cpu {
 
@@ -90,11 +92,14 @@ constexpr int64_t kSerialWork = 1 << 18;
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds up
 // to 64 rows of x and ~128 KiB of packed W rows (which stay in L2 while the kernel's row tiles
 // of x pass over them); blocks shrink (rows of W first: M = 1 splits N) until every thread gets
-// about four.
+// about four; threads take blocks as they finish one, as many threads as threads_for(work) (a
+// 1 x 1024 x 1024 product runs on the calling thread: on the loaded VM, waking the second one cost
+// ~12 ms of wall time per call, 2026-12-02).
 template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t K, int64_t w_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
-  if (M * N * std::max<int64_t>(K, 1) <= kSerialWork) return fn(0, M, 0, N);
+  const double work = double(M) * double(N) * double(std::max<int64_t>(K, 1));
+  if (bigkernels::threads_for(work) == 1) return fn(0, M, 0, N);
   constexpr int64_t kRowsPerBlock = 64, kWBlockBytes = 128 << 10, kN = 4, kM = 4;
   const int64_t want = 4 * int64_t(at::get_num_threads());
   int64_t nb = std::max<int64_t>(kN, kWBlockBytes / std::max<int64_t>(w_row_bytes, 1) / kN * kN);
@@ -103,12 +108,10 @@ void for_each_block(int64_t M, int64_t N, int64_t K, int64_t w_row_bytes, const 
   while (blocks() < want && nb > kN) nb = std::max<int64_t>(kN, nb / 2 / kN * kN);
   while (blocks() < want && mb > kM) mb = std::max<int64_t>(kM, mb / 2 / kM * kM);
   const int64_t mblocks = (M + mb - 1) / mb;
-  at::parallel_for(0, blocks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t mi = blk % mblocks, ni = blk / mblocks;
-      fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
-    }
-  });
+  bigkernels::parallel_units(blocks(), [&](int64_t blk) {
+    const int64_t mi = blk % mblocks, ni = blk / mblocks;
+    fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
+  }, bigkernels::threads_for(work));
 }
 
 // Rows [0, N) in chunks of about `work` elements of K each, in parallel.
@@ -144,6 +147,19 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
   const Kernels& k = best_kernels();
   GemmArgs g{format_of(idx, table, K, group_size, bits), x.data_ptr<float>(), x.stride(0), nullptr,
              bi ? bi->data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
+  // Larger M: the panel engine (x packed once; blocks of up to 264 rows x 128 columns, as quant's).
+  const char* min_rows_env = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");  // tuning override
+  if (k.engine_gemm && M >= (min_rows_env ? std::atoll(min_rows_env) : k.engine_min_rows(bits))) {
+    at::Tensor ap = at::empty({packed_x_floats(M, K)}, x.options());
+    float* app = ap.data_ptr<float>();
+    const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
+    at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+                     [&](int64_t p0, int64_t p1) { k.pack_x(g.x, g.ldx, M, K, p0, p1, app); });
+    g.a_packed = app;
+    bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, double(M) * double(N) * double(K),
+                                      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.engine_gemm(g, m0, m1, n0, n1); });
+    return out;
+  }
   // Small M on the 4-bit lookup path: x rearranged once here rather than by every block.
   at::Tensor xp;
   if (bits == 4 && k.permute_x && M < k.permute_rows && K >= 64) {

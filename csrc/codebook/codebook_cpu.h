@@ -37,7 +37,15 @@ struct GemmArgs {
   void* out;
   int64_t ldo;
   DType out_dtype;
+  // The panel engine's packed x (Kernels::pack_x; engine_gemm only), else null.
+  const float* a_packed = nullptr;
 };
+
+// The panel engine (AVX2): x is packed once per call in panels of kPanelRows rows ([K][kPanelRows]
+// fp32 per panel); blocks of the output then start at rows that are multiples of kPanelRows and
+// columns multiples of kPanelCols.
+constexpr int64_t kPanelRows = 6, kPanelCols = 16;
+inline int64_t packed_x_floats(int64_t M, int64_t K) { return (M + kPanelRows - 1) / kPanelRows * kPanelRows * K; }
 
 struct Kernels {
   const char* isa;
@@ -51,6 +59,13 @@ struct Kernels {
   void (*permute_x)(const float* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, float* xp);
   // The 4-bit lookup path runs (and wants xp) for blocks of fewer rows of x than this.
   int64_t permute_rows;
+  // The panel engine; null where the instruction set has none (lut_gemm then runs at every M).
+  // pack_x: row panels [p0, p1) of x [M, K] (row stride ldx) into dst; engine_gemm: a block of the
+  // output from GemmArgs::a_packed (m0 a multiple of kPanelRows, n0 of kPanelCols; ldo = N).
+  void (*pack_x)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t p0, int64_t p1, float* dst);
+  void (*engine_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // The engine runs from this many rows of x (by bit width: index bits 2, 3, 4, 8).
+  int64_t (*engine_min_rows)(int bits);
 };
 
 const Kernels& scalar_kernels();

@@ -12,7 +12,11 @@
 //                           byte shuffles, codebook_cpu_avx2.cpp); nibble_gemm(g, m0, m1, n0, n1)
 // Tiles are MR x NR dot products: each step decodes NR weight vectors once and multiplies them
 // by the MR rows of x (M = 1 streams the packed weight once; no dense weight is ever stored). The
-// K tail shorter than one step runs in scalar with the same table.
+// K tail shorter than one step runs in scalar with the same table. From a few rows of x on, the
+// AVX2 unit runs the panel engine instead (codebook_cpu_panels.h: each index panel decoded once
+// per block of up to 264 rows); it replaced a panel GEMM of this file (fp32 panels, 3 x 4 NT
+// tiles) that it beat at every M from 12 on (measured, same process: 1024^2 M = 256 1.03x vs
+// 0.77x F.linear, 4096^2 M = 512 1.06x vs 0.75x).
 #pragma once
 
 #include <algorithm>
@@ -158,106 +162,9 @@ void lut_gemm_bits(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_
   });
 }
 
-// ---------------------------------------------------------------- panel GEMM (larger M)
-// From kPanelRows rows of x on, decoding W per tile (above) costs more than the products it
-// feeds. The panel path decodes a kPanelN x kKC slice of the block's W once into an fp32 panel
-// (16 KiB: L1), then runs plain NT register tiles (kPMR rows of x x kPNR panel rows, k along the
-// lanes) over every row of x, accumulating lane vectors across the kKC slices; one horizontal
-// sum per output at the end. Decoding then costs 1/M per multiply-add, and the rows of x come
-// from L2 (the binding's blocks hold at most 64 of them).
-// kPanelRows: the crossover measured with both paths in one process (4-bit, one thread, CPU
-// time, alternating rounds; 2026-12-02, AVX2): per-tile decoding wins at M = 16 (4096^2: 19.0 vs
-// 27.6 ms), they tie at 32 on 4096^2 (36.6 vs 37.1) and the panel wins from there (1024^2 M = 32:
-// 2.69 vs 2.39 ms; 4096^2 M = 64: 69.0 vs 48.1; M = 256: 299 vs 230). Block rows are counted
-// (the binding's blocks hold at most 64 rows of x).
-constexpr int64_t kPanelRows = 32;
-constexpr int64_t kKC = 256;
-constexpr int64_t kPanelN = 16;
-constexpr int kPMR = 3, kPNR = 4;  // 12 accumulators + 3 x vectors + 1 panel vector: 16 registers
-
-template <class I, int MR, int NR>
-void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t kc, typename I::V* acc, int64_t lda) {
-  using V = typename I::V;
-  V a[MR][NR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) a[i][j] = acc[i * lda + j];
-  for (int64_t k = 0; k < kc; k += V::W) {
-    V xv[MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) xv[i] = V::load(x + i * ldx + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const V wv = V::load(panel + j * kKC + k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) a[i][j] = I::fma(xv[i], wv, a[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i * lda + j] = a[i][j];
-}
-
-template <class I, int MR>
-void panel_row(const float* x, int64_t ldx, const float* panel, int64_t rows, int64_t kc, typename I::V* acc,
-               int64_t lda) {
-  int64_t j = 0;
-  for (; j + kPNR <= rows; j += kPNR) panel_tile<I, MR, kPNR>(x, ldx, panel + j * kKC, kc, acc + j, lda);
-  for (; j < rows; ++j) panel_tile<I, MR, 1>(x, ldx, panel + j * kKC, kc, acc + j, lda);
-}
-
-template <class I, int BITS>
-void panel_gemm_bits(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  using V = typename I::V;
-  constexpr int C = 1 << BITS;
-  const Steps<I, BITS> st(g.w.K);
-  const int64_t nb = n1 - n0, K = g.w.K;
-  std::vector<V> acc(size_t((m1 - m0) * nb), V(0.0f));  // acc[(m - m0) * nb + (n - n0)]
-  std::vector<float> panel(size_t(kPanelN * kKC));
-  for (int64_t kb = 0; kb < st.vec; kb += kKC) {
-    const int64_t kc = std::min(kKC, st.vec - kb);
-    for (int64_t p0 = n0; p0 < n1; p0 += kPanelN) {
-      const int64_t rows = std::min(kPanelN, n1 - p0);
-      for (int64_t n = p0; n < p0 + rows; ++n) {
-        const typename I::template Dec<BITS> dec(g.w.table + (n / g.w.group_size) * C);
-        const uint8_t* row = g.w.idx + n * g.w.ldi;
-        float* prow = panel.data() + (n - p0) * kKC;
-        for (int64_t k = kb; k < kb + kc; k += V::W)
-          (k < st.fast ? dec.load(row, k) : dec.load_last(row, k)).store(prow + (k - kb));
-      }
-      V* a = acc.data() + (p0 - n0);
-      int64_t m = m0;
-      for (; m + kPMR <= m1; m += kPMR)
-        panel_row<I, kPMR>(g.x + m * g.ldx + kb, g.ldx, panel.data(), rows, kc, a + (m - m0) * nb, nb);
-      for (; m < m1; ++m) panel_row<I, 1>(g.x + m * g.ldx + kb, g.ldx, panel.data(), rows, kc, a + (m - m0) * nb, nb);
-    }
-  }
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = g.x + m * g.ldx;
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* table = g.w.table + (n / g.w.group_size) * C;
-      const uint8_t* wr = g.w.idx + n * g.w.ldi;
-      float s = float(acc[size_t((m - m0) * nb + (n - n0))].sum_lanes());
-      for (int64_t k = st.vec; k < K; ++k) s += xr[k] * table[index_at<BITS>(wr, k)];
-      if (g.bias) s = s + g.bias[n];
-      store_float(g.out_dtype, g.out, m * g.ldo + n, s);
-    }
-  }
-}
-
 template <class I>
 void lut_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m0 >= m1 || n0 >= n1) return;
-  if (m1 - m0 >= kPanelRows) {
-    switch (g.w.bits) {
-      case 2: return panel_gemm_bits<I, 2>(g, m0, m1, n0, n1);
-      case 3: return panel_gemm_bits<I, 3>(g, m0, m1, n0, n1);
-      case 4: return panel_gemm_bits<I, 4>(g, m0, m1, n0, n1);
-      default: return panel_gemm_bits<I, 8>(g, m0, m1, n0, n1);
-    }
-  }
   switch (g.w.bits) {
     case 2: return lut_gemm_bits<I, 2>(g, m0, m1, n0, n1);
     case 3: return lut_gemm_bits<I, 3>(g, m0, m1, n0, n1);

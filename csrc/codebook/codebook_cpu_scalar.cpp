@@ -20,7 +20,7 @@ struct Isa {
 
 namespace bigkernels::codebook::cpu {
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", lut_gemm_block<Isa>, dequantize_rows<Isa>, nullptr, 0};
+  static const Kernels k{"scalar", lut_gemm_block<Isa>, dequantize_rows<Isa>, nullptr, 0, nullptr, nullptr, nullptr};
   return k;
 }
 }  // namespace bigkernels::codebook::cpu
