@@ -14,7 +14,7 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 
 def _find_cuda_home() -> None:
@@ -131,7 +131,8 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
 
 
 setup(
-    packages=find_packages(include=["bigkernels", "bigkernels.*"]),
+    # namespace packages too: bigkernels/reference has no __init__.py
+    packages=find_namespace_packages(include=["bigkernels", "bigkernels.*"], exclude=["*.__pycache__"]),
     ext_modules=_extensions(),
     cmdclass={"build_ext": _BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
