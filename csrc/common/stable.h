@@ -135,6 +135,30 @@ inline void copy_(Tensor& dst, const Tensor& src, bool non_blocking = false) {
 }
 inline Tensor zero_(Tensor& t) { return torch::stable::zero_(t); }
 
+// Per-tensor checks of long tensor lists on the raw shim codes: Tensor::scalar_type() / device() /
+// layout() map the code through a chain of shim calls (up to ~20 for a dtype), these take one.
+inline int32_t dtype_code(const Tensor& t) {
+  int32_t d;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &d));
+  return d;
+}
+inline bool same_dtype(const Tensor& a, const Tensor& b) { return dtype_code(a) == dtype_code(b); }
+inline bool is_bool(const Tensor& t) { return dtype_code(t) == aoti_torch_dtype_bool(); }
+inline bool is_float32(const Tensor& t) { return dtype_code(t) == aoti_torch_dtype_float32(); }
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  int32_t ta, tb, ia, ib;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(a.get(), &ta));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(b.get(), &tb));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(a.get(), &ia));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(b.get(), &ib));
+  return ta == tb && ia == ib;
+}
+inline bool is_strided(const Tensor& t) {
+  int32_t l;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_layout(t.get(), &l));
+  return l == aoti_torch_layout_strided();
+}
+
 // Typed data pointer without a dtype check per call (callers have validated the dtype).
 template <class T>
 T* data(const Tensor& t) { return static_cast<T*>(t.data_ptr()); }

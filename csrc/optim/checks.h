@@ -40,20 +40,20 @@ inline void check_lists(const char* op, const st::TensorList& params, const st::
               ": params must be float32, float16 or bfloat16, got ", dtype,
               (st::isComplexType(dtype) ? " (complex params are not supported; view them as real)" : ""));
   auto check_like = [&](const char* name, size_t i, const st::Tensor& t, const st::Tensor& p) {
-    BK_CHECK(t.layout() == st::kStrided, op, ": ", name, "[", i, "] is ", t.layout(),
+    BK_CHECK(st::is_strided(t), op, ": ", name, "[", i, "] is ", t.layout(),
                 "; fused optimizers do not support sparse tensors");
-    BK_CHECK(t.device() == device, op, ": expected ", name, "[", i, "] on ", device, ", got ", t.device());
-    BK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, "[", i, "] to be ", dtype, " like params, got ",
+    BK_CHECK(st::same_device(t, p0), op, ": expected ", name, "[", i, "] on ", device, ", got ", t.device());
+    BK_CHECK(st::same_dtype(t, p0), op, ": expected ", name, "[", i, "] to be ", dtype, " like params, got ",
                 t.scalar_type());
     BK_CHECK(t.sizes().equals(p.sizes()), op, ": expected ", name, "[", i, "] of shape ", p.sizes(),
                 " like params[", i, "], got ", t.sizes());
   };
   for (size_t i = 0; i < params.size(); ++i) {
     const st::Tensor& p = params[i];
-    BK_CHECK(p.layout() == st::kStrided, op, ": params[", i, "] is ", p.layout(), "; expected a dense tensor");
-    BK_CHECK(p.device() == device, op, ": all params must be on one device; params[0] is on ", device,
+    BK_CHECK(st::is_strided(p), op, ": params[", i, "] is ", p.layout(), "; expected a dense tensor");
+    BK_CHECK(st::same_device(p, p0), op, ": all params must be on one device; params[0] is on ", device,
                 ", params[", i, "] on ", p.device());
-    BK_CHECK(p.scalar_type() == dtype, op, ": all params must have one dtype; params[0] is ", dtype, ", params[",
+    BK_CHECK(st::same_dtype(p, p0), op, ": all params must have one dtype; params[0] is ", dtype, ", params[",
                 i, "] is ", p.scalar_type());
     BK_CHECK(!params_contiguous || p.is_contiguous(), op, ": params[", i, "] must be contiguous");
   }
@@ -75,7 +75,7 @@ inline void check_lists(const char* op, const st::TensorList& params, const st::
                 state_steps->size());
     for (size_t i = 0; i < params.size(); ++i) {
       const st::Tensor& s = (*state_steps)[i];
-      BK_CHECK(s.numel() == 1 && s.scalar_type() == st::kFloat && s.device() == device, op,
+      BK_CHECK(s.numel() == 1 && st::is_float32(s) && st::same_device(s, p0), op,
                   ": expected state_steps[", i, "] to be a one-element float32 tensor on ", device, ", got ",
                   s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
     }
@@ -94,18 +94,30 @@ inline void check_grad_control(const char* op, const st::Device& device, const s
   check_scalar_tensor(op, "grad_norm", grad_norm, device);
 }
 
+// Pruning masks as the bindings hand them around: none, or one per param; made from a `Tensor[]?`
+// argument or a `Tensor[]` one without copying the list (an std::optional<st::TensorList> made from
+// an st::TensorList copies every tensor handle: once per mask_bytes call, quadratic in the list).
+struct Masks {
+  const st::TensorList* list;
+  Masks(const std::optional<st::TensorList>& m) : list(m.has_value() ? &*m : nullptr) {}  // NOLINT
+  Masks(const st::TensorList& m) : list(&m) {}                                             // NOLINT
+  bool has_value() const { return list != nullptr; }
+  const st::TensorList& operator*() const { return *list; }
+  const st::TensorList* operator->() const { return list; }
+};
+
 // Pruning masks: absent, or one contiguous bool tensor per param with its shape and device.
-inline void check_masks(const char* op, const st::TensorList& params, const std::optional<st::TensorList>& masks) {
+inline void check_masks(const char* op, const st::TensorList& params, Masks masks) {
   if (!masks.has_value()) return;
   BK_CHECK(masks->size() == params.size(), op, ": expected ", params.size(), " masks (one per param), got ",
               masks->size());
   for (size_t i = 0; i < params.size(); ++i) {
     const st::Tensor& m = (*masks)[i];
-    BK_CHECK(m.scalar_type() == st::kBool, op, ": expected masks[", i, "] to be a bool tensor, got ",
+    BK_CHECK(st::is_bool(m), op, ": expected masks[", i, "] to be a bool tensor, got ",
                 m.scalar_type());
-    BK_CHECK(m.layout() == st::kStrided && m.is_contiguous(), op, ": masks[", i,
+    BK_CHECK(st::is_strided(m) && m.is_contiguous(), op, ": masks[", i,
                 "] must be a dense contiguous tensor");
-    BK_CHECK(m.sizes().equals(params[i].sizes()) && m.device() == params[i].device(), op, ": expected masks[", i,
+    BK_CHECK(m.sizes().equals(params[i].sizes()) && st::same_device(m, params[i]), op, ": expected masks[", i,
                 "] of shape ", params[i].sizes(), " on ", params[i].device(), " like params[", i, "], got ",
                 m.sizes(), " on ", m.device());
   }
@@ -204,7 +216,7 @@ inline void check_adam_flat_call(const char* op, const st::TensorList& params, c
 
 // The bytes of tensor i's pruning mask (torch bools are one byte each), or nullptr when there are
 // no masks or the tensor is empty.
-inline const uint8_t* mask_bytes(const std::optional<st::TensorList>& masks, size_t i) {
+inline const uint8_t* mask_bytes(Masks masks, size_t i) {
   if (!masks.has_value() || (*masks)[i].numel() == 0) return nullptr;
   return reinterpret_cast<const uint8_t*>((*masks)[i].mutable_data_ptr<bool>());
 }

@@ -84,7 +84,7 @@ void for_each_range(const st::TensorList& tensors, const Fn& fn) {
 inline char* at_elem(const st::Tensor& t, int64_t i) { return static_cast<char*>(t.data_ptr()) + i * t.element_size(); }
 
 // Tensor t's mask bytes from element b on, or nullptr.
-inline const uint8_t* keep_at(const std::optional<st::TensorList>& masks, size_t t, int64_t b) {
+inline const uint8_t* keep_at(Masks masks, size_t t, int64_t b) {
   const uint8_t* keep = mask_bytes(masks, t);
   return keep != nullptr ? keep + b : nullptr;
 }
