@@ -8,8 +8,8 @@
 #   WHEEL_FROM_INPLACE  1 (default when bigkernels/_C*.so exist): package the extensions the in-place
 #                       build (scripts/setup.sh) just compiled -- CI's single build, for TORCH_CUDA_ARCH_LIST
 #                       (9.0 in CI) -- instead of compiling them again; 0: scripts/build_wheel.sh compiles.
-# Needs the repo's .venv active (scripts/setup.sh). Takes ~4-6 min on a quiet 2-core machine, mostly
-# installing torch twice from the local index (8-14 min per venv on this VM under load 10).
+# Needs the repo's .venv active (scripts/setup.sh). Took 253 s on this 2-core VM (load ~10, pip cache
+# warm), nearly all of it installing torch twice from the local index; a cold cache took 8-14 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
