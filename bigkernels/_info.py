@@ -89,9 +89,25 @@ def info() -> Dict[str, Any]:
         "sparse24_tensor_cores": _sparse24_status(),
         "extension_loaded": extension_error() is None,
         "extension_error": extension_error(),
+        "extension_build": _extension_build(),
         "ops": _registry.backend_table(),
         "linear_dispatch": _linear_dispatch(),
     }
+
+
+def _extension_build() -> str:
+    """How bigkernels._C was built: the LibTorch stable ABI target (the oldest torch it loads on), the
+    torch whose headers it was compiled with, and the CUDA kernels' architectures and state."""
+    from bigkernels.ops._extension import cuda_kernels_state
+
+    try:
+        from bigkernels._build_info import BUILD
+    except ImportError:
+        return "unknown (no bigkernels/_build_info.py: not built by setup.py)"
+    cuda = (f"CUDA {BUILD['cuda']} kernels for {BUILD['cuda_archs']}: {cuda_kernels_state()}" if BUILD["cuda"]
+            else "no CUDA kernels in this build")
+    return (f"LibTorch stable ABI, abi3 (CPython >= 3.10): loads on torch >= {BUILD['stable_abi_target']} "
+            f"(compiled with torch {BUILD['built_with_torch']}); {cuda}")
 
 
 def _linear_dispatch() -> Dict[str, Any]:

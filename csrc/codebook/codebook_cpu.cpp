@@ -1,11 +1,7 @@
 // CPU binding of the codebook (weight-sharing) ops: validates every argument before any work,
 // picks the instruction set at run time and splits the work into blocks run with
-// at::parallel_for. Kernels live in codebook_cpu_{scalar,avx2,encode}.cpp behind codebook_cpu.h.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+// st::parallel_for. Kernels live in codebook_cpu_{scalar,avx2,encode}.cpp behind codebook_cpu.h.
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,14 +24,14 @@ const Kernels& best_kernels() {
 
 namespace {
 
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+bool is_float(st::ScalarType t) { return t == st::kFloat || t == st::kHalf || t == st::kBFloat16; }
 
-DType float_dtype(at::ScalarType t) {
-  return t == at::kHalf ? DType::f16 : (t == at::kBFloat16 ? DType::bf16 : DType::f32);
+DType float_dtype(st::ScalarType t) {
+  return t == st::kHalf ? DType::f16 : (t == st::kBFloat16 ? DType::bf16 : DType::f32);
 }
 
-void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
+void check_cpu(const char* op, const char* name, const st::Tensor& t) {
+  BK_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
 }
 
 int64_t packed_cols(int64_t K, int bits) {
@@ -46,42 +42,42 @@ int64_t packed_cols(int64_t K, int bits) {
 
 // Validates indices [N, P] uint8 and centroids [G, 2**bits] (float) for K inputs per row and
 // group_size rows per codebook; returns bits.
-int check_format(const char* op, const at::Tensor& indices, const at::Tensor& centroids, int64_t K,
+int check_format(const char* op, const st::Tensor& indices, const st::Tensor& centroids, int64_t K,
                  int64_t group_size) {
   check_cpu(op, "indices", indices);
   check_cpu(op, "centroids", centroids);
-  TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kByte, op,
+  BK_CHECK(indices.dim() == 2 && indices.scalar_type() == st::kByte, op,
               ": expected indices [N, packed] of dtype torch.uint8, got ", indices.scalar_type(), " with shape ",
               indices.sizes());
-  TORCH_CHECK(centroids.dim() == 2 && is_float(centroids.scalar_type()), op,
+  BK_CHECK(centroids.dim() == 2 && is_float(centroids.scalar_type()), op,
               ": expected centroids [groups, 2**bits] of dtype float32, bfloat16 or float16, got ",
               centroids.scalar_type(), " with shape ", centroids.sizes());
   const int64_t C = centroids.size(1);
   const int bits = C == 4 ? 2 : C == 8 ? 3 : C == 16 ? 4 : C == 256 ? 8 : 0;
-  TORCH_CHECK(bits != 0, op, ": expected centroids with 4, 8, 16 or 256 columns (2**bits for bits in 2, 3, 4, 8), ",
+  BK_CHECK(bits != 0, op, ": expected centroids with 4, 8, 16 or 256 columns (2**bits for bits in 2, 3, 4, 8), ",
               "got shape ", centroids.sizes());
-  TORCH_CHECK(group_size > 0, op, ": expected a positive group_size, got ", group_size);
-  TORCH_CHECK(K >= 0, op, ": expected a non-negative in_features, got ", K);
+  BK_CHECK(group_size > 0, op, ": expected a positive group_size, got ", group_size);
+  BK_CHECK(K >= 0, op, ": expected a non-negative in_features, got ", K);
   const int64_t N = indices.size(0);
-  TORCH_CHECK(indices.size(1) == packed_cols(K, bits), op, ": indices of ", K, " ", bits, "-bit entries per row need ",
+  BK_CHECK(indices.size(1) == packed_cols(K, bits), op, ": indices of ", K, " ", bits, "-bit entries per row need ",
               packed_cols(K, bits), " bytes per row, got shape ", indices.sizes());
   const int64_t groups = std::max<int64_t>(1, (N + group_size - 1) / group_size);
-  TORCH_CHECK(centroids.size(0) == groups, op, ": ", N, " output rows in groups of ", group_size, " need ", groups,
+  BK_CHECK(centroids.size(0) == groups, op, ": ", N, " output rows in groups of ", group_size, " need ", groups,
               " codebooks, got centroids of shape ", centroids.sizes());
   return bits;
 }
 
 // Byte rows with unit stride (a row stride is fine); otherwise a contiguous copy.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= std::max<int64_t>(t.size(1), 1) ? t : t.contiguous();
+st::Tensor rows_unit_stride(const st::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= std::max<int64_t>(t.size(1), 1) ? t : st::contiguous(t);
 }
 
-at::Tensor as_f32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? rows_unit_stride(t) : t.to(at::kFloat).contiguous();
+st::Tensor as_f32(const st::Tensor& t) {
+  return t.scalar_type() == st::kFloat ? rows_unit_stride(t) : st::contiguous(st::to(t, st::kFloat));
 }
 
-Format format_of(const at::Tensor& idx, const at::Tensor& table, int64_t K, int64_t group_size, int bits) {
-  return Format{idx.numel() ? idx.data_ptr<uint8_t>() : nullptr, idx.stride(0), table.data_ptr<float>(), group_size,
+Format format_of(const st::Tensor& idx, const st::Tensor& table, int64_t K, int64_t group_size, int bits) {
+  return Format{idx.numel() ? idx.mutable_data_ptr<uint8_t>() : nullptr, idx.stride(0), table.mutable_data_ptr<float>(), group_size,
                 bits, K};
 }
 
@@ -101,7 +97,7 @@ void for_each_block(int64_t M, int64_t N, int64_t K, int64_t w_row_bytes, const 
   const double work = double(M) * double(N) * double(std::max<int64_t>(K, 1));
   if (bigkernels::threads_for(work) == 1) return fn(0, M, 0, N);
   constexpr int64_t kRowsPerBlock = 64, kWBlockBytes = 128 << 10, kN = 4, kM = 4;
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t want = 4 * int64_t(st::get_num_threads());
   int64_t nb = std::max<int64_t>(kN, kWBlockBytes / std::max<int64_t>(w_row_bytes, 1) / kN * kN);
   int64_t mb = std::min<int64_t>(M, kRowsPerBlock);
   auto blocks = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
@@ -120,14 +116,14 @@ void for_each_rows(int64_t N, int64_t K, const Fn& fn) {
   if (N == 0) return;
   if (N * std::max<int64_t>(K, 1) <= kSerialWork) return fn(0, N);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(n0, n1); });
+  st::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(n0, n1); });
 }
 
-at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& centroids,
-                           const std::optional<at::Tensor>& bias, int64_t group_size) {
+st::Tensor codebook_mm_cpu(const st::Tensor& x_in, const st::Tensor& indices_in, const st::Tensor& centroids,
+                           const std::optional<st::Tensor>& bias, int64_t group_size) {
   const char* op = "codebook_mm";
   check_cpu(op, "x", x_in);
-  TORCH_CHECK(x_in.dim() == 2 && is_float(x_in.scalar_type()), op,
+  BK_CHECK(x_in.dim() == 2 && is_float(x_in.scalar_type()), op,
               ": expected a 2-D x of dtype float32, bfloat16 or float16, got ", x_in.scalar_type(), " with shape ",
               x_in.sizes());
   const int64_t K = x_in.size(1);
@@ -135,25 +131,25 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
   const int64_t N = indices_in.size(0), M = x_in.size(0);
   if (bias.has_value()) {
     check_cpu(op, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && is_float(bias->scalar_type()), op,
+    BK_CHECK(bias->dim() == 1 && bias->size(0) == N && is_float(bias->scalar_type()), op,
                 ": expected a float bias of shape [", N, "] (one per output row), got ", bias->scalar_type(),
                 " with shape ", bias->sizes());
   }
-  at::Tensor out = at::empty({M, N}, x_in.options());
+  st::Tensor out = st::empty({M, N}, st::options(x_in));
   if (M == 0 || N == 0) return out;
-  const at::Tensor x = as_f32(x_in), idx = rows_unit_stride(indices_in), table = centroids.to(at::kFloat).contiguous();
-  const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
+  const st::Tensor x = as_f32(x_in), idx = rows_unit_stride(indices_in), table = st::contiguous(st::to(centroids, st::kFloat));
+  const std::optional<st::Tensor> bi = bias.has_value() ? std::optional<st::Tensor>(st::contiguous(st::to(*bias, st::kFloat)))
                                                         : std::nullopt;
   const Kernels& k = best_kernels();
-  GemmArgs g{format_of(idx, table, K, group_size, bits), x.data_ptr<float>(), x.stride(0), nullptr,
-             bi ? bi->data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
+  GemmArgs g{format_of(idx, table, K, group_size, bits), x.mutable_data_ptr<float>(), x.stride(0), nullptr,
+             bi ? bi->mutable_data_ptr<float>() : nullptr, out.data_ptr(), N, float_dtype(out.scalar_type())};
   // Larger M: the panel engine (x packed once; blocks of up to 264 rows x 128 columns, as quant's).
   const char* min_rows_env = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");  // tuning override
   if (k.engine_gemm && M >= (min_rows_env ? std::atoll(min_rows_env) : k.engine_min_rows(bits))) {
-    at::Tensor ap = at::empty({packed_x_floats(M, K)}, x.options());
-    float* app = ap.data_ptr<float>();
+    st::Tensor ap = st::empty({packed_x_floats(M, K)}, st::options(x));
+    float* app = ap.mutable_data_ptr<float>();
     const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
-    at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+    st::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
                      [&](int64_t p0, int64_t p1) { k.pack_x(g.x, g.ldx, M, K, p0, p1, app); });
     g.a_packed = app;
     bigkernels::for_each_engine_block(M, N, kPanelRows, 264, kPanelCols, 128, double(M) * double(N) * double(K),
@@ -161,25 +157,25 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
     return out;
   }
   // Small M on the 4-bit lookup path: x rearranged once here rather than by every block.
-  at::Tensor xp;
+  st::Tensor xp;
   if (bits == 4 && k.permute_x && M < k.permute_rows && K >= 64) {
-    xp = at::empty({M, K / 64 * 64}, x.options());
-    k.permute_x(g.x, g.ldx, K, 0, M, xp.data_ptr<float>());
-    g.xp = xp.data_ptr<float>();
+    xp = st::empty({M, K / 64 * 64}, st::options(x));
+    k.permute_x(g.x, g.ldx, K, 0, M, xp.mutable_data_ptr<float>());
+    g.xp = xp.mutable_data_ptr<float>();
   }
   for_each_block(M, N, K, std::max<int64_t>(idx.size(1), 1),
                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.lut_gemm(g, m0, m1, n0, n1); });
   return out;
 }
 
-at::Tensor codebook_dequantize_cpu(const at::Tensor& indices_in, const at::Tensor& centroids, int64_t in_features,
+st::Tensor codebook_dequantize_cpu(const st::Tensor& indices_in, const st::Tensor& centroids, int64_t in_features,
                                   int64_t group_size) {
   const char* op = "codebook_dequantize";
   const int bits = check_format(op, indices_in, centroids, in_features, group_size);
   const int64_t N = indices_in.size(0);
-  at::Tensor out = at::empty({N, in_features}, centroids.options());
+  st::Tensor out = st::empty({N, in_features}, st::options(centroids));
   if (N == 0 || in_features == 0) return out;
-  const at::Tensor idx = rows_unit_stride(indices_in), table = centroids.to(at::kFloat).contiguous();
+  const st::Tensor idx = rows_unit_stride(indices_in), table = st::contiguous(st::to(centroids, st::kFloat));
   const Format f = format_of(idx, table, in_features, group_size, bits);
   const Kernels& k = best_kernels();
   void* o = out.data_ptr();
@@ -188,57 +184,57 @@ at::Tensor codebook_dequantize_cpu(const at::Tensor& indices_in, const at::Tenso
   return out;
 }
 
-at::Tensor codebook_quantize_cpu(const at::Tensor& weight, const at::Tensor& centroids, int64_t group_size) {
+st::Tensor codebook_quantize_cpu(const st::Tensor& weight, const st::Tensor& centroids, int64_t group_size) {
   const char* op = "codebook_quantize";
   check_cpu(op, "weight", weight);
   check_cpu(op, "centroids", centroids);
-  TORCH_CHECK(weight.dim() == 2 && is_float(weight.scalar_type()), op,
+  BK_CHECK(weight.dim() == 2 && is_float(weight.scalar_type()), op,
               ": expected a 2-D weight of dtype float32, bfloat16 or float16, got ", weight.scalar_type(),
               " with shape ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(centroids.dim() == 2, op, ": expected centroids [groups, 2**bits], got shape ", centroids.sizes());
+  BK_CHECK(centroids.dim() == 2, op, ": expected centroids [groups, 2**bits], got shape ", centroids.sizes());
   const int64_t C = centroids.size(1);
   const int bits = C == 4 ? 2 : C == 8 ? 3 : C == 16 ? 4 : C == 256 ? 8 : 0;
-  TORCH_CHECK(bits != 0, op, ": expected centroids with 4, 8, 16 or 256 columns, got shape ", centroids.sizes());
-  at::Tensor out = at::empty({N, packed_cols(K, bits)}, weight.options().dtype(at::kByte));
+  BK_CHECK(bits != 0, op, ": expected centroids with 4, 8, 16 or 256 columns, got shape ", centroids.sizes());
+  st::Tensor out = st::empty({N, packed_cols(K, bits)}, st::options(weight).dtype(st::kByte));
   check_format(op, out, centroids, K, group_size);
-  const at::Tensor table = centroids.to(at::kFloat).contiguous();
+  const st::Tensor table = st::contiguous(st::to(centroids, st::kFloat));
   const int64_t G = table.size(0);
   // midpoints between consecutive centroids (+inf in the last slot); the centroids must ascend
   std::vector<float> mids(size_t(G * C));
-  const float* t = table.data_ptr<float>();
+  const float* t = table.mutable_data_ptr<float>();
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t j = 0; j + 1 < C; ++j) {
       const float a = t[g * C + j], b = t[g * C + j + 1];
-      TORCH_CHECK(a <= b, op, ": the centroids of each codebook must be sorted ascending (and not NaN); codebook ",
+      BK_CHECK(a <= b, op, ": the centroids of each codebook must be sorted ascending (and not NaN); codebook ",
                   g, " has ", a, " before ", b);
       mids[size_t(g * C + j)] = (a + b) * 0.5f;
     }
     mids[size_t(g * C + C - 1)] = std::numeric_limits<float>::infinity();
   }
   if (N == 0 || K == 0) return out;
-  const at::Tensor w = as_f32(weight);
+  const st::Tensor w = as_f32(weight);
   const Format f = format_of(out, table, K, group_size, bits);
-  const float* wp = w.data_ptr<float>();
+  const float* wp = w.mutable_data_ptr<float>();
   const int64_t ldw = w.stride(0);
-  uint8_t* op_ = out.data_ptr<uint8_t>();
+  uint8_t* op_ = out.mutable_data_ptr<uint8_t>();
   for_each_rows(N, K, [&](int64_t n0, int64_t n1) { encode_rows(f, mids.data(), wp, ldw, n0, n1, op_); });
   return out;
 }
 
-at::Tensor codebook_centroid_grad_cpu(const at::Tensor& grad_w_in, const at::Tensor& indices_in,
-                                     const at::Tensor& centroids, int64_t group_size) {
+st::Tensor codebook_centroid_grad_cpu(const st::Tensor& grad_w_in, const st::Tensor& indices_in,
+                                     const st::Tensor& centroids, int64_t group_size) {
   const char* op = "codebook_centroid_grad";
   check_cpu(op, "grad_w", grad_w_in);
-  TORCH_CHECK(grad_w_in.dim() == 2 && is_float(grad_w_in.scalar_type()) && grad_w_in.size(0) == indices_in.size(0),
+  BK_CHECK(grad_w_in.dim() == 2 && is_float(grad_w_in.scalar_type()) && grad_w_in.size(0) == indices_in.size(0),
               op, ": expected a float grad_w [N, K] with N = ", indices_in.size(0), " (the rows of indices), got ",
               grad_w_in.scalar_type(), " with shape ", grad_w_in.sizes());
   const int64_t N = grad_w_in.size(0), K = grad_w_in.size(1);
   const int bits = check_format(op, indices_in, centroids, K, group_size);
   const int64_t G = centroids.size(0), C = centroids.size(1);
-  if (N == 0 || K == 0) return at::zeros(centroids.sizes(), centroids.options());
-  const at::Tensor gw = as_f32(grad_w_in), idx = rows_unit_stride(indices_in);
-  const at::Tensor table = centroids.to(at::kFloat).contiguous();
+  if (N == 0 || K == 0) return st::zeros(centroids.sizes(), st::options(centroids));
+  const st::Tensor gw = as_f32(grad_w_in), idx = rows_unit_stride(indices_in);
+  const st::Tensor table = st::contiguous(st::to(centroids, st::kFloat));
   const Format f = format_of(idx, table, K, group_size, bits);
   // Deterministic whatever the thread count: fixed blocks of rows (never straddling a group),
   // each summing into its own partial, then the partials of each group added in block order.
@@ -251,9 +247,9 @@ at::Tensor codebook_centroid_grad_cpu(const at::Tensor& grad_w_in, const at::Ten
   starts.push_back(N);
   const int64_t nblocks = int64_t(starts.size()) - 1;
   std::vector<double> partial(size_t(nblocks * C), 0.0);
-  const float* gp = gw.data_ptr<float>();
+  const float* gp = gw.mutable_data_ptr<float>();
   const int64_t ldg = gw.stride(0);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  st::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       centroid_sums(f, gp, ldg, starts[size_t(b)], starts[size_t(b + 1)], partial.data() + b * C);
     }
@@ -263,19 +259,19 @@ at::Tensor codebook_centroid_grad_cpu(const at::Tensor& grad_w_in, const at::Ten
     const int64_t grp = starts[size_t(b)] / group_size;
     for (int64_t c = 0; c < C; ++c) total[size_t(grp * C + c)] += partial[size_t(b * C + c)];
   }
-  at::Tensor out = at::empty({G, C}, centroids.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
+  st::Tensor out = st::empty({G, C}, st::options(centroids).dtype(st::kFloat));
+  float* o = out.mutable_data_ptr<float>();
   for (int64_t i = 0; i < G * C; ++i) o[i] = float(total[size_t(i)]);
-  return out.to(centroids.scalar_type());
+  return st::to(out, centroids.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
-  m.impl("codebook_mm", &codebook_mm_cpu);
-  m.impl("codebook_dequantize", &codebook_dequantize_cpu);
-  m.impl("codebook_quantize", &codebook_quantize_cpu);
-  m.impl("codebook_centroid_grad", &codebook_centroid_grad_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("codebook_mm", TORCH_BOX(&codebook_mm_cpu));
+  m.impl("codebook_dequantize", TORCH_BOX(&codebook_dequantize_cpu));
+  m.impl("codebook_quantize", TORCH_BOX(&codebook_quantize_cpu));
+  m.impl("codebook_centroid_grad", TORCH_BOX(&codebook_centroid_grad_cpu));
 }
 
 }  // namespace bigkernels::codebook::cpu

@@ -1,8 +1,8 @@
-// Work distribution shared by the CPU kernel bindings (they include torch headers; the kernels
-// themselves stay pointer-level).
+// Work distribution shared by the CPU kernel bindings (threads through the stable ABI's
+// parallel_for; the kernels themselves stay pointer-level).
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <atomic>
@@ -11,32 +11,32 @@
 namespace bigkernels {
 
 // Threads worth waking for `work` multiply-adds: one per 2^21 (some 0.1-0.2 ms on one core), at
-// most at::get_num_threads(). A small product runs on the calling thread: waking a second thread
+// most st::get_num_threads(). A small product runs on the calling thread: waking a second thread
 // costs microseconds on an idle machine, but on a busy one the caller spins at the end of the
 // parallel region until the other thread gets a core (measured on the shared 2-core VM, load ~15:
 // a one-token forward of a 1024-wide Llama burned 4x the dense model's CPU time in those waits
 // when every 1024 x 1024 product used both threads).
 inline int64_t threads_for(double work) {
   constexpr double kWorkPerThread = double(1 << 21);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(work / kWorkPerThread)));
+  return std::max<int64_t>(1, std::min<int64_t>(st::get_num_threads(), int64_t(work / kWorkPerThread)));
 }
 
-// The at::parallel_for grain that splits `items` over at most threads_for(work) threads (for
+// The st::parallel_for grain that splits `items` over at most threads_for(work) threads (for
 // copies and conversions, count ~4 multiply-adds of work per element).
 inline int64_t grain_for(int64_t items, double work) {
   const int64_t t = threads_for(work);
   return std::max<int64_t>(1, (items + t - 1) / t);
 }
 
-// fn(u) for every u in [0, units), on all of at::parallel_for's threads, each thread taking the
+// fn(u) for every u in [0, units), on all of st::parallel_for's threads, each thread taking the
 // next unit when it finishes one: a thread slowed down (another process on its core) does fewer
 // units instead of holding the others at the end of a static split.
 template <class Fn>
 void parallel_units(int64_t units, const Fn& fn, int64_t max_threads = 1 << 30) {
   if (units <= 0) return;
-  const int64_t threads = std::min<int64_t>(std::min<int64_t>(at::get_num_threads(), units), max_threads);
+  const int64_t threads = std::min<int64_t>(std::min<int64_t>(st::get_num_threads(), units), max_threads);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  st::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u);
   });
 }
@@ -50,7 +50,7 @@ template <class Fn>
 void for_each_engine_block(int64_t M, int64_t N, int64_t row_step, int64_t max_rows, int64_t col_step, int64_t cols,
                            double work, const Fn& fn) {
   if (M == 0 || N == 0) return;
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t want = 4 * int64_t(st::get_num_threads());
   auto up = [](int64_t v, int64_t to) { return (v + to - 1) / to * to; };
   int64_t mb = std::min(up(M, row_step), std::max(row_step, max_rows / row_step * row_step)), nb = up(cols, col_step);
   auto count = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };

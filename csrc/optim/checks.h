@@ -2,10 +2,7 @@
 // Everything is checked before any kernel runs, so a rejected call modifies nothing.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <string>
@@ -16,15 +13,15 @@ namespace bigkernels::optim {
 
 struct NamedList {
   const char* name;
-  at::TensorList tensors;
+  const st::TensorList& tensors;
 };
 
-inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                const at::Device& device) {
+inline void check_scalar_tensor(const char* op, const char* name, const std::optional<st::Tensor>& t,
+                                const st::Device& device) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, op, ": expected ", name, " to hold one element, got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": expected ", name, " to be float32, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == device, op, ": expected ", name, " on ", device, " like the params, got ", t->device());
+  BK_CHECK(t->numel() == 1, op, ": expected ", name, " to hold one element, got shape ", t->sizes());
+  BK_CHECK(t->scalar_type() == st::kFloat, op, ": expected ", name, " to be float32, got ", t->scalar_type());
+  BK_CHECK(t->device() == device, op, ": expected ", name, " on ", device, " like the params, got ", t->device());
 }
 
 // Checks one fused-optimizer call: params are dense, contiguous, real floating tensors of one
@@ -32,53 +29,53 @@ inline void check_scalar_tensor(const char* op, const char* name, const std::opt
 // dtype, device, layout) unless it is empty and `may_be_empty` says so; state_steps (when given)
 // are one-element fp32 tensors on the params' device. `params_contiguous=false` lets read-only
 // inputs (sum_of_squares) be strided; they are then read through contiguous copies.
-inline void check_lists(const char* op, at::TensorList params, const at::TensorList* grads,
+inline void check_lists(const char* op, const st::TensorList& params, const st::TensorList* grads,
                         const std::vector<std::pair<NamedList, bool>>& same_as_params,
-                        const at::TensorList* state_steps, bool params_contiguous = true) {
+                        const st::TensorList* state_steps, bool params_contiguous = true) {
   if (params.empty()) return;
-  const at::Tensor& p0 = params[0];
+  const st::Tensor& p0 = params[0];
   const auto dtype = p0.scalar_type();
   const auto device = p0.device();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+  BK_CHECK(dtype == st::kFloat || dtype == st::kHalf || dtype == st::kBFloat16, op,
               ": params must be float32, float16 or bfloat16, got ", dtype,
-              (at::isComplexType(dtype) ? " (complex params are not supported; view them as real)" : ""));
-  auto check_like = [&](const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is ", t.layout(),
+              (st::isComplexType(dtype) ? " (complex params are not supported; view them as real)" : ""));
+  auto check_like = [&](const char* name, size_t i, const st::Tensor& t, const st::Tensor& p) {
+    BK_CHECK(st::is_strided(t), op, ": ", name, "[", i, "] is ", t.layout(),
                 "; fused optimizers do not support sparse tensors");
-    TORCH_CHECK(t.device() == device, op, ": expected ", name, "[", i, "] on ", device, ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, "[", i, "] to be ", dtype, " like params, got ",
+    BK_CHECK(st::same_device(t, p0), op, ": expected ", name, "[", i, "] on ", device, ", got ", t.device());
+    BK_CHECK(st::same_dtype(t, p0), op, ": expected ", name, "[", i, "] to be ", dtype, " like params, got ",
                 t.scalar_type());
-    TORCH_CHECK(t.sizes().equals(p.sizes()), op, ": expected ", name, "[", i, "] of shape ", p.sizes(),
+    BK_CHECK(t.sizes().equals(p.sizes()), op, ": expected ", name, "[", i, "] of shape ", p.sizes(),
                 " like params[", i, "], got ", t.sizes());
   };
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] is ", p.layout(), "; expected a dense tensor");
-    TORCH_CHECK(p.device() == device, op, ": all params must be on one device; params[0] is on ", device,
+    const st::Tensor& p = params[i];
+    BK_CHECK(st::is_strided(p), op, ": params[", i, "] is ", p.layout(), "; expected a dense tensor");
+    BK_CHECK(st::same_device(p, p0), op, ": all params must be on one device; params[0] is on ", device,
                 ", params[", i, "] on ", p.device());
-    TORCH_CHECK(p.scalar_type() == dtype, op, ": all params must have one dtype; params[0] is ", dtype, ", params[",
+    BK_CHECK(st::same_dtype(p, p0), op, ": all params must have one dtype; params[0] is ", dtype, ", params[",
                 i, "] is ", p.scalar_type());
-    TORCH_CHECK(!params_contiguous || p.is_contiguous(), op, ": params[", i, "] must be contiguous");
+    BK_CHECK(!params_contiguous || p.is_contiguous(), op, ": params[", i, "] must be contiguous");
   }
   if (grads != nullptr) {
-    TORCH_CHECK(grads->size() == params.size(), op, ": expected ", params.size(), " grads, got ", grads->size());
+    BK_CHECK(grads->size() == params.size(), op, ": expected ", params.size(), " grads, got ", grads->size());
     for (size_t i = 0; i < params.size(); ++i) check_like("grads", i, (*grads)[i], params[i]);
   }
   for (const auto& [list, may_be_empty] : same_as_params) {
     if (may_be_empty && list.tensors.empty()) continue;
-    TORCH_CHECK(list.tensors.size() == params.size(), op, ": expected ", params.size(), " ", list.name, ", got ",
+    BK_CHECK(list.tensors.size() == params.size(), op, ": expected ", params.size(), " ", list.name, ", got ",
                 list.tensors.size());
     for (size_t i = 0; i < params.size(); ++i) {
       check_like(list.name, i, list.tensors[i], params[i]);
-      TORCH_CHECK(list.tensors[i].is_contiguous(), op, ": ", list.name, "[", i, "] must be contiguous");
+      BK_CHECK(list.tensors[i].is_contiguous(), op, ": ", list.name, "[", i, "] must be contiguous");
     }
   }
   if (state_steps != nullptr) {
-    TORCH_CHECK(state_steps->size() == params.size(), op, ": expected ", params.size(), " state_steps, got ",
+    BK_CHECK(state_steps->size() == params.size(), op, ": expected ", params.size(), " state_steps, got ",
                 state_steps->size());
     for (size_t i = 0; i < params.size(); ++i) {
-      const at::Tensor& s = (*state_steps)[i];
-      TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op,
+      const st::Tensor& s = (*state_steps)[i];
+      BK_CHECK(s.numel() == 1 && st::is_float32(s) && st::same_device(s, p0), op,
                   ": expected state_steps[", i, "] to be a one-element float32 tensor on ", device, ", got ",
                   s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
     }
@@ -86,40 +83,52 @@ inline void check_lists(const char* op, at::TensorList params, const at::TensorL
 }
 
 inline void check_hyper(const char* op, bool ok, const char* what, double value) {
-  TORCH_CHECK(ok, op, ": invalid ", what, ": ", value);
+  BK_CHECK(ok, op, ": invalid ", what, ": ", value);
 }
 
 // GradScaler's grad_scale / found_inf and the clipping norm: one-element fp32 tensors on `device`.
-inline void check_grad_control(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm) {
+inline void check_grad_control(const char* op, const st::Device& device, const std::optional<st::Tensor>& grad_scale,
+                               const std::optional<st::Tensor>& found_inf, const std::optional<st::Tensor>& grad_norm) {
   check_scalar_tensor(op, "grad_scale", grad_scale, device);
   check_scalar_tensor(op, "found_inf", found_inf, device);
   check_scalar_tensor(op, "grad_norm", grad_norm, device);
 }
 
+// Pruning masks as the bindings hand them around: none, or one per param; made from a `Tensor[]?`
+// argument or a `Tensor[]` one without copying the list (an std::optional<st::TensorList> made from
+// an st::TensorList copies every tensor handle: once per mask_bytes call, quadratic in the list).
+struct Masks {
+  const st::TensorList* list;
+  Masks(const std::optional<st::TensorList>& m) : list(m.has_value() ? &*m : nullptr) {}  // NOLINT
+  Masks(const st::TensorList& m) : list(&m) {}                                             // NOLINT
+  bool has_value() const { return list != nullptr; }
+  const st::TensorList& operator*() const { return *list; }
+  const st::TensorList* operator->() const { return list; }
+};
+
 // Pruning masks: absent, or one contiguous bool tensor per param with its shape and device.
-inline void check_masks(const char* op, at::TensorList params, const std::optional<at::TensorList>& masks) {
+inline void check_masks(const char* op, const st::TensorList& params, Masks masks) {
   if (!masks.has_value()) return;
-  TORCH_CHECK(masks->size() == params.size(), op, ": expected ", params.size(), " masks (one per param), got ",
+  BK_CHECK(masks->size() == params.size(), op, ": expected ", params.size(), " masks (one per param), got ",
               masks->size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& m = (*masks)[i];
-    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": expected masks[", i, "] to be a bool tensor, got ",
+    const st::Tensor& m = (*masks)[i];
+    BK_CHECK(st::is_bool(m), op, ": expected masks[", i, "] to be a bool tensor, got ",
                 m.scalar_type());
-    TORCH_CHECK(m.layout() == at::kStrided && m.is_contiguous(), op, ": masks[", i,
+    BK_CHECK(st::is_strided(m) && m.is_contiguous(), op, ": masks[", i,
                 "] must be a dense contiguous tensor");
-    TORCH_CHECK(m.sizes().equals(params[i].sizes()) && m.device() == params[i].device(), op, ": expected masks[", i,
+    BK_CHECK(m.sizes().equals(params[i].sizes()) && st::same_device(m, params[i]), op, ": expected masks[", i,
                 "] of shape ", params[i].sizes(), " on ", params[i].device(), " like params[", i, "], got ",
                 m.sizes(), " on ", m.device());
   }
 }
 
 // Everything a fused_adam_/fused_adamw_ call takes, checked before any kernel runs.
-inline void check_adam_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+inline void check_adam_call(const char* op, const st::TensorList& params, const st::TensorList& grads, const st::TensorList& exp_avgs,
+                            const st::TensorList& exp_avg_sqs, const st::TensorList& max_exp_avg_sqs, const st::TensorList& state_steps,
                             double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
+                            const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+                            const std::optional<st::Tensor>& grad_norm, const std::optional<st::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, eps >= 0, "epsilon value", eps);
   check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
@@ -134,14 +143,14 @@ inline void check_adam_call(const char* op, at::TensorList params, at::TensorLis
 }
 
 // Everything a fused_sgd_ call takes, checked before any kernel runs.
-inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+inline void check_sgd_call(const char* op, const st::TensorList& params, const st::TensorList& grads, const st::TensorList& momentum_buffers,
                            double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
+                           const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+                           const std::optional<st::Tensor>& grad_norm, const std::optional<st::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, momentum >= 0, "momentum value", momentum);
   check_hyper(op, weight_decay >= 0, "weight_decay value", weight_decay);
-  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
+  BK_CHECK(!nesterov || (momentum > 0 && dampening == 0), op,
               ": Nesterov momentum requires a momentum and zero dampening");
   check_lists(op, params, &grads, {{{"momentum_buffers", momentum_buffers}, momentum == 0}}, nullptr);
   check_masks(op, params, masks);
@@ -154,7 +163,7 @@ inline void check_sgd_call(const char* op, at::TensorList params, at::TensorList
 // state); the last entry is the buffer length needed. Mirrors bigkernels.reference.optim.flat_offsets.
 constexpr int64_t kFlatAlignBytes = 64;
 
-inline std::vector<int64_t> flat_offsets(at::TensorList params) {
+inline std::vector<int64_t> flat_offsets(const st::TensorList& params) {
   std::vector<int64_t> out(params.size() + 1, 0);
   if (params.empty()) return out;
   const int64_t align = std::max<int64_t>(1, kFlatAlignBytes / int64_t(params[0].element_size()));
@@ -169,11 +178,11 @@ inline std::vector<int64_t> flat_offsets(at::TensorList params) {
 
 // A flat state buffer: 1-D, contiguous, dense, on the params' device, of their dtype (fp32 step
 // counters when `steps`), holding at least `need` elements.
-inline void check_flat(const char* op, const char* name, const at::Tensor& buf, at::TensorList params, int64_t need,
+inline void check_flat(const char* op, const char* name, const st::Tensor& buf, const st::TensorList& params, int64_t need,
                        bool steps = false) {
   if (params.empty()) return;
-  const auto dtype = steps ? at::kFloat : params[0].scalar_type();
-  TORCH_CHECK(buf.layout() == at::kStrided && buf.dim() == 1 && buf.is_contiguous() && buf.scalar_type() == dtype &&
+  const auto dtype = steps ? st::kFloat : params[0].scalar_type();
+  BK_CHECK(buf.layout() == st::kStrided && buf.dim() == 1 && buf.is_contiguous() && buf.scalar_type() == dtype &&
                   buf.device() == params[0].device() && buf.numel() >= need,
               op, ": expected ", name, " to be a contiguous 1-D ", dtype, " tensor of >= ", need, " elements on ",
               params[0].device(), " (flat state of ", params.size(), " params), got ", buf.scalar_type(), " of shape ",
@@ -181,12 +190,12 @@ inline void check_flat(const char* op, const char* name, const at::Tensor& buf, 
 }
 
 // Everything a fused_adam_flat_/fused_adamw_flat_ call takes, checked before any kernel runs.
-inline void check_adam_flat_call(const char* op, at::TensorList params, at::TensorList grads, const at::Tensor& exp_avg,
-                                 const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                                 const at::Tensor& state_steps, const std::vector<int64_t>& offsets, double lr,
+inline void check_adam_flat_call(const char* op, const st::TensorList& params, const st::TensorList& grads, const st::Tensor& exp_avg,
+                                 const st::Tensor& exp_avg_sq, const std::optional<st::Tensor>& max_exp_avg_sq,
+                                 const st::Tensor& state_steps, const std::vector<int64_t>& offsets, double lr,
                                  double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                                 const std::optional<at::Tensor>& grad_norm, const std::optional<at::TensorList>& masks) {
+                                 const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+                                 const std::optional<st::Tensor>& grad_norm, const std::optional<st::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, eps >= 0, "epsilon value", eps);
   check_hyper(op, 0 <= beta1 && beta1 < 1, "beta parameter at index 0", beta1);
@@ -197,7 +206,7 @@ inline void check_adam_flat_call(const char* op, at::TensorList params, at::Tens
   check_flat(op, "exp_avg", exp_avg, params, need);
   check_flat(op, "exp_avg_sq", exp_avg_sq, params, need);
   if (amsgrad) {
-    TORCH_CHECK(max_exp_avg_sq.has_value(), op, ": amsgrad=True needs max_exp_avg_sq");
+    BK_CHECK(max_exp_avg_sq.has_value(), op, ": amsgrad=True needs max_exp_avg_sq");
     check_flat(op, "max_exp_avg_sq", *max_exp_avg_sq, params, need);
   }
   check_flat(op, "state_steps", state_steps, params, int64_t(params.size()), /*steps=*/true);
@@ -207,24 +216,16 @@ inline void check_adam_flat_call(const char* op, at::TensorList params, at::Tens
 
 // The bytes of tensor i's pruning mask (torch bools are one byte each), or nullptr when there are
 // no masks or the tensor is empty.
-inline const uint8_t* mask_bytes(const std::optional<at::TensorList>& masks, size_t i) {
+inline const uint8_t* mask_bytes(Masks masks, size_t i) {
   if (!masks.has_value() || (*masks)[i].numel() == 0) return nullptr;
-  return reinterpret_cast<const uint8_t*>((*masks)[i].data_ptr<bool>());
-}
-
-// The kernels write the params through raw pointers, which autograd's version counters do not see:
-// bump them as torch's own in-place ops (and fused optimizers) do, so autograd's checks and caches
-// keyed on a tensor's version see the update. Called after validation and before any kernel, so an
-// inference tensor updated outside inference mode is rejected with nothing modified.
-inline void bump_versions(at::TensorList params) {
-  for (const auto& p : params) p.unsafeGetTensorImpl()->bump_version();
+  return reinterpret_cast<const uint8_t*>((*masks)[i].mutable_data_ptr<bool>());
 }
 
 // Grads are read only; a non-contiguous one is read through a contiguous copy.
-inline std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
-  std::vector<at::Tensor> out;
+inline std::vector<st::Tensor> contiguous_list(const st::TensorList& ts) {
+  std::vector<st::Tensor> out;
   out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
+  for (const auto& t : ts) out.push_back(st::contiguous(t));
   return out;
 }
 

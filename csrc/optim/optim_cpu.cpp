@@ -1,10 +1,7 @@
 // CPU binding of the fused optimizer ops: validates, picks the instruction set at run time and
 // splits the elements of all tensors (one flat range, so 2,000 small tensors balance as well as
-// one big one) across threads with at::parallel_for.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/scalar_tensor.h>
-#include <torch/library.h>
+// one big one) across threads with st::parallel_for.
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cmath>
@@ -53,13 +50,13 @@ void zero_pruned(void* p, const uint8_t* keep, int64_t n) {
 }
 
 // Where each tensor's state starts: one tensor each (list form), or pieces of one flat buffer.
-std::vector<char*> bases_of(at::TensorList list) {
+std::vector<char*> bases_of(const st::TensorList& list) {
   std::vector<char*> out(list.size());
   for (size_t i = 0; i < list.size(); ++i) out[i] = static_cast<char*>(list[i].data_ptr());
   return out;
 }
 
-std::vector<char*> bases_of(const at::Tensor& flat, const std::vector<int64_t>& offsets, size_t n) {
+std::vector<char*> bases_of(const st::Tensor& flat, const std::vector<int64_t>& offsets, size_t n) {
   std::vector<char*> out(n);
   char* base = static_cast<char*>(flat.data_ptr());
   for (size_t i = 0; i < n; ++i) out[i] = base + offsets[i] * flat.element_size();
@@ -69,15 +66,14 @@ std::vector<char*> bases_of(const at::Tensor& flat, const std::vector<int64_t>& 
 // The Adam step once the inputs are validated and each tensor's state located: m, v, vmax (empty
 // without amsgrad) and steps hold tensor i's state at index i.
 template <bool kDecoupled>
-void adam_step(at::TensorList params, at::TensorList grads, const std::vector<char*>& m, const std::vector<char*>& v,
+void adam_step(const st::TensorList& params, const st::TensorList& grads, const std::vector<char*>& m, const std::vector<char*>& v,
                const std::vector<char*>& vm, const std::vector<float*>& steps, double lr, double beta1, double beta2,
                double weight_decay, double eps, bool amsgrad, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-               const std::optional<at::TensorList>& masks) {
+               const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+               const std::optional<st::Tensor>& grad_norm, double max_grad_norm,
+               const std::optional<st::TensorList>& masks) {
   if (params.empty()) return;
   if (skip_step(found_inf)) return;
-  bump_versions(params);
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);
@@ -105,17 +101,17 @@ void adam_step(at::TensorList params, at::TensorList grads, const std::vector<ch
 }
 
 template <bool kDecoupled>
-void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+void fused_adam_cpu(const st::TensorList& params, const st::TensorList& grads, const st::TensorList& exp_avgs, const st::TensorList& exp_avg_sqs,
+                    const st::TensorList& max_exp_avg_sqs, const st::TensorList& state_steps, double lr, double beta1,
                     double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                    const std::optional<at::TensorList>& masks) {
+                    const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+                    const std::optional<st::Tensor>& grad_norm, double max_grad_norm,
+                    const std::optional<st::TensorList>& masks) {
   const char* op = kDecoupled ? "fused_adamw_" : "fused_adam_";
   check_adam_call(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                   weight_decay, eps, amsgrad, grad_scale, found_inf, grad_norm, masks);
   std::vector<float*> steps(state_steps.size());
-  for (size_t i = 0; i < state_steps.size(); ++i) steps[i] = state_steps[i].data_ptr<float>();
+  for (size_t i = 0; i < state_steps.size(); ++i) steps[i] = state_steps[i].mutable_data_ptr<float>();
   adam_step<kDecoupled>(params, grads, bases_of(exp_avgs), bases_of(exp_avg_sqs),
                         amsgrad ? bases_of(max_exp_avg_sqs) : std::vector<char*>{}, steps, lr, beta1, beta2,
                         weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm, masks);
@@ -123,12 +119,12 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
 // The same step on flat state buffers (checks.h: flat_offsets): two tensor lists per call.
 template <bool kDecoupled>
-void fused_adam_flat_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& exp_avg,
-                         const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                         const at::Tensor& state_steps, double lr, double beta1, double beta2, double weight_decay,
-                         double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                         double max_grad_norm, const std::optional<at::TensorList>& masks) {
+void fused_adam_flat_cpu(const st::TensorList& params, const st::TensorList& grads, const st::Tensor& exp_avg,
+                         const st::Tensor& exp_avg_sq, const std::optional<st::Tensor>& max_exp_avg_sq,
+                         const st::Tensor& state_steps, double lr, double beta1, double beta2, double weight_decay,
+                         double eps, bool amsgrad, bool maximize, const std::optional<st::Tensor>& grad_scale,
+                         const std::optional<st::Tensor>& found_inf, const std::optional<st::Tensor>& grad_norm,
+                         double max_grad_norm, const std::optional<st::TensorList>& masks) {
   const char* op = kDecoupled ? "fused_adamw_flat_" : "fused_adam_flat_";
   const auto offsets = flat_offsets(params);
   check_adam_flat_call(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, state_steps, offsets, lr, beta1, beta2,
@@ -136,7 +132,7 @@ void fused_adam_flat_cpu(at::TensorList params, at::TensorList grads, const at::
   const size_t n = params.size();
   std::vector<float*> steps(n);
   if (n > 0) {
-    float* s0 = state_steps.data_ptr<float>();
+    float* s0 = state_steps.mutable_data_ptr<float>();
     for (size_t i = 0; i < n; ++i) steps[i] = s0 + i;
   }
   adam_step<kDecoupled>(params, grads, bases_of(exp_avg, offsets, n), bases_of(exp_avg_sq, offsets, n),
@@ -145,18 +141,17 @@ void fused_adam_flat_cpu(at::TensorList params, at::TensorList grads, const at::
                         masks);
 }
 
-void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+void fused_sgd_cpu(const st::TensorList& params, const st::TensorList& grads, const st::TensorList& momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool is_first_step, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                   double max_grad_norm, const std::optional<at::TensorList>& masks) {
+                   bool is_first_step, const std::optional<st::Tensor>& grad_scale,
+                   const std::optional<st::Tensor>& found_inf, const std::optional<st::Tensor>& grad_norm,
+                   double max_grad_norm, const std::optional<st::TensorList>& masks) {
   const char* op = "fused_sgd_";
   check_sgd_call(op, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
                  found_inf, grad_norm, masks);
   if (params.empty()) return;
   const bool has_momentum = momentum != 0;
   if (skip_step(found_inf)) return;
-  bump_versions(params);
 
   const auto g = contiguous_list(grads);
   const DType dt = dtype_of(params[0]);
@@ -170,12 +165,11 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   });
 }
 
-void apply_masks_cpu(at::TensorList tensors, at::TensorList masks) {
+void apply_masks_cpu(const st::TensorList& tensors, const st::TensorList& masks) {
   const char* op = "apply_masks_";
   check_lists(op, tensors, nullptr, {}, nullptr);
   check_masks(op, tensors, masks);
   if (tensors.empty()) return;
-  bump_versions(tensors);
   const bool wide = tensors[0].element_size() == 4;
   for_each_range(tensors, [&](size_t t, int64_t b, int64_t e) {
     const uint8_t* keep = keep_at(masks, t, b);
@@ -184,8 +178,8 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks) {
   });
 }
 
-at::Tensor sum_of_squares_cpu(at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), "sum_of_squares: tensors must not be empty");
+st::Tensor sum_of_squares_cpu(const st::TensorList& tensors) {
+  BK_CHECK(!tensors.empty(), "sum_of_squares: tensors must not be empty");
   check_lists("sum_of_squares", tensors, nullptr, {}, nullptr, /*params_contiguous=*/false);
   const auto x = contiguous_list(tensors);
   const DType dt = dtype_of(x[0]);
@@ -195,7 +189,7 @@ at::Tensor sum_of_squares_cpu(at::TensorList tensors) {
   for (size_t i = 0; i < x.size(); ++i) offsets[i + 1] = offsets[i] + x[i].numel();
   const int64_t pieces = (offsets.back() + kGrain - 1) / kGrain;
   std::vector<double> partial(std::max<int64_t>(pieces, 1), 0.0);
-  at::parallel_for(0, pieces, 1, [&](int64_t pb, int64_t pe) {
+  st::parallel_for(0, pieces, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t piece = pb; piece < pe; ++piece) {
       const int64_t begin = piece * kGrain, end = std::min(begin + kGrain, offsets.back());
       size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
@@ -210,19 +204,19 @@ at::Tensor sum_of_squares_cpu(at::TensorList tensors) {
   });
   double total = 0.0;
   for (double s : partial) total += s;
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat).device(x[0].device()));
+  return st::scalar_tensor(total, st::TensorOptions().dtype(st::kFloat).device(x[0].device()));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
-  m.impl("fused_adam_", &fused_adam_cpu<false>);
-  m.impl("fused_adamw_", &fused_adam_cpu<true>);
-  m.impl("fused_adam_flat_", &fused_adam_flat_cpu<false>);
-  m.impl("fused_adamw_flat_", &fused_adam_flat_cpu<true>);
-  m.impl("fused_sgd_", &fused_sgd_cpu);
-  m.impl("sum_of_squares", &sum_of_squares_cpu);
-  m.impl("apply_masks_", &apply_masks_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("fused_adam_", TORCH_BOX(&fused_adam_cpu<false>));
+  m.impl("fused_adamw_", TORCH_BOX(&fused_adam_cpu<true>));
+  m.impl("fused_adam_flat_", TORCH_BOX(&fused_adam_flat_cpu<false>));
+  m.impl("fused_adamw_flat_", TORCH_BOX(&fused_adam_flat_cpu<true>));
+  m.impl("fused_sgd_", TORCH_BOX(&fused_sgd_cpu));
+  m.impl("sum_of_squares", TORCH_BOX(&sum_of_squares_cpu));
+  m.impl("apply_masks_", TORCH_BOX(&apply_masks_cpu));
 }
 
 }  // namespace bigkernels::optim::cpu

@@ -5,13 +5,12 @@
 // each split over runs of rows of about kGrain elements, for the params that are big (see
 // fused_adafactor_cpu); the others are handed whole to one thread each (one parallel loop over
 // them, no per-pass barriers).
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_vec.h"
@@ -34,36 +33,13 @@ using namespace binding;
 
 constexpr int64_t kParallelMin = 1 << 17;  // Adafactor params under this never get parallel passes
 
-void bump_steps(at::TensorList state_steps) {
-  for (const auto& s : state_steps) s.data_ptr<float>()[0] += 1.0f;
-}
-
-// What every op does after its own checks: nothing when there are no params or found_inf is set
-// (nullopt); otherwise the params' versions bumped, and the gradients (contiguous), dtype and
-// gradient multiplier of the step.
-struct StepInputs {
-  std::vector<at::Tensor> grads;
-  DType dtype;
-  float mult;
-};
-std::optional<StepInputs> begin_step(const char* op, at::TensorList params, at::TensorList grads,
-                                     const std::optional<at::Tensor>& grad_scale,
-                                     const std::optional<at::Tensor>& found_inf,
-                                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
-  if (params.empty()) return std::nullopt;
-  check_grad_control(op, params[0].device(), grad_scale, found_inf, grad_norm);
-  if (skip_step(found_inf)) return std::nullopt;
-  bump_versions(params);
-  return StepInputs{contiguous_list(grads), dtype_of(params[0]), grad_multiplier(grad_scale, grad_norm, max_grad_norm)};
-}
-
 // ------------------------------------------------------------------------------------ RMSprop
-void fused_rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                       at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
+void fused_rmsprop_cpu(const st::TensorList& params, const st::TensorList& grads, const st::TensorList& square_avgs,
+                       const st::TensorList& grad_avgs, const st::TensorList& momentum_buffers, const st::TensorList& state_steps,
                        double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
-                       bool maximize, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                       double max_grad_norm, const std::optional<at::TensorList>& masks) {
+                       bool maximize, const std::optional<st::Tensor>& grad_scale,
+                       const std::optional<st::Tensor>& found_inf, const std::optional<st::Tensor>& grad_norm,
+                       double max_grad_norm, const std::optional<st::TensorList>& masks) {
   const char* op = "fused_rmsprop_";
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, eps >= 0, "epsilon value", eps);
@@ -93,10 +69,10 @@ void fused_rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 // ------------------------------------------------------------------------------------ Lion
-void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
-                    double beta2, double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                    double max_grad_norm, const std::optional<at::TensorList>& masks) {
+void fused_lion_cpu(const st::TensorList& params, const st::TensorList& grads, const st::TensorList& exp_avgs, double lr, double beta1,
+                    double beta2, double weight_decay, bool maximize, const std::optional<st::Tensor>& grad_scale,
+                    const std::optional<st::Tensor>& found_inf, const std::optional<st::Tensor>& grad_norm,
+                    double max_grad_norm, const std::optional<st::TensorList>& masks) {
   const char* op = "fused_lion_";
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, 0 <= beta1 && beta1 <= 1, "beta parameter at index 0", beta1);
@@ -118,12 +94,12 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 // ------------------------------------------------------------------------------------ Adafactor
-bool factored(const at::Tensor& p) { return p.dim() >= 2; }
+bool factored(const st::Tensor& p) { return p.dim() >= 2; }
 
-void check_adafactor_call(const char* op, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
-                          at::TensorList col_vars, at::TensorList variances, at::TensorList state_steps, double lr,
+void check_adafactor_call(const char* op, const st::TensorList& params, const st::TensorList& grads, const st::TensorList& row_vars,
+                          const st::TensorList& col_vars, const st::TensorList& variances, const st::TensorList& state_steps, double lr,
                           double beta2_decay, double eps1, double eps2, double d, double weight_decay,
-                          const std::optional<at::TensorList>& masks) {
+                          const std::optional<st::TensorList>& masks) {
   check_hyper(op, lr >= 0, "learning rate", lr);
   check_hyper(op, beta2_decay <= 0, "beta2_decay (must be <= 0)", beta2_decay);
   check_hyper(op, eps1 >= 0, "eps1", eps1);
@@ -136,20 +112,20 @@ void check_adafactor_call(const char* op, at::TensorList params, at::TensorList 
   const bool fact = factored(params[0]);
   const size_t n = params.size();
   for (size_t i = 0; i < n; ++i)
-    TORCH_CHECK(factored(params[i]) == fact, op, ": params mixes >= 2-D (factored) and < 2-D params: params[0] is ",
+    BK_CHECK(factored(params[i]) == fact, op, ": params mixes >= 2-D (factored) and < 2-D params: params[0] is ",
                 params[0].dim(), "-D, params[", i, "] is ", params[i].dim(), "-D (call once per kind)");
   const size_t want_fact = fact ? n : 0, want_vec = fact ? 0 : n;
-  TORCH_CHECK(row_vars.size() == want_fact, op, ": expected ", want_fact, " row_vars, got ", row_vars.size());
-  TORCH_CHECK(col_vars.size() == want_fact, op, ": expected ", want_fact, " col_vars, got ", col_vars.size());
-  TORCH_CHECK(variances.size() == want_vec, op, ": expected ", want_vec, " variances, got ", variances.size());
-  auto check_state = [&](const char* name, size_t i, const at::Tensor& t, at::IntArrayRef shape) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), op, ": ", name, "[", i,
+  BK_CHECK(row_vars.size() == want_fact, op, ": expected ", want_fact, " row_vars, got ", row_vars.size());
+  BK_CHECK(col_vars.size() == want_fact, op, ": expected ", want_fact, " col_vars, got ", col_vars.size());
+  BK_CHECK(variances.size() == want_vec, op, ": expected ", want_vec, " variances, got ", variances.size());
+  auto check_state = [&](const char* name, size_t i, const st::Tensor& t, st::IntArrayRef shape) {
+    const st::Tensor& p = params[i];
+    BK_CHECK(t.layout() == st::kStrided && t.is_contiguous(), op, ": ", name, "[", i,
                 "] must be a dense contiguous tensor");
-    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), op, ": expected ", name, "[", i,
+    BK_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), op, ": expected ", name, "[", i,
                 "] to be ", p.scalar_type(), " on ", p.device(), " like params, got ", t.scalar_type(), " on ",
                 t.device());
-    TORCH_CHECK(t.sizes().equals(shape), op, ": expected ", name, "[", i, "] of shape ", shape, " for params[", i,
+    BK_CHECK(t.sizes().equals(shape), op, ": expected ", name, "[", i, "] of shape ", shape, " for params[", i,
                 "] of shape ", p.sizes(), ", got ", t.sizes());
   };
   for (size_t i = 0; i < n; ++i) {
@@ -171,32 +147,41 @@ double lerp_double(double start, double end, double w) {  // torch.lerp's formul
 }
 
 // Element i of a state tensor as double / stored from double (fp32, fp16 or bf16 storage).
-double load_elem(const at::Tensor& t, int64_t i) {
+double load_elem(const st::Tensor& t, int64_t i) {
   const void* base = t.data_ptr();
   switch (t.scalar_type()) {
-    case at::kHalf: return Vec1::load(static_cast<const fp16_t*>(base) + i).x;
-    case at::kBFloat16: return Vec1::load(static_cast<const bf16_t*>(base) + i).x;
+    case st::kHalf: return Vec1::load(static_cast<const fp16_t*>(base) + i).x;
+    case st::kBFloat16: return Vec1::load(static_cast<const bf16_t*>(base) + i).x;
     default: return static_cast<const float*>(base)[i];
   }
 }
-void store_elem(const at::Tensor& t, int64_t i, double v) {
+void store_elem(const st::Tensor& t, int64_t i, double v) {
   void* base = t.data_ptr();
   switch (t.scalar_type()) {
-    case at::kHalf: return Vec1(float(v)).store(static_cast<fp16_t*>(base) + i);
-    case at::kBFloat16: return Vec1(float(v)).store(static_cast<bf16_t*>(base) + i);
+    case st::kHalf: return Vec1(float(v)).store(static_cast<fp16_t*>(base) + i);
+    case st::kBFloat16: return Vec1(float(v)).store(static_cast<bf16_t*>(base) + i);
     default: static_cast<float*>(base)[i] = float(v);
   }
 }
 
-// fn(u) for u in [0, units): in parallel (runs of units per thread) or in this thread.
+// fn(u) -- or fn(u, slot) -- for u in [0, units): in parallel or in this thread (slot 0). In
+// parallel, slot s of get_num_threads() runs units [s * chunk, (s + 1) * chunk) (parallel_for's
+// static split, but with the slot known: the stable ABI has no get_thread_num).
 template <class Fn>
 void run_units(int64_t units, bool parallel, const Fn& fn) {
+  auto call = [&](int64_t u, int64_t slot) {
+    if constexpr (std::is_invocable_v<const Fn&, int64_t, int64_t>) fn(u, slot);
+    else fn(u);
+  };
   if (!parallel) {
-    for (int64_t u = 0; u < units; ++u) fn(u);
+    for (int64_t u = 0; u < units; ++u) call(u, 0);
     return;
   }
-  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e; ++u) fn(u);
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(st::get_num_threads(), units));
+  const int64_t chunk = (units + slots - 1) / slots;
+  st::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t u = s * chunk; u < std::min(units, (s + 1) * chunk); ++u) call(u, s);
   });
 }
 
@@ -206,13 +191,13 @@ struct AdafactorHyper {
 };
 
 // One param's Adafactor step (three passes for a factored param, two for a vector).
-void adafactor_tensor(const MoreKernels& k, const at::Tensor& p, const at::Tensor& g, const at::Tensor* row_var,
-                      const at::Tensor* col_var, const at::Tensor* variance, const at::Tensor& step_t,
+void adafactor_tensor(const MoreKernels& k, const st::Tensor& p, const st::Tensor& g, const st::Tensor* row_var,
+                      const st::Tensor* col_var, const st::Tensor* variance, const st::Tensor& step_t,
                       const uint8_t* keep, const AdafactorHyper& h, bool parallel) {
   const int64_t n = p.numel();
   if (n == 0) return;
   const DType dt = dtype_of(p);
-  const double step = double(step_t.data_ptr<float>()[0]) + 1.0;
+  const double step = double(step_t.mutable_data_ptr<float>()[0]) + 1.0;
   const double w = std::pow(step, h.beta2_decay);  // 1 - beta2_t
   const double rho = std::min(h.lr, 1.0 / std::sqrt(step));
   AdafactorArgs a{};
@@ -236,7 +221,7 @@ void adafactor_tensor(const MoreKernels& k, const at::Tensor& p, const at::Tenso
     const int64_t C = p.size(-1), R = p.size(-2), B = n / (R * C);
     const int64_t rows_per_unit = std::max<int64_t>(1, std::min<int64_t>(R, kGrain / C));
     const int64_t per_slice = (R + rows_per_unit - 1) / rows_per_unit, units = B * per_slice;
-    const int64_t threads = parallel ? at::get_num_threads() : 1;
+    const int64_t threads = parallel ? st::get_num_threads() : 1;
     std::vector<double> row_sums(B * R), partial(units);
     std::vector<float> col_part(threads * B * C, 0.0f);  // per thread: sum of g^2 per column
     auto rows_of = [&](int64_t u, int64_t& b, int64_t& r0, int64_t& r1) {
@@ -244,11 +229,10 @@ void adafactor_tensor(const MoreKernels& k, const at::Tensor& p, const at::Tenso
       r0 = (u % per_slice) * rows_per_unit;
       r1 = std::min(R, r0 + rows_per_unit);
     };
-    run_units(units, parallel, [&](int64_t u) {
+    run_units(units, parallel, [&](int64_t u, int64_t tid) {
       int64_t b, r0, r1;
       rows_of(u, b, r0, r1);
       const int64_t off = (b * R + r0) * C * es;
-      const int64_t tid = parallel ? at::get_thread_num() : 0;
       partial[u] = k.adafactor_stats(dt, gp + off, pp + off, &row_sums[b * R + r0], &col_part[(tid * B + b) * C],
                                      r1 - r0, C, a);
     });
@@ -312,12 +296,12 @@ void adafactor_tensor(const MoreKernels& k, const at::Tensor& p, const at::Tenso
   });
 }
 
-void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList row_vars,
-                         at::TensorList col_vars, at::TensorList variances, at::TensorList state_steps, double lr,
+void fused_adafactor_cpu(const st::TensorList& params, const st::TensorList& grads, const st::TensorList& row_vars,
+                         const st::TensorList& col_vars, const st::TensorList& variances, const st::TensorList& state_steps, double lr,
                          double beta2_decay, double eps1, double eps2, double d, double weight_decay, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                         const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                         const std::optional<at::TensorList>& masks) {
+                         const std::optional<st::Tensor>& grad_scale, const std::optional<st::Tensor>& found_inf,
+                         const std::optional<st::Tensor>& grad_norm, double max_grad_norm,
+                         const std::optional<st::TensorList>& masks) {
   const char* op = "fused_adafactor_";
   check_adafactor_call(op, params, grads, row_vars, col_vars, variances, state_steps, lr, beta2_decay, eps1, eps2, d,
                        weight_decay, masks);
@@ -336,7 +320,7 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   // a param's second and third reads of its gradient come from cache when it fits there).
   int64_t total = 0;
   for (const auto& p : params) total += p.numel();
-  const int64_t big = std::max<int64_t>(kParallelMin, total / (2 * at::get_num_threads()));
+  const int64_t big = std::max<int64_t>(kParallelMin, total / (2 * st::get_num_threads()));
   std::vector<int64_t> small;
   int64_t small_elems = 0;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -349,7 +333,7 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   }
   // Small params whole, one thread each (all in this thread when they are few elements in all).
   const int64_t count = int64_t(small.size());
-  at::parallel_for(0, count, small_elems < kGrain ? std::max<int64_t>(count, 1) : 1, [&](int64_t b, int64_t e) {
+  st::parallel_for(0, count, small_elems < kGrain ? std::max<int64_t>(count, 1) : 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) one(size_t(small[j]), false);
   });
   bump_steps(state_steps);
@@ -357,10 +341,10 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
-  m.impl("fused_rmsprop_", &fused_rmsprop_cpu);
-  m.impl("fused_lion_", &fused_lion_cpu);
-  m.impl("fused_adafactor_", &fused_adafactor_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("fused_rmsprop_", TORCH_BOX(&fused_rmsprop_cpu));
+  m.impl("fused_lion_", TORCH_BOX(&fused_lion_cpu));
+  m.impl("fused_adafactor_", TORCH_BOX(&fused_adafactor_cpu));
 }
 
 }  // namespace bigkernels::optim::cpu

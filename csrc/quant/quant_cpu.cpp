@@ -1,10 +1,7 @@
 // CPU binding of the int8 quantisation ops: validates every argument before any work, picks the
-// instruction set at run time and splits the output into blocks run with at::parallel_for.
+// instruction set at run time and splits the output into blocks run with st::parallel_for.
 // Kernels live in quant_cpu_{scalar,avx2,avx512vnni}.cpp behind the pointer-level quant_cpu.h.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -31,49 +28,49 @@ const Kernels& best_kernels() {
 
 namespace {
 
-DType float_dtype(const at::Tensor& t) {
+DType float_dtype(const st::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
+    case st::kFloat: return DType::f32;
+    case st::kHalf: return DType::f16;
+    case st::kBFloat16: return DType::bf16;
     default: return DType::i32;
   }
 }
 
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+bool is_float(st::ScalarType t) { return t == st::kFloat || t == st::kHalf || t == st::kBFloat16; }
 
-void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
+void check_cpu(const char* op, const char* name, const st::Tensor& t) {
+  BK_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
 }
 
-void check_matrix(const char* op, const char* name, const at::Tensor& t, bool want_int8) {
+void check_matrix(const char* op, const char* name, const st::Tensor& t, bool want_int8) {
   check_cpu(op, name, t);
-  TORCH_CHECK(t.dim() == 2, op, ": expected ", name, " to be 2-D, got ", t.dim(), "-D with shape ", t.sizes());
+  BK_CHECK(t.dim() == 2, op, ": expected ", name, " to be 2-D, got ", t.dim(), "-D with shape ", t.sizes());
   if (want_int8) {
-    TORCH_CHECK(t.scalar_type() == at::kChar, op, ": expected ", name, " of dtype torch.int8, got ",
+    BK_CHECK(t.scalar_type() == st::kChar, op, ": expected ", name, " of dtype torch.int8, got ",
                 t.scalar_type());
   } else {
-    TORCH_CHECK(is_float(t.scalar_type()), op, ": expected ", name,
+    BK_CHECK(is_float(t.scalar_type()), op, ": expected ", name,
                 " of dtype float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
 // A 1-D floating vector of n elements (scales, bias).
-void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n, const char* what) {
+void check_vector(const char* op, const char* name, const st::Tensor& t, int64_t n, const char* what) {
   check_cpu(op, name, t);
-  TORCH_CHECK(is_float(t.scalar_type()), op, ": expected ", name, " of dtype float32, bfloat16 or float16, got ",
+  BK_CHECK(is_float(t.scalar_type()), op, ": expected ", name, " of dtype float32, bfloat16 or float16, got ",
               t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": expected ", name, " of shape [", n, "] (", what,
+  BK_CHECK(t.dim() == 1 && t.size(0) == n, op, ": expected ", name, " of shape [", n, "] (", what,
               "), got shape ", t.sizes());
 }
 
 // Row-major with unit stride along K (a row stride is fine); otherwise a contiguous copy.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
+st::Tensor rows_unit_stride(const st::Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= std::max<int64_t>(t.size(1), 1) ? t
-                                                                                               : t.contiguous();
+                                                                                               : st::contiguous(t);
 }
 
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+st::Tensor as_f32(const st::Tensor& t) { return st::contiguous(st::to(t, st::kFloat)); }
 
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds
 // up to 256 rows of a and ~256 KiB of b (nb rows of b_row_bytes each), so those b rows stay in L2
@@ -83,7 +80,7 @@ template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
   constexpr int64_t kRowsPerBlock = 256, kBBlockBytes = 256 << 10, kN = 6, kM = 4;  // kN, kM: tile sizes
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t want = 4 * int64_t(st::get_num_threads());
   int64_t nb = std::max<int64_t>(kN, kBBlockBytes / std::max<int64_t>(b_row_bytes, 1) / kN * kN);
   int64_t mb = std::min<int64_t>(M, kRowsPerBlock);
   auto blocks = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
@@ -91,7 +88,7 @@ void for_each_block(int64_t M, int64_t N, int64_t b_row_bytes, const Fn& fn) {
   while (blocks() < want && mb > kM) mb = std::max<int64_t>(kM, mb / 2 / kM * kM);
   const int64_t mblocks = (M + mb - 1) / mb;
   // Consecutive blocks share their b rows (column-block major), so a thread reuses them in L2.
-  at::parallel_for(0, blocks(), bigkernels::grain_for(blocks(), double(M) * double(N) * double(b_row_bytes)),
+  st::parallel_for(0, blocks(), bigkernels::grain_for(blocks(), double(M) * double(N) * double(b_row_bytes)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk % mblocks, ni = blk / mblocks;
@@ -120,49 +117,49 @@ void for_each_panel_block(int64_t M, int64_t N, int64_t K, const Fn& fn) {
 template <class Pack>
 void pack_panels(int64_t M, int64_t K, const Pack& pack) {
   const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+  st::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
                    [&](int64_t p0, int64_t p1) { pack(p0, p1); });
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in) {
+std::tuple<st::Tensor, st::Tensor> quantize_per_token_cpu(const st::Tensor& x_in) {
   const char* op = "quantize_per_token";
   check_matrix(op, "x", x_in, /*want_int8=*/false);
-  const at::Tensor x = rows_unit_stride(x_in);
+  const st::Tensor x = rows_unit_stride(x_in);
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  st::Tensor q = st::empty({M, K}, st::options(x).dtype(st::kChar));
+  st::Tensor scale = st::empty({M}, st::options(x).dtype(st::kFloat));
   if (M == 0) return {q, scale};
   const Kernels& k = best_kernels();
   const DType dt = float_dtype(x);
   const void* xp = x.data_ptr();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  float* sp = scale.mutable_data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  at::parallel_for(0, M, bigkernels::grain_for(M, 4.0 * double(M) * double(K)), [&](int64_t r0, int64_t r1) {
+  st::parallel_for(0, M, bigkernels::grain_for(M, 4.0 * double(M) * double(K)), [&](int64_t r0, int64_t r1) {
     k.quantize_rows(dt, xp, ldx, K, r0, r1, qp, sp);
   });
   return {q, scale};
 }
 
-void check_ab(const char* op, const at::Tensor& a, const at::Tensor& b, const char* a_name, bool a_int8) {
+void check_ab(const char* op, const st::Tensor& a, const st::Tensor& b, const char* a_name, bool a_int8) {
   check_matrix(op, a_name, a, a_int8);
   check_matrix(op, a_int8 ? "b" : "w_int8", b, /*want_int8=*/true);
-  TORCH_CHECK(a.size(1) == b.size(1), op, ": expected ", a_name, " [M, K] and ", a_int8 ? "b" : "w_int8",
+  BK_CHECK(a.size(1) == b.size(1), op, ": expected ", a_name, " [M, K] and ", a_int8 ? "b" : "w_int8",
               " [N, K] with the same K, got ", a.sizes(), " and ", b.sizes());
 }
 
-at::Tensor int8_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const float* a_scale, const float* b_scale,
-                     const float* bias, at::ScalarType out_dtype) {
-  const at::Tensor a = rows_unit_stride(a_in), b = rows_unit_stride(b_in);
+st::Tensor int8_gemm(const st::Tensor& a_in, const st::Tensor& b_in, const float* a_scale, const float* b_scale,
+                     const float* bias, st::ScalarType out_dtype) {
+  const st::Tensor a = rows_unit_stride(a_in), b = rows_unit_stride(b_in);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
-  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
-  GemmArgs g{a.data_ptr(), a.stride(0), b.data_ptr<int8_t>(), b.stride(0), K, out.data_ptr(), N,
-             out_dtype == at::kInt ? DType::i32 : float_dtype(out), a_scale, b_scale, bias, nullptr};
+  st::Tensor out = st::empty({M, N}, st::options(a).dtype(out_dtype));
+  GemmArgs g{a.data_ptr(), a.stride(0), b.mutable_data_ptr<int8_t>(), b.stride(0), K, out.data_ptr(), N,
+             out_dtype == st::kInt ? DType::i32 : float_dtype(out), a_scale, b_scale, bias, nullptr};
   const Kernels& k = best_kernels();
   if (k.int8_panels && M >= panel_min_rows(kInt8PanelMinRows)) {
-    at::Tensor ap = at::empty({packed_a_i8_pairs(M, K)}, a.options().dtype(at::kInt));
-    int32_t* app = ap.data_ptr<int32_t>();
-    const int8_t* av = a.data_ptr<int8_t>();
+    st::Tensor ap = st::empty({packed_a_i8_pairs(M, K)}, st::options(a).dtype(st::kInt));
+    int32_t* app = ap.mutable_data_ptr<int32_t>();
+    const int8_t* av = a.mutable_data_ptr<int8_t>();
     pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_i8(av, a.stride(0), M, K, p0, p1, app); });
     g.a_packed = app;
     for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.int8_panels(g, m0, m1, n0, n1); });
@@ -172,50 +169,50 @@ at::Tensor int8_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const float
   return out;
 }
 
-at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+st::Tensor int8_mm_cpu(const st::Tensor& a, const st::Tensor& b) {
   check_ab("int8_mm", a, b, "a", true);
-  return int8_gemm(a, b, nullptr, nullptr, nullptr, at::kInt);
+  return int8_gemm(a, b, nullptr, nullptr, nullptr, st::kInt);
 }
 
-at::Tensor int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                              const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
-                              at::ScalarType out_dtype) {
+st::Tensor int8_scaled_mm_cpu(const st::Tensor& a, const st::Tensor& a_scale, const st::Tensor& b,
+                              const st::Tensor& b_scale, const std::optional<st::Tensor>& bias,
+                              st::ScalarType out_dtype) {
   const char* op = "int8_scaled_mm";
   check_ab(op, a, b, "a", true);
   check_vector(op, "a_scale", a_scale, a.size(0), "one per row of a");
   check_vector(op, "b_scale", b_scale, b.size(0), "one per row of b");
   if (bias.has_value()) check_vector(op, "bias", *bias, b.size(0), "one per row of b");
-  TORCH_CHECK(is_float(out_dtype), op, ": expected out_dtype float32, bfloat16 or float16, got ", out_dtype);
-  const at::Tensor as = as_f32(a_scale), bs = as_f32(b_scale);
-  const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
-  return int8_gemm(a, b, as.data_ptr<float>(), bs.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr,
+  BK_CHECK(is_float(out_dtype), op, ": expected out_dtype float32, bfloat16 or float16, got ", out_dtype);
+  const st::Tensor as = as_f32(a_scale), bs = as_f32(b_scale);
+  const std::optional<st::Tensor> bi = bias.has_value() ? std::optional<st::Tensor>(as_f32(*bias)) : std::nullopt;
+  return int8_gemm(a, b, as.mutable_data_ptr<float>(), bs.mutable_data_ptr<float>(), bi ? bi->mutable_data_ptr<float>() : nullptr,
                    out_dtype);
 }
 
-at::Tensor w8a16_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& w_scale,
-                        const std::optional<at::Tensor>& bias) {
+st::Tensor w8a16_mm_cpu(const st::Tensor& x_in, const st::Tensor& w_in, const st::Tensor& w_scale,
+                        const std::optional<st::Tensor>& bias) {
   const char* op = "w8a16_mm";
   check_ab(op, x_in, w_in, "x", false);
   check_vector(op, "w_scale", w_scale, w_in.size(0), "one per row of w_int8");
   if (bias.has_value()) check_vector(op, "bias", *bias, w_in.size(0), "one per row of w_int8");
-  const at::Tensor w = rows_unit_stride(w_in), ws = as_f32(w_scale);
-  const std::optional<at::Tensor> bi = bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
+  const st::Tensor w = rows_unit_stride(w_in), ws = as_f32(w_scale);
+  const std::optional<st::Tensor> bi = bias.has_value() ? std::optional<st::Tensor>(as_f32(*bias)) : std::nullopt;
   const int64_t M = x_in.size(0), N = w.size(0), K = x_in.size(1);
-  at::Tensor out = at::empty({M, N}, x_in.options());
-  GemmArgs g{nullptr, 0, w.data_ptr<int8_t>(), w.stride(0), K, out.data_ptr(), N, float_dtype(out),
-             nullptr, ws.data_ptr<float>(), bi ? bi->data_ptr<float>() : nullptr, nullptr};
+  st::Tensor out = st::empty({M, N}, st::options(x_in));
+  GemmArgs g{nullptr, 0, w.mutable_data_ptr<int8_t>(), w.stride(0), K, out.data_ptr(), N, float_dtype(out),
+             nullptr, ws.mutable_data_ptr<float>(), bi ? bi->mutable_data_ptr<float>() : nullptr, nullptr};
   const Kernels& k = best_kernels();
   if (k.w8a16_panels && M >= panel_min_rows(kW8a16PanelMinRows)) {  // x packed from its own dtype
-    const at::Tensor x = rows_unit_stride(x_in);
-    at::Tensor ap = at::empty({packed_a_f32_floats(M, K)}, x.options().dtype(at::kFloat));
-    float* app = ap.data_ptr<float>();
+    const st::Tensor x = rows_unit_stride(x_in);
+    st::Tensor ap = st::empty({packed_a_f32_floats(M, K)}, st::options(x).dtype(st::kFloat));
+    float* app = ap.mutable_data_ptr<float>();
     const DType dt = float_dtype(x);
     pack_panels(M, K, [&](int64_t p0, int64_t p1) { k.pack_a_f32(dt, x.data_ptr(), x.stride(0), M, K, p0, p1, app); });
     g.a_packed = app;
     for_each_panel_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_panels(g, m0, m1, n0, n1); });
     return out;
   }
-  const at::Tensor x = x_in.scalar_type() == at::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
+  const st::Tensor x = x_in.scalar_type() == st::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
   g.a = x.data_ptr();
   g.lda = x.stride(0);
   for_each_block(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.w8a16_gemm(g, m0, m1, n0, n1); });
@@ -224,11 +221,11 @@ at::Tensor w8a16_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
-  m.impl("quantize_per_token", &quantize_per_token_cpu);
-  m.impl("int8_mm", &int8_mm_cpu);
-  m.impl("int8_scaled_mm", &int8_scaled_mm_cpu);
-  m.impl("w8a16_mm", &w8a16_mm_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("quantize_per_token", TORCH_BOX(&quantize_per_token_cpu));
+  m.impl("int8_mm", TORCH_BOX(&int8_mm_cpu));
+  m.impl("int8_scaled_mm", TORCH_BOX(&int8_scaled_mm_cpu));
+  m.impl("w8a16_mm", TORCH_BOX(&w8a16_mm_cpu));
 }
 
 }  // namespace bigkernels::quant::cpu

@@ -18,12 +18,11 @@
 // the caller's bias into it (converting its dtype) before the matmul, on the same stream, under the
 // plan's lock. So no plan depends on the address of the caller's bias: a bias converted afresh per
 // call (another dtype than x, as SparseLinear's fp32 bias under bf16 inputs) reuses the plan instead
-// of building one per new address. The copy is skipped when the bias is the same live tensor, at the
-// same address and in-place version, as the last one copied (not for inference tensors, which have
-// no version counter). Plans are per stream, so calls on two streams never share a bias buffer.
+// of building one per new address. The copy runs on every call (n elements on the stream): the
+// stable ABI has no tensor identity or version counter to tell an unchanged bias. Plans are per stream, so calls on two streams never share a bias buffer.
 // One cuSPARSELt handle per device, initialised on first use and never destroyed (teardown order
 // at process exit is not ours to control). Workspaces come from torch's caching allocator;
-// everything runs on the current stream of x's device (a CUDAGuard makes x's device current).
+// everything runs on the current stream of x's device (a DeviceGuard makes x's device current).
 // Every check on user input comes before anything is allocated or launched. sm_80+ only: older
 // devices get a clear error. sparse24_cslt_plans() -> int returns the number of cached plans.
 //
@@ -31,15 +30,9 @@
 // links libcusparseLt.so.0); otherwise this file is empty and the ops have no CUDA kernel.
 #ifdef BIGKERNELS_CUSPARSELT
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/intrusive_ptr.h>
 #include <cuda_runtime_api.h>
 #include <cusparseLt.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <cstdint>
 #include <functional>
@@ -57,25 +50,25 @@ constexpr int64_t kSparseMultiple = 16;  // the structured operand: rows and col
 constexpr size_t kMaxPlans = 1024;     // cache entries before the map is cleared (plans in use survive)
 
 void check_lt(const char* op, const char* call, cusparseStatus_t status) {
-  TORCH_CHECK(status == CUSPARSE_STATUS_SUCCESS, op, ": ", call, " failed: ", cusparseLtGetErrorName(status), " (",
+  BK_CHECK(status == CUSPARSE_STATUS_SUCCESS, op, ": ", call, " failed: ", cusparseLtGetErrorName(status), " (",
               cusparseLtGetErrorString(status), ")");
 }
 
 void check_cuda(const char* op, const char* call, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": ", call, " failed: ", cudaGetErrorString(err));
+  BK_CHECK(err == cudaSuccess, op, ": ", call, " failed: ", cudaGetErrorString(err));
 }
 
-bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+bool is_16bit(st::ScalarType t) { return t == st::kHalf || t == st::kBFloat16; }
 
-cudaDataType cuda_type(at::ScalarType t) { return t == at::kHalf ? CUDA_R_16F : CUDA_R_16BF; }
+cudaDataType cuda_type(st::ScalarType t) { return t == st::kHalf ? CUDA_R_16F : CUDA_R_16BF; }
 
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlign == 0; }
+bool aligned(const st::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlign == 0; }
 
 // t itself when contiguous and 16-byte aligned, else a fresh (aligned) contiguous copy.
-at::Tensor aligned_contiguous(const at::Tensor& t) {
+st::Tensor aligned_contiguous(const st::Tensor& t) {
   if (t.is_contiguous() && aligned(t)) return t;
-  at::Tensor c = at::empty(t.sizes(), t.options());
-  c.copy_(t);
+  st::Tensor c = st::empty(t.sizes(), st::options(t));
+  st::copy_(c, t);
   return c;
 }
 
@@ -95,7 +88,7 @@ void check_capability(const char* op, int device) {
     major = it->second / 10;
     minor = it->second % 10;
   }
-  TORCH_CHECK(major >= 8, op, ": 2:4 sparse tensor cores need a GPU of compute capability 8.0 or newer (sm_80+), "
+  BK_CHECK(major >= 8, op, ": 2:4 sparse tensor cores need a GPU of compute capability 8.0 or newer (sm_80+), "
               "but cuda:", device, " is sm_", major, minor, "; check bigkernels.ops.sparse_cuda.sparse24_supported(device) "
               "and use bigkernels::sparse24_mm there instead");
 }
@@ -116,14 +109,14 @@ const cusparseLtHandle_t* handle_for(const char* op, int device) {
 
 // The structured descriptor of a row-major [n, k] weight (the same for compression and matmul).
 void init_weight_descriptor(const char* op, const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d, int64_t n,
-                            int64_t k, at::ScalarType dtype) {
+                            int64_t k, st::ScalarType dtype) {
   check_lt(op, "cusparseLtStructuredDescriptorInit",
            cusparseLtStructuredDescriptorInit(h, d, n, k, k, kAlign, cuda_type(dtype), CUSPARSE_ORDER_ROW,
                                               CUSPARSELT_SPARSITY_50_PERCENT));
 }
 
 void check_weight_shape(const char* op, const char* what, int64_t n, int64_t k) {
-  TORCH_CHECK(n > 0 && k > 0 && n % kSparseMultiple == 0 && k % kSparseMultiple == 0, op,
+  BK_CHECK(n > 0 && k > 0 && n % kSparseMultiple == 0 && k % kSparseMultiple == 0, op,
               ": cuSPARSELt needs a weight [N, K] with N and K positive multiples of ", kSparseMultiple, ", got ", what,
               " [", n, ", ", k, "]");
 }
@@ -134,7 +127,7 @@ struct PlanKey {
   int dtype;
   int64_t m, n, k;
   bool has_bias;
-  int64_t stream;  // c10::cuda::CUDAStream::id()
+  int64_t stream;  // the cudaStream_t's address
   bool operator==(const PlanKey& o) const {
     return device == o.device && dtype == o.dtype && m == o.m && n == o.n && k == o.k && has_bias == o.has_bias &&
            stream == o.stream;
@@ -162,13 +155,9 @@ struct Plan {
   int built = 0;  // how many of a, b, d, alg, plan exist
   size_t workspace = 0;
   size_t compressed_size = 0;
-  at::Tensor bias;  // [n] in x's dtype, the address baked into the plan (undefined: no bias)
+  st::Tensor bias;  // [n] in x's dtype, the address baked into the plan (undefined: no bias)
   // Serialises "copy the caller's bias into `bias`, then matmul" of concurrent host threads.
   std::mutex mu;
-  // The caller's bias last copied into `bias` (skip the copy when it is unchanged).
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> last_source;
-  const void* last_data = nullptr;
-  int64_t last_version = -1;
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -183,13 +172,13 @@ struct Plan {
 };
 
 std::shared_ptr<Plan> build_plan(const char* op, const cusparseLtHandle_t* h, const PlanKey& key,
-                                 const at::TensorOptions& options) {
-  const at::ScalarType dtype = options.dtype().toScalarType();
+                                 const st::TensorOptions& options) {
+  const st::ScalarType dtype = options.dtype_;
   const cudaDataType t = cuda_type(dtype);
   auto p = std::make_shared<Plan>();
   void* bias = nullptr;
   if (key.has_bias) {
-    p->bias = at::empty({key.n}, options);  // fresh from the allocator: 256-byte aligned
+    p->bias = st::empty({key.n}, options);  // fresh from the allocator: 256-byte aligned
     bias = p->bias.data_ptr();
   }
   // A: the weight [n, k], row-major, structured.
@@ -233,7 +222,7 @@ std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>& plans() {
 }
 
 std::shared_ptr<Plan> plan_for(const char* op, const cusparseLtHandle_t* h, const PlanKey& key,
-                               const at::TensorOptions& options) {
+                               const st::TensorOptions& options) {
   std::lock_guard<std::mutex> lock(plans_mutex());
   auto it = plans().find(key);
   if (it != plans().end()) return it->second;
@@ -248,45 +237,31 @@ int64_t sparse24_cslt_plans() {
   return static_cast<int64_t>(plans().size());
 }
 
-// Copies `bias` into the plan's buffer (in x's dtype) unless it is the tensor copied last time,
-// unchanged. The caller holds plan.mu and launches the matmul after it on the same stream.
-void stage_bias(Plan& plan, const at::Tensor& bias) {
-  const bool tracked = !bias.is_inference();
-  const int64_t version = tracked ? static_cast<int64_t>(bias._version()) : -1;
-  if (tracked && plan.last_source.has_value() && !plan.last_source->expired() &&
-      plan.last_source->_unsafe_get_target() == bias.unsafeGetTensorImpl() && plan.last_data == bias.data_ptr() &&
-      plan.last_version == version) {
-    return;
-  }
-  plan.bias.copy_(bias);
-  if (tracked) {
-    plan.last_source = c10::weak_intrusive_ptr<c10::TensorImpl>(bias.getIntrusivePtr());
-    plan.last_data = bias.data_ptr();
-    plan.last_version = version;
-  } else {
-    plan.last_source.reset();
-  }
-}
+// Copies `bias` into the plan's buffer (in x's dtype). The caller holds plan.mu and launches the
+// matmul after it on the same stream. (Always: the stable ABI exposes neither tensor identity nor
+// version counters, so "the same unchanged bias as last time" cannot be told; n elements, one
+// small copy on the stream.)
+void stage_bias(Plan& plan, const st::Tensor& bias) { st::copy_(plan.bias, bias); }
 
 // ----- ops ----------------------------------------------------------------------------------------
-at::Tensor sparse24_compress_cuda(const at::Tensor& w_dense) {
+st::Tensor sparse24_compress_cuda(const st::Tensor& w_dense) {
   const char* op = "sparse24_compress";
-  TORCH_CHECK(w_dense.layout() == at::kStrided, op, ": expected a dense (strided) w_dense, got layout ",
+  BK_CHECK(w_dense.layout() == st::kStrided, op, ": expected a dense (strided) w_dense, got layout ",
               w_dense.layout());
-  TORCH_CHECK(w_dense.dim() == 2, op, ": expected a 2-D w_dense [N, K], got ", w_dense.dim(), "-D (shape ",
+  BK_CHECK(w_dense.dim() == 2, op, ": expected a 2-D w_dense [N, K], got ", w_dense.dim(), "-D (shape ",
               w_dense.sizes(), ")");
-  TORCH_CHECK(is_16bit(w_dense.scalar_type()), op, ": expected w_dense to be float16 or bfloat16, got ",
+  BK_CHECK(is_16bit(w_dense.scalar_type()), op, ": expected w_dense to be float16 or bfloat16, got ",
               w_dense.scalar_type());
-  TORCH_CHECK(w_dense.is_cuda(), op, ": expected a CUDA w_dense, got ", w_dense.device());
+  BK_CHECK(w_dense.is_cuda(), op, ": expected a CUDA w_dense, got ", w_dense.device());
   const int64_t N = w_dense.size(0), K = w_dense.size(1);
   check_weight_shape(op, "w_dense", N, K);
   const int device = w_dense.get_device();
   check_capability(op, device);
 
-  c10::cuda::CUDAGuard guard(w_dense.device());
+  st::DeviceGuard guard(st::device_index(w_dense.device()));
   const cusparseLtHandle_t* h = handle_for(op, device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  const at::Tensor w = aligned_contiguous(w_dense);
+  const cudaStream_t stream = static_cast<cudaStream_t>(st::current_cuda_stream(device));
+  const st::Tensor w = aligned_contiguous(w_dense);
 
   cusparseLtMatDescriptor_t desc;
   init_weight_descriptor(op, h, &desc, N, K, w.scalar_type());
@@ -296,81 +271,81 @@ at::Tensor sparse24_compress_cuda(const at::Tensor& w_dense) {
   } desc_guard{&desc};
 
   // The 2:4 check: 0 = every group of 4 along K has at most 2 non-zeros.
-  at::Tensor d_valid = at::empty({1}, w.options().dtype(at::kInt));
+  st::Tensor d_valid = st::empty({1}, st::options(w).dtype(st::kInt));
   check_lt(op, "cusparseLtSpMMAPruneCheck2",
            cusparseLtSpMMAPruneCheck2(h, &desc, /*isSparseA=*/1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.data_ptr(),
-                                      d_valid.data_ptr<int>(), stream));
+                                      d_valid.mutable_data_ptr<int>(), stream));
   int invalid = 0;
   check_cuda(op, "cudaMemcpyAsync",
-             cudaMemcpyAsync(&invalid, d_valid.data_ptr<int>(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+             cudaMemcpyAsync(&invalid, d_valid.mutable_data_ptr<int>(), sizeof(int), cudaMemcpyDeviceToHost, stream));
   check_cuda(op, "cudaStreamSynchronize", cudaStreamSynchronize(stream));
-  TORCH_CHECK(invalid == 0, op, ": w_dense [", N, ", ", K, "] is not 2:4 sparse: some group of 4 consecutive "
+  BK_CHECK(invalid == 0, op, ": w_dense [", N, ", ", K, "] is not 2:4 sparse: some group of 4 consecutive "
               "elements of a row holds more than 2 non-zeros (cusparseLtSpMMAPruneCheck); prune it first "
               "(bigkernels.prune_(..., pattern=\"2:4\") or bigkernels.sparse masks)");
 
   size_t compressed_size = 0, buffer_size = 0;
   check_lt(op, "cusparseLtSpMMACompressedSize2", cusparseLtSpMMACompressedSize2(h, &desc, &compressed_size, &buffer_size));
-  at::Tensor out = at::empty({static_cast<int64_t>(compressed_size)}, w.options().dtype(at::kByte));
-  at::Tensor buffer = at::empty({static_cast<int64_t>(buffer_size > 0 ? buffer_size : 1)}, w.options().dtype(at::kByte));
+  st::Tensor out = st::empty({static_cast<int64_t>(compressed_size)}, st::options(w).dtype(st::kByte));
+  st::Tensor buffer = st::empty({static_cast<int64_t>(buffer_size > 0 ? buffer_size : 1)}, st::options(w).dtype(st::kByte));
   check_lt(op, "cusparseLtSpMMACompress2",
            cusparseLtSpMMACompress2(h, &desc, /*isSparseA=*/1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.data_ptr(),
                                     out.data_ptr(), buffer.data_ptr(), stream));
   return out;
 }
 
-at::Tensor sparse24_cslt_mm_cuda(const at::Tensor& x, const at::Tensor& compressed, int64_t n,
-                                 const std::optional<at::Tensor>& bias) {
+st::Tensor sparse24_cslt_mm_cuda(const st::Tensor& x, const st::Tensor& compressed, int64_t n,
+                                 const std::optional<st::Tensor>& bias) {
   const char* op = "sparse24_cslt_mm";
-  TORCH_CHECK(x.layout() == at::kStrided && compressed.layout() == at::kStrided, op,
+  BK_CHECK(x.layout() == st::kStrided && compressed.layout() == st::kStrided, op,
               ": expected dense (strided) x and compressed");
-  TORCH_CHECK(x.dim() == 2, op, ": expected a 2-D x [M, K], got ", x.dim(), "-D (shape ", x.sizes(), ")");
-  TORCH_CHECK(is_16bit(x.scalar_type()), op, ": expected x to be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(compressed.dim() == 1 && compressed.scalar_type() == at::kByte, op,
+  BK_CHECK(x.dim() == 2, op, ": expected a 2-D x [M, K], got ", x.dim(), "-D (shape ", x.sizes(), ")");
+  BK_CHECK(is_16bit(x.scalar_type()), op, ": expected x to be float16 or bfloat16, got ", x.scalar_type());
+  BK_CHECK(compressed.dim() == 1 && compressed.scalar_type() == st::kByte, op,
               ": expected compressed to be the 1-D uint8 tensor sparse24_compress returns, got ", compressed.dim(),
               "-D ", compressed.scalar_type());
-  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA x, got ", x.device());
-  TORCH_CHECK(compressed.device() == x.device(), op, ": expected compressed on ", x.device(), " like x, got ",
+  BK_CHECK(x.is_cuda(), op, ": expected a CUDA x, got ", x.device());
+  BK_CHECK(compressed.device() == x.device(), op, ": expected compressed on ", x.device(), " like x, got ",
               compressed.device());
   const int64_t M = x.size(0), K = x.size(1);
   check_weight_shape(op, "a weight (from x and n)", n, K);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->layout() == at::kStrided, op, ": expected a dense (strided) bias, got layout ", bias->layout());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected bias of shape [", n, "], got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": expected a floating-point bias, got ",
+    BK_CHECK(bias->layout() == st::kStrided, op, ": expected a dense (strided) bias, got layout ", bias->layout());
+    BK_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected bias of shape [", n, "], got ", bias->sizes());
+    BK_CHECK(st::isFloatingType(bias->scalar_type()), op, ": expected a floating-point bias, got ",
                 bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": expected bias on ", x.device(), " like x, got ", bias->device());
+    BK_CHECK(bias->device() == x.device(), op, ": expected bias on ", x.device(), " like x, got ", bias->device());
   }
   const int device = x.get_device();
   check_capability(op, device);
 
-  c10::cuda::CUDAGuard guard(x.device());
+  st::DeviceGuard guard(st::device_index(x.device()));
   const cusparseLtHandle_t* h = handle_for(op, device);
   const int64_t Mp = (M + kDenseMultiple - 1) / kDenseMultiple * kDenseMultiple;
-  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t stream = static_cast<cudaStream_t>(st::current_cuda_stream(device));
   // Shapes only from here on: the plan also gives the byte count a compressed [n, K] weight has.
   auto plan = Mp > 0 ? plan_for(op, h,
                                 PlanKey{device, static_cast<int>(x.scalar_type()), Mp, n, K, bias.has_value(),
-                                        static_cast<int64_t>(cstream.id())},
-                                x.options())
+                                        reinterpret_cast<int64_t>(stream)},
+                                st::options(x))
                      : nullptr;
   if (plan != nullptr) {
-    TORCH_CHECK(compressed.numel() == static_cast<int64_t>(plan->compressed_size), op, ": compressed holds ",
+    BK_CHECK(compressed.numel() == static_cast<int64_t>(plan->compressed_size), op, ": compressed holds ",
                 compressed.numel(), " bytes, but a cuSPARSELt-compressed [", n, ", ", K, "] ", x.scalar_type(),
                 " weight has ", plan->compressed_size, ": pass the sparse24_compress output of a [n, K] weight of x's "
                 "dtype, with n = the weight's rows");
   }
-  at::Tensor out = at::empty({Mp, n}, x.options());
+  st::Tensor out = st::empty({Mp, n}, st::options(x));
   if (M == 0) return out;
 
-  at::Tensor xp = x;
+  st::Tensor xp = x;
   if (Mp != M || !x.is_contiguous() || !aligned(x)) {
-    xp = at::zeros({Mp, K}, x.options());
-    xp.narrow(0, 0, M).copy_(x);
+    xp = st::zeros({Mp, K}, st::options(x));
+    st::Tensor rows = st::narrow(xp, 0, 0, M);
+    st::copy_(rows, x);
   }
-  const at::Tensor wc = aligned_contiguous(compressed);
-  at::Tensor workspace;
-  if (plan->workspace > 0) workspace = at::empty({static_cast<int64_t>(plan->workspace)}, x.options().dtype(at::kByte));
-  cudaStream_t stream = cstream.stream();
+  const st::Tensor wc = aligned_contiguous(compressed);
+  st::Tensor workspace;
+  if (plan->workspace > 0) workspace = st::empty({static_cast<int64_t>(plan->workspace)}, st::options(x).dtype(st::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   // The epilogue reads the bias (in the output's type) from the plan's buffer.
   std::lock_guard<std::mutex> plan_lock(plan->mu);
@@ -378,20 +353,20 @@ at::Tensor sparse24_cslt_mm_cuda(const at::Tensor& x, const at::Tensor& compress
   check_lt(op, "cusparseLtMatmul",
            cusparseLtMatmul(h, &plan->plan, &alpha, wc.data_ptr(), xp.data_ptr(), &beta, out.data_ptr(), out.data_ptr(),
                             plan->workspace > 0 ? workspace.data_ptr() : nullptr, &stream, 1));
-  return Mp == M ? out : out.narrow(0, 0, M);
+  return Mp == M ? out : st::narrow(out, 0, 0, M);
 }
 
 }  // namespace
 }  // namespace bigkernels::sparse
 
-TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
-  m.impl("sparse24_compress", &bigkernels::sparse::sparse24_compress_cuda);
-  m.impl("sparse24_cslt_mm", &bigkernels::sparse::sparse24_cslt_mm_cuda);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
+  m.impl("sparse24_compress", TORCH_BOX(&bigkernels::sparse::sparse24_compress_cuda));
+  m.impl("sparse24_cslt_mm", TORCH_BOX(&bigkernels::sparse::sparse24_cslt_mm_cuda));
 }
 
 // No tensor arguments: the kernel serves every dispatch key.
-TORCH_LIBRARY_IMPL(bigkernels, CompositeExplicitAutograd, m) {
-  m.impl("sparse24_cslt_plans", &bigkernels::sparse::sparse24_cslt_plans);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CompositeExplicitAutograd, m) {
+  m.impl("sparse24_cslt_plans", TORCH_BOX(&bigkernels::sparse::sparse24_cslt_plans));
 }
 
 #endif  // BIGKERNELS_CUSPARSELT

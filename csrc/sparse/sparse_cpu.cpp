@@ -2,13 +2,9 @@
 // argument before any work (CSR column indices, which would cost a pass over nnz, are range
 // checked by the kernels themselves, which read nothing out of range and report it), converts x
 // (and the bias) to fp32 once, picks the instruction set at run time and runs blocks of output
-// features (and of rows, for larger M) with at::parallel_for. Kernels live in
+// features (and of rows, for larger M) with st::parallel_for. Kernels live in
 // sparse_cpu_{scalar,avx2,avx512}.cpp behind the pointer-level sparse_cpu.h.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <atomic>
@@ -37,79 +33,79 @@ const Kernels& best_kernels() {
 
 namespace {
 
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+bool is_float(st::ScalarType t) { return t == st::kFloat || t == st::kHalf || t == st::kBFloat16; }
 
-DType dtype_of(at::ScalarType t) {
-  return t == at::kFloat ? DType::f32 : t == at::kBFloat16 ? DType::bf16 : DType::f16;
+DType dtype_of(st::ScalarType t) {
+  return t == st::kFloat ? DType::f32 : t == st::kBFloat16 ? DType::bf16 : DType::f16;
 }
 
-void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
+void check_cpu(const char* op, const char* name, const st::Tensor& t) {
+  BK_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got a tensor on ", t.device());
 }
 
-void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+void check_dim(const char* op, const char* name, const st::Tensor& t, int64_t dim) {
   check_cpu(op, name, t);
-  TORCH_CHECK(t.dim() == dim, op, ": expected ", name, " to be ", dim, "-D, got ", t.dim(), "-D with shape ",
+  BK_CHECK(t.dim() == dim, op, ": expected ", name, " to be ", dim, "-D, got ", t.dim(), "-D with shape ",
               t.sizes());
 }
 
-void check_x(const char* op, const at::Tensor& x) {
+void check_x(const char* op, const st::Tensor& x) {
   check_dim(op, "x", x, 2);
-  TORCH_CHECK(is_float(x.scalar_type()), op, ": expected x of dtype float32, bfloat16 or float16, got ",
+  BK_CHECK(is_float(x.scalar_type()), op, ": expected x of dtype float32, bfloat16 or float16, got ",
               x.scalar_type());
 }
 
 // The stored weights: x's dtype or float32.
-void check_weights(const char* op, const char* name, const at::Tensor& w, const at::Tensor& x) {
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat, op, ": expected ", name,
+void check_weights(const char* op, const char* name, const st::Tensor& w, const st::Tensor& x) {
+  BK_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == st::kFloat, op, ": expected ", name,
               " of dtype ", x.scalar_type(), " (x's) or float32, got ", w.scalar_type());
 }
 
-void check_index(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+void check_index(const char* op, const char* name, const st::Tensor& t, st::ScalarType want) {
   check_dim(op, name, t, 1);
-  TORCH_CHECK(t.scalar_type() == want, op, ": expected ", name, " of dtype ", want, ", got ", t.scalar_type());
+  BK_CHECK(t.scalar_type() == want, op, ": expected ", name, " of dtype ", want, ", got ", t.scalar_type());
 }
 
 // crow [rows + 1] int64: crow[0] = 0, non-decreasing, crow[rows] = nnz.
-void check_crow(const char* op, const at::Tensor& crow, int64_t nnz) {
-  const int64_t* c = crow.data_ptr<int64_t>();
+void check_crow(const char* op, const st::Tensor& crow, int64_t nnz) {
+  const int64_t* c = crow.mutable_data_ptr<int64_t>();
   const int64_t rows = crow.numel() - 1;
-  TORCH_CHECK(c[0] == 0, op, ": expected crow[0] == 0, got ", c[0]);
-  TORCH_CHECK(c[rows] == nnz, op, ": expected crow[-1] == ", nnz, " (the number of stored entries), got ",
+  BK_CHECK(c[0] == 0, op, ": expected crow[0] == 0, got ", c[0]);
+  BK_CHECK(c[rows] == nnz, op, ": expected crow[-1] == ", nnz, " (the number of stored entries), got ",
               c[rows]);
   for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(c[r] <= c[r + 1], op, ": expected crow to be non-decreasing, got crow[", r, "] = ", c[r],
+    BK_CHECK(c[r] <= c[r + 1], op, ": expected crow to be non-decreasing, got crow[", r, "] = ", c[r],
                 " > crow[", r + 1, "] = ", c[r + 1]);
 }
 
-void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+void check_bias(const char* op, const std::optional<st::Tensor>& bias, const st::Tensor& x, int64_t N) {
   if (!bias.has_value()) return;
   check_dim(op, "bias", *bias, 1);
-  TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == x.scalar_type(), op,
+  BK_CHECK(bias->scalar_type() == st::kFloat || bias->scalar_type() == x.scalar_type(), op,
               ": expected bias of dtype float32 or ", x.scalar_type(), " (x's), got ", bias->scalar_type());
-  TORCH_CHECK(bias->size(0) == N, op, ": expected bias of shape [", N, "] (one per output feature), got shape ",
+  BK_CHECK(bias->size(0) == N, op, ": expected bias of shape [", N, "] (one per output feature), got shape ",
               bias->sizes());
 }
 
 // What every op shares once its format is checked: fp32 x and bias, the output, the arguments.
 struct Prepared {
-  at::Tensor x32, bias32, out;
+  st::Tensor x32, bias32, out;
   SparseArgs a{};
 };
 
-Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& w) {
+Prepared prepare(const st::Tensor& x, const std::optional<st::Tensor>& bias, int64_t N, const st::Tensor& w) {
   Prepared p;
-  p.x32 = x.to(at::kFloat).contiguous();
-  p.out = at::empty({x.size(0), N}, x.options());
-  if (bias.has_value()) p.bias32 = bias->to(at::kFloat).contiguous();
+  p.x32 = st::contiguous(st::to(x, st::kFloat));
+  p.out = st::empty({x.size(0), N}, st::options(x));
+  if (bias.has_value()) p.bias32 = st::contiguous(st::to(*bias, st::kFloat));
   SparseArgs& a = p.a;
-  a.x = p.x32.data_ptr<float>();
+  a.x = p.x32.mutable_data_ptr<float>();
   a.M = x.size(0);
   a.K = x.size(1);
   a.N = N;
   a.w = w.data_ptr();
   a.w_dtype = dtype_of(w.scalar_type());
-  a.bias = bias.has_value() ? p.bias32.data_ptr<float>() : nullptr;
+  a.bias = bias.has_value() ? p.bias32.mutable_data_ptr<float>() : nullptr;
   a.out = p.out.data_ptr();
   a.out_dtype = dtype_of(x.scalar_type());
   return p;
@@ -122,11 +118,11 @@ Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int
 template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t n_min, double work, const Fn& fn) {
   if (M == 0 || N == 0) return;
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t want = 4 * int64_t(st::get_num_threads());
   int64_t mb = std::max<int64_t>(m_step, std::min<int64_t>((M + m_step - 1) / m_step * m_step, m_max));
   int64_t nb = std::max<int64_t>(n_min, (N + want - 1) / want);
   const int64_t mblocks = (M + mb - 1) / mb, nblocks = (N + nb - 1) / nb;
-  at::parallel_for(0, mblocks * nblocks, bigkernels::grain_for(mblocks * nblocks, work), [&](int64_t begin, int64_t end) {
+  st::parallel_for(0, mblocks * nblocks, bigkernels::grain_for(mblocks * nblocks, work), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t mi = blk / nblocks, ni = blk % nblocks;
       fn(mi * mb, std::min(M, (mi + 1) * mb), ni * nb, std::min(N, (ni + 1) * nb));
@@ -151,11 +147,11 @@ int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (
 // x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
 // by 128 output features) in parallel: fn(m0, m1, n0, n1) runs one.
 template <class Fn>
-void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
+void run_panels(const Kernels& k, SparseArgs& a, st::Tensor& keep, double work, const Fn& fn) {
   const int64_t M = a.M, K = a.K, panels = (M + kPanelRows - 1) / kPanelRows;
-  keep = at::empty({packed_a_floats(M, K)}, at::TensorOptions().dtype(at::kFloat));
-  float* ap = keep.data_ptr<float>();
-  at::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
+  keep = st::empty({packed_a_floats(M, K)}, st::TensorOptions().dtype(st::kFloat));
+  float* ap = keep.mutable_data_ptr<float>();
+  st::parallel_for(0, panels, bigkernels::grain_for(panels, 4.0 * double(M) * double(K)),
                    [&](int64_t p0, int64_t p1) { k.pack_a_f32(a.x, K, M, K, p0, p1, ap); });
   a.a_packed = ap;
   bigkernels::for_each_engine_block(M, a.N, kPanelRows, 264, kPanelCols, 128, work, fn);
@@ -163,11 +159,11 @@ void run_panels(const Kernels& k, SparseArgs& a, at::Tensor& keep, double work, 
 
 // x [M, K] (fp32, row stride K) as groups of R rows, each [K][R] (rows past M zero): input k of a
 // group's R rows is R contiguous floats (the CSR chunks and the 2:4 lanes kernels read it so).
-at::Tensor pack_row_groups(const float* x, int64_t M, int64_t K, int64_t R) {
+st::Tensor pack_row_groups(const float* x, int64_t M, int64_t K, int64_t R) {
   const int64_t groups = (M + R - 1) / R;
-  at::Tensor packed = at::empty({groups * K * R}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, groups * K, bigkernels::grain_for(groups * K, 4.0 * double(groups * R) * double(K)),
+  st::Tensor packed = st::empty({groups * K * R}, st::TensorOptions().dtype(st::kFloat));
+  float* dst = packed.mutable_data_ptr<float>();
+  st::parallel_for(0, groups * K, bigkernels::grain_for(groups * K, 4.0 * double(groups * R) * double(K)),
                    [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t g = i / K, kk = i % K;
@@ -180,37 +176,37 @@ at::Tensor pack_row_groups(const float* x, int64_t M, int64_t K, int64_t R) {
 // x packed in groups of R = lane_rows(M) rows (pack_row_groups), then blocks of whole groups by up
 // to 128 output features in parallel: fn(m0, m1, n0, n1) runs one.
 template <class Fn>
-void run_lanes(SparseArgs& a, at::Tensor& keep, double work, const Fn& fn) {
+void run_lanes(SparseArgs& a, st::Tensor& keep, double work, const Fn& fn) {
   const int64_t R = lane_rows(a.M);
   keep = pack_row_groups(a.x, a.M, a.K, R);
-  a.a_packed = keep.data_ptr<float>();
+  a.a_packed = keep.mutable_data_ptr<float>();
   bigkernels::for_each_engine_block(a.M, a.N, R, 256, 8, 128, work, fn);
 }
 
-at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
-                      const at::Tensor& values_in, const std::optional<at::Tensor>& bias) {
+st::Tensor csr_mm_cpu(const st::Tensor& x, const st::Tensor& crow_in, const st::Tensor& col_in,
+                      const st::Tensor& values_in, const std::optional<st::Tensor>& bias) {
   const char* op = "csr_mm";
   check_x(op, x);
-  check_index(op, "crow", crow_in, at::kLong);
-  check_index(op, "col", col_in, at::kInt);
+  check_index(op, "crow", crow_in, st::kLong);
+  check_index(op, "col", col_in, st::kInt);
   check_dim(op, "values", values_in, 1);
   check_weights(op, "values", values_in, x);
-  TORCH_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N + 1], got shape ", crow_in.sizes());
+  BK_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N + 1], got shape ", crow_in.sizes());
   const int64_t N = crow_in.numel() - 1, nnz = values_in.numel();
-  TORCH_CHECK(col_in.numel() == nnz, op, ": expected col and values of the same length, got col of ",
+  BK_CHECK(col_in.numel() == nnz, op, ": expected col and values of the same length, got col of ",
               col_in.numel(), " and values of ", nnz);
   check_bias(op, bias, x, N);
-  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
+  const st::Tensor crow = st::contiguous(crow_in), col = st::contiguous(col_in), values = st::contiguous(values_in);
   check_crow(op, crow, nnz);
   Prepared p = prepare(x, bias, N, values);
   SparseArgs& a = p.a;
-  a.crow = crow.data_ptr<int64_t>();
-  a.col = col.data_ptr<int32_t>();
+  a.crow = crow.mutable_data_ptr<int64_t>();
+  a.col = col.mutable_data_ptr<int32_t>();
   if (a.M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
   std::atomic<int64_t> bad{0};
   if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) && double(nnz) >= kCsrPanelDensity * double(N) * double(a.K)) {
-    at::Tensor packed;
+    st::Tensor packed;
     run_panels(k, a, packed, double(a.M) * double(N) * double(a.K),
                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });
     if (bad.load() == 0) return p.out;
@@ -222,61 +218,61 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
     const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
     const int64_t grain = std::max(std::max<int64_t>(1, (1 << 14) / (per_row * a.M)),
                                    bigkernels::grain_for(N, double(nnz) * double(a.M)));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
+    st::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
   } else {
     // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
     const int64_t CH = k.csr_chunk(a.M), M = a.M;
-    const at::Tensor xt = pack_row_groups(a.x, M, a.K, CH);
-    const float* xtp = xt.data_ptr<float>();
+    const st::Tensor xt = pack_row_groups(a.x, M, a.K, CH);
+    const float* xtp = xt.mutable_data_ptr<float>();
     a.xt = xtp;
     for_each_block(M, N, CH, CH, 16, double(nnz) * double(M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       bad += k.csr_rows(a, m0, m1, n0, n1);
     });
   }
-  TORCH_CHECK(bad.load() == 0, op, ": expected every col entry in [0, ", a.K, ") (x has K = ", a.K,
+  BK_CHECK(bad.load() == 0, op, ": expected every col entry in [0, ", a.K, ") (x has K = ", a.K,
               " inputs), got entries outside it");
   return p.out;
 }
 
-at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
-                      const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias) {
+st::Tensor bsr_mm_cpu(const st::Tensor& x, const st::Tensor& crow_in, const st::Tensor& col_in,
+                      const st::Tensor& blocks_in, const std::optional<st::Tensor>& bias) {
   const char* op = "bsr_mm";
   check_x(op, x);
-  check_index(op, "crow", crow_in, at::kLong);
-  check_index(op, "col", col_in, at::kInt);
+  check_index(op, "crow", crow_in, st::kLong);
+  check_index(op, "col", col_in, st::kInt);
   check_dim(op, "blocks", blocks_in, 3);
   check_weights(op, "blocks", blocks_in, x);
   const int64_t B = blocks_in.size(2), nnzb = blocks_in.size(0);
-  TORCH_CHECK(B >= 1 && blocks_in.size(1) == B, op, ": expected blocks of shape [nnzb, B, B] (square), got ",
+  BK_CHECK(B >= 1 && blocks_in.size(1) == B, op, ": expected blocks of shape [nnzb, B, B] (square), got ",
               blocks_in.sizes());
-  TORCH_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N / B + 1], got shape ", crow_in.sizes());
+  BK_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N / B + 1], got shape ", crow_in.sizes());
   const int64_t K = x.size(1), nbr = crow_in.numel() - 1, N = nbr * B, KB = K / B;
-  TORCH_CHECK(K % B == 0, op, ": expected x's K = ", K, " to be a multiple of the block size B = ", B);
-  TORCH_CHECK(col_in.numel() == nnzb, op, ": expected col of length ", nnzb, " (one per block), got ",
+  BK_CHECK(K % B == 0, op, ": expected x's K = ", K, " to be a multiple of the block size B = ", B);
+  BK_CHECK(col_in.numel() == nnzb, op, ": expected col of length ", nnzb, " (one per block), got ",
               col_in.numel());
   check_bias(op, bias, x, N);
-  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), blocks = blocks_in.contiguous();
+  const st::Tensor crow = st::contiguous(crow_in), col = st::contiguous(col_in), blocks = st::contiguous(blocks_in);
   check_crow(op, crow, nnzb);
-  const int32_t* cp = col.data_ptr<int32_t>();
+  const int32_t* cp = col.mutable_data_ptr<int32_t>();
   for (int64_t j = 0; j < nnzb; ++j)
-    TORCH_CHECK(cp[j] >= 0 && cp[j] < KB, op, ": expected col entries in [0, K / B = ", KB, "), got col[", j,
+    BK_CHECK(cp[j] >= 0 && cp[j] < KB, op, ": expected col entries in [0, K / B = ", KB, "), got col[", j,
                 "] = ", cp[j]);
   Prepared p = prepare(x, bias, N, blocks);
   SparseArgs& a = p.a;
-  a.crow = crow.data_ptr<int64_t>();
+  a.crow = crow.mutable_data_ptr<int64_t>();
   a.col = cp;
   a.B = B;
   const int64_t M = a.M;
   if (M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
   if (k.bsr_panels && M >= panel_min_rows(kBsrPanelMinRows)) {
-    at::Tensor packed;
+    st::Tensor packed;
     run_panels(k, a, packed, double(M) * double(nnzb) * double(B * B),
                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.bsr_panels(a, m0, m1, n0, n1); });
     return p.out;
   }
   if (M < kBsrTransposeM) {
-    at::parallel_for(0, nbr, bigkernels::grain_for(nbr, double(nnzb) * double(B * B) * double(M)),
+    st::parallel_for(0, nbr, bigkernels::grain_for(nbr, double(nnzb) * double(B * B) * double(M)),
                      [&](int64_t r0, int64_t r1) { k.bsr_rows(a, 0, M, r0, r1); });
     return p.out;
   }
@@ -285,14 +281,15 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   int64_t widest = 0;
   for (int64_t r = 0; r < nbr; ++r) widest = std::max(widest, c[r + 1] - c[r]);
   const int64_t per_thread = std::max<int64_t>(1, widest * B * B);
-  std::vector<float> scratch(size_t(per_thread) * size_t(at::get_num_threads()));
+  st::ThreadSlots slots;  // one per parallel_for chunk (at most one chunk per thread)
+  std::vector<float> scratch(size_t(per_thread) * size_t(slots.slots()));
   // rows of x in blocks of 96..384 (each block re-transposes its block row), block rows in parallel
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t want = 4 * int64_t(st::get_num_threads());
   int64_t mb = std::max<int64_t>(96, std::min<int64_t>(384, (M * nbr + want - 1) / want));
   const int64_t mblocks = (M + mb - 1) / mb;
-  at::parallel_for(0, mblocks * nbr, 1, [&](int64_t b, int64_t e) {
+  st::parallel_for(0, mblocks * nbr, 1, [&](int64_t b, int64_t e) {
     SparseArgs t = a;
-    t.scratch = scratch.data() + size_t(at::get_thread_num()) * size_t(per_thread);
+    t.scratch = scratch.data() + size_t(slots.take()) * size_t(per_thread);
     for (int64_t i = b; i < e; ++i) {
       const int64_t mi = i / nbr, r = i % nbr;
       k.bsr_rows(t, mi * mb, std::min(M, (mi + 1) * mb), r, r + 1);
@@ -301,30 +298,30 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& crow_in, const at::
   return p.out;
 }
 
-at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
-                           const std::optional<at::Tensor>& bias) {
+st::Tensor sparse24_mm_cpu(const st::Tensor& x, const st::Tensor& values_in, const st::Tensor& meta_in,
+                           const std::optional<st::Tensor>& bias) {
   const char* op = "sparse24_mm";
   check_x(op, x);
   check_dim(op, "values", values_in, 2);
   check_weights(op, "values", values_in, x);
   check_dim(op, "meta", meta_in, 2);
-  TORCH_CHECK(meta_in.scalar_type() == at::kByte, op, ": expected meta of dtype torch.uint8, got ",
+  BK_CHECK(meta_in.scalar_type() == st::kByte, op, ": expected meta of dtype torch.uint8, got ",
               meta_in.scalar_type());
   const int64_t K = x.size(1), N = values_in.size(0);
-  TORCH_CHECK(K % 4 == 0, op, ": expected x's K = ", K, " to be a multiple of 4 (groups of 4 inputs)");
-  TORCH_CHECK(values_in.size(1) * 2 == K, op, ": expected values of shape [N, K / 2 = ", K / 2, "], got ",
+  BK_CHECK(K % 4 == 0, op, ": expected x's K = ", K, " to be a multiple of 4 (groups of 4 inputs)");
+  BK_CHECK(values_in.size(1) * 2 == K, op, ": expected values of shape [N, K / 2 = ", K / 2, "], got ",
               values_in.sizes());
-  TORCH_CHECK(meta_in.size(0) == N && meta_in.size(1) * 4 == K, op, ": expected meta of shape [", N,
+  BK_CHECK(meta_in.size(0) == N && meta_in.size(1) * 4 == K, op, ": expected meta of shape [", N,
               ", K / 4 = ", K / 4, "], got ", meta_in.sizes());
   check_bias(op, bias, x, N);
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
+  const st::Tensor values = st::contiguous(values_in), meta = st::contiguous(meta_in);
   Prepared p = prepare(x, bias, N, values);
   SparseArgs& a = p.a;
-  a.meta = meta.data_ptr<uint8_t>();
+  a.meta = meta.mutable_data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
   if (a.M == 0 || N == 0) return p.out;
   if (k.sparse24_lanes && a.M >= panel_min_rows(kSparse24LanesMinRows)) {
-    at::Tensor packed;
+    st::Tensor packed;
     run_lanes(a, packed, double(a.M) * double(N) * double(K / 2),
               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
     return p.out;
@@ -338,11 +335,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
   // x packed in groups of PR rows, each [ceil(K / PK)][PR][PK] (see SparseArgs::xt)
   constexpr int64_t PR = kSparse24PackRows, PK = kSparse24PackK;
   const int64_t steps = (K + PK - 1) / PK, groups = (a.M + PR - 1) / PR;
-  const at::Tensor xpack = at::zeros({groups * (steps * PR * PK + kSparse24PackPad)}, p.x32.options());
+  const st::Tensor xpack = st::zeros({groups * (steps * PR * PK + kSparse24PackPad)}, st::options(p.x32));
   {
-    float* dst = xpack.data_ptr<float>();
+    float* dst = xpack.mutable_data_ptr<float>();
     const float* src = a.x;
-    at::parallel_for(0, a.M, std::max<int64_t>(4, bigkernels::grain_for(a.M, 4.0 * double(a.M) * double(K))),
+    st::parallel_for(0, a.M, std::max<int64_t>(4, bigkernels::grain_for(a.M, 4.0 * double(a.M) * double(K))),
                      [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         float* d = dst + m / PR * (steps * PR * PK + kSparse24PackPad) + m % PR * PK;
@@ -351,7 +348,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
       }
     });
   }
-  a.xt = xpack.data_ptr<float>();
+  a.xt = xpack.mutable_data_ptr<float>();
   // rows of x in blocks whose packed copy stays in L2 while each tile of features' weights, read
   // once from memory, meets all of them
   const int64_t mb = std::max<int64_t>(4, std::min<int64_t>(64, kSparse24PackedX / std::max<int64_t>(K, 1) / 4 * 4));
@@ -363,10 +360,10 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values_in, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
-  m.impl("csr_mm", &csr_mm_cpu);
-  m.impl("bsr_mm", &bsr_mm_cpu);
-  m.impl("sparse24_mm", &sparse24_mm_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("csr_mm", TORCH_BOX(&csr_mm_cpu));
+  m.impl("bsr_mm", TORCH_BOX(&bsr_mm_cpu));
+  m.impl("sparse24_mm", TORCH_BOX(&sparse24_mm_cpu));
 }
 
 }  // namespace bigkernels::sparse::cpu
