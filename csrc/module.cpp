@@ -1,7 +1,9 @@
-// bigkernels._C: an empty Python module. Importing it runs the static TORCH_LIBRARY_IMPL
-// registrations of every kernel linked into it; no function is exposed through Python's C API
-// (raw pybind11 entry points graph-break under torch.compile). Built against Python's limited
-// API so one abi3 wheel serves every CPython >= 3.9.
+// bigkernels._C: an empty Python module. Importing it runs the static STABLE_TORCH_LIBRARY_IMPL
+// registrations of every CPU kernel linked into it (the CUDA kernels are a separate op library,
+// bigkernels._C_cuda, loaded by bigkernels/ops/_extension.py under a CUDA torch); no function is
+// exposed through Python's C API (raw pybind11 entry points graph-break under torch.compile).
+// Built against Python's limited API and the LibTorch stable ABI, so one abi3 wheel serves every
+// CPython >= 3.10 and every torch >= 2.10 (setup.py).
 #include <Python.h>
 
 extern "C" {
