@@ -103,7 +103,9 @@ def test_bsr_mm(device, dtypes, sparsity, shape, cpu_isa):
     _check(got, x, (crow, col, blocks), bias, ref.bsr_linear, "bsr_mm")
 
 
-SPARSE24_SHAPES = [(0, 124, 77), (1, 124, 77), (5, 124, 77), (9, 64, 20), (2, 4, 3), (6, 260, 17)]
+# M < 8: the in-lane-permute tiles of 4, 3, 2 and 1 rows (7 = 4 + 3), K with and without a tail
+# past its multiples of 16; M >= 8: rows along the lanes
+SPARSE24_SHAPES = [(0, 124, 77), (1, 124, 77), (5, 124, 77), (9, 64, 20), (2, 4, 3), (6, 260, 17), (7, 48, 13)]
 
 
 @pytest.mark.parametrize("device", devices())

@@ -10,14 +10,17 @@
 
 namespace bigkernels {
 
-// Threads worth waking for `work` multiply-adds: one per 2^21 (some 0.1-0.2 ms on one core), at
-// most st::get_num_threads(). A small product runs on the calling thread: waking a second thread
-// costs microseconds on an idle machine, but on a busy one the caller spins at the end of the
-// parallel region until the other thread gets a core (measured on the shared 2-core VM, load ~15:
-// a one-token forward of a 1024-wide Llama burned 4x the dense model's CPU time in those waits
-// when every 1024 x 1024 product used both threads).
+// Threads worth waking for `work` multiply-adds: one per 2^18 (some 15-40 us on one core), at
+// most st::get_num_threads(). A smaller product runs on the calling thread: waking a second one
+// costs a few microseconds on an idle machine. A 1024 x 1024 product at M = 1 (2^20 multiply-adds,
+// ~90 us for MKL's one-thread GEMV) is worth two: the compressed kernels then finish ahead of
+// F.linear instead of behind it. The trade-off: on a machine busier than its cores, the caller
+// spins at the end of each parallel region until the other thread gets a core (measured on the
+// shared 2-core VM at load ~15 with 2^21 here: a one-token forward of a 1024-wide Llama burned 4x
+// the dense model's CPU time in those waits when every 1024 x 1024 product used both threads);
+// torch.set_num_threads(1) is the answer there.
 inline int64_t threads_for(double work) {
-  constexpr double kWorkPerThread = double(1 << 21);
+  constexpr double kWorkPerThread = double(1 << 18);
   return std::max<int64_t>(1, std::min<int64_t>(st::get_num_threads(), int64_t(work / kWorkPerThread)));
 }
 

@@ -134,9 +134,11 @@ void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t
 // which need no packing, are as fast or faster); CSR only from kCsrPanelDensity stored entries
 // per weight, where its per-entry kernels cost more than the dense product on decoded panels
 // (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
-// about even; 90% sparse: the x-chunk kernel 4x ahead). 2:4 with rows along the lanes: 2 rows
-// 0.9x dense vs 1.5x for the permute tiles, 4 rows even, 8 rows 2.0x vs 1.6x.
-constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 4;
+// about even; 90% sparse: the x-chunk kernel 4x ahead). 2:4: below kSparse24LanesMinRows the
+// in-lane permute tiles (sparse24_permil), from there rows along the lanes (measured, one core,
+// vs F.linear, 1024^2 / 4096^2: 8 rows 1.38x / 1.55x vs 1.33x / 1.29x; 12 rows 1.10x / 1.18x vs
+// 1.20x / 1.25x; 4 rows 2.2x / 2.6x, where the lanes' 16-row groups are three quarters zeros).
+constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 12;
 constexpr double kCsrPanelDensity = 0.4;
 
 int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
@@ -198,6 +200,9 @@ st::Tensor csr_mm_cpu(const st::Tensor& x, const st::Tensor& crow_in, const st::
   check_bias(op, bias, x, N);
   const st::Tensor crow = st::contiguous(crow_in), col = st::contiguous(col_in), values = st::contiguous(values_in);
   check_crow(op, crow, nnz);
+  // (the AVX2 gathers may load x[0] for a lane they then drop: x must have an input to load)
+  BK_CHECK(nnz == 0 || x.size(1) > 0, op, ": expected every col entry in [0, 0) (x has K = 0 inputs), got ",
+           "entries outside it");
   Prepared p = prepare(x, bias, N, values);
   SparseArgs& a = p.a;
   a.crow = crow.mutable_data_ptr<int64_t>();
@@ -216,8 +221,9 @@ st::Tensor csr_mm_cpu(const st::Tensor& x, const st::Tensor& crow_in, const st::
   if (a.M < kCsrTransposeM) {
     // gathers: rows of x stay in L1/L2, blocks of output features in parallel
     const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
+    // (a gathered non-zero costs ~8 of a dense product's multiply-adds: ~1.5 vs ~0.2 cycles)
     const int64_t grain = std::max(std::max<int64_t>(1, (1 << 14) / (per_row * a.M)),
-                                   bigkernels::grain_for(N, double(nnz) * double(a.M)));
+                                   bigkernels::grain_for(N, 8.0 * double(nnz) * double(a.M)));
     st::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bad += k.csr_rows(a, 0, a.M, n0, n1); });
   } else {
     // x in chunks [K][CH] (CH rows of x along the vector lanes), zero rows past M
@@ -324,6 +330,25 @@ st::Tensor sparse24_mm_cpu(const st::Tensor& x, const st::Tensor& values_in, con
     st::Tensor packed;
     run_lanes(a, packed, double(a.M) * double(N) * double(K / 2),
               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_lanes(a, m0, m1, n0, n1); });
+    return p.out;
+  }
+  if (k.sparse24_permil) {  // fewer rows than the lanes want: rows of x quad-swapped (see sparse_cpu.h)
+    const int64_t M = a.M, ldx = K / 16 * 16;
+    const st::Tensor xs = st::empty({std::max<int64_t>(M * ldx, 1)}, st::options(p.x32));
+    float* dst = xs.mutable_data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k0 = 0; k0 < ldx; k0 += 16) {
+        const float* src = a.x + m * K + k0;
+        float* d = dst + m * ldx + k0;
+        std::memcpy(d, src, 4 * sizeof(float));
+        std::memcpy(d + 4, src + 8, 4 * sizeof(float));
+        std::memcpy(d + 8, src + 4, 4 * sizeof(float));
+        std::memcpy(d + 12, src + 12, 4 * sizeof(float));
+      }
+    a.xt = dst;
+    for_each_block(M, N, M, M, 8, double(N) * double(K / 2) * double(M), [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      k.sparse24_permil(a, m0, m1, n0, n1);
+    });
     return p.out;
   }
   if (a.M == 1) {  // one dot product per feature, x read in place, blocks of features in parallel

@@ -53,6 +53,9 @@ struct Kernels {
   void (*bsr_panels)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   int64_t (*csr_panels)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*sparse24_lanes)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // sparse24_permil: fewer rows (below the lanes' minimum): a.xt holds each row of x, K / 16 * 16
+  //   floats, with inputs 4-7 and 8-11 of every 16 swapped (the tail past them read from a.x).
+  void (*sparse24_permil)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 constexpr int64_t kPanelRows = 6, kPanelCols = 16;

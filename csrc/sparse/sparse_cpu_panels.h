@@ -247,4 +247,74 @@ void sparse24_lanes(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int
   by_weight_type(a.w_dtype, [&](auto t) { sparse24_lanes_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
+// ------------------------------------------------------------------ 2:4, a few rows (in-lane permutes)
+// Below kSparse24LanesMinRows rows. Each row of x arrives with the middle quads of every 16 inputs
+// swapped (the binding's copy: inputs 0-3, 8-11, 4-7, 12-15; see SparseArgs::xt), so that a step
+// of 8 kept weights (groups g .. g + 3, inputs 16s .. 16s + 15) finds its inputs in two vectors
+// whose 128-bit lanes match the weights' lanes: lane l of xa holds the group of weights 4l, 4l + 1,
+// lane l of xb that of weights 4l + 2, 4l + 3. vpermilps reads only the low two bits of each
+// control dword, so the control is the 4 meta bytes broadcast and shifted per lane (the position
+// in the group lands in bits 0-1), and a fixed blend merges the two permutes: 2 in-lane permutes,
+// a blend and a shift per 8 weights and row, where cross-lane selection (sparse24_rows) costs two
+// vpermps, a compare, a blendv and five integer ops. The weights are read once for all MR rows.
+template <class T, int MR>
+void s24_permil_tile(const SparseArgs& a, int64_t m, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, half = K / 2, steps = K / 16, ldx = steps * 16;
+  const T* values = static_cast<const T*>(a.w);
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
+  const float* xs[MR];
+  for (int i = 0; i < MR; ++i) xs[i] = a.xt + (m + i) * ldx;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* v = values + n * half;
+    const uint8_t* mt = a.meta + n * (K / 4);
+    __m256 acc[2][MR];
+    for (int c = 0; c < 2; ++c)
+      for (int i = 0; i < MR; ++i) acc[c][i] = _mm256_setzero_ps();
+    auto step = [&](int64_t s, __m256* sum) {
+      int32_t word;
+      std::memcpy(&word, mt + 4 * s, 4);
+      const __m256i ctl = _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts);
+      const __m256 w = Vec8::load(v + 8 * s).x;
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        const float* p = xs[i] + 16 * s;
+        const __m256 sel = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(p), ctl),
+                                           _mm256_permutevar_ps(_mm256_loadu_ps(p + 8), ctl), 0xCC);
+        sum[i] = _mm256_fmadd_ps(w, sel, sum[i]);
+      }
+    };
+    int64_t s = 0;
+    for (; s + 2 <= steps; s += 2) {  // two accumulator sets: independent FMA chains
+      step(s, acc[0]);
+      step(s + 1, acc[1]);
+    }
+    if (s < steps) step(s, acc[0]);
+    float tail[MR] = {};
+    for (int64_t j = steps * 8; j < half; ++j) {  // the last < 8 weights (K not a multiple of 16)
+      const int64_t k = 4 * (j / 2) + ((mt[j / 2] >> (2 * (j & 1))) & 3);
+      const float w = Vec1::load(v + j).x;
+      for (int i = 0; i < MR; ++i) tail[i] += w * a.x[(m + i) * K + k];
+    }
+    for (int i = 0; i < MR; ++i)
+      store_out(a.out_dtype, a.out, (m + i) * a.N + n,
+                Isa::hsum(Vec8(_mm256_add_ps(acc[0][i], acc[1][i]))) + tail[i] + bias_of(a, n));
+  }
+}
+
+template <class T>
+void sparse24_permil_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) s24_permil_tile<T, 4>(a, m, n0, n1);
+  switch (m1 - m) {
+    case 3: return s24_permil_tile<T, 3>(a, m, n0, n1);
+    case 2: return s24_permil_tile<T, 2>(a, m, n0, n1);
+    case 1: return s24_permil_tile<T, 1>(a, m, n0, n1);
+    default: return;
+  }
+}
+
+void sparse24_permil(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  by_weight_type(a.w_dtype, [&](auto t) { sparse24_permil_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
+}
+
 }  // namespace
