@@ -154,7 +154,22 @@ def choose(op: str, device_type: str) -> str:
 
 def call(op: str, device, *args, **kwargs):
     """Run ``op`` on the backend chosen for ``device``."""
-    return call_backend(op, choose(op, _device_type(device)), *args, **kwargs)
+    device_type = device.type if isinstance(device, torch.device) else _device_type(device)
+    return resolve(op, device_type)(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(op: str, device_type: str) -> Callable:
+    """The callable :func:`call` runs ``op`` with on ``device_type``: the chosen backend's op or
+    function, looked up once (the layers call ops at sizes where the few microseconds of choosing
+    again per call are several percent of the product)."""
+    backend = choose(op, device_type)
+    info = OPS[op]
+    if backend == "reference":
+        return info.reference
+    if backend == "triton":
+        return functools.partial(call_backend, op, "triton")
+    return getattr(getattr(torch.ops, NAMESPACE), op)
 
 
 def call_backend(op: str, backend: str, *args, **kwargs):
@@ -184,5 +199,6 @@ def backend_table() -> Dict[str, Dict[str, object]]:
 def clear_choice_cache() -> None:
     """Forget cached choices (tests that change BIGKERNELS_IMPL call this)."""
     choose.cache_clear()
+    resolve.cache_clear()
     available.cache_clear()
     _overrides.cache_clear()
