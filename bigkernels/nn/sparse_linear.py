@@ -211,7 +211,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input("SparseLinear", x, self.in_features)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)
         stored = self._parameters[_VALUES[self.pattern]]  # (nn.Module.__getattr__ costs ~0.4 us)
         if not _dispatch.can_dispatch(x2, stored):
             out = self._op_forward(x2)  # sparse fine-tuning, torch.compile, CUDA-graph capture
@@ -223,7 +224,7 @@ class SparseLinear(nn.Module):
                 out = self._cslt_forward(x2)
             else:
                 out = _dispatch.dense_linear(self, path, x2, stored)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.pattern == "block" else ""
