@@ -291,3 +291,44 @@ def test_csr_engine_takes_unsorted_rows_and_reports_bad_columns(cpu_isa):
         col_b[int(crow[5]) + 1] = bad
         with pytest.raises(RuntimeError, match="col"):
             ops.csr_mm(x, crow, col_b, values, None)
+
+
+# ----- the dense weight from a format (the layers' "decompress" path and the ops' backward) -----
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 124), (5, 4), (9, 12), (0, 8), (3, 0), (64, 1024)], ids=str)
+def test_to_dense_equals_the_reference_bit_for_bit(device, dtype, shape, cpu_isa):
+    N, K = shape
+    torch.manual_seed(N * 1000 + K)
+    # any 2 of every 4 (a random pair per group), some groups all zero; K = 4, 12: odd group counts
+    keep = torch.rand(N, K // 4, 4, device=device).argsort(-1)[..., :2]
+    mask = torch.zeros(N, K // 4, 4, device=device).scatter_(-1, keep, 1.0)
+    w24 = torch.randn(N, K // 4, 4, device=device) * mask * (torch.rand(N, K // 4, 1, device=device) > 0.1)
+    w24 = w24.reshape(N, K).to(dtype)
+    values, meta = ref.to_sparse24(w24)
+    got = ops.sparse24_to_dense(values, meta)
+    assert got.dtype == dtype and torch.equal(got, ref.from_sparse24(values, meta)) and torch.equal(got, w24)
+    w = _pruned(N, K, 0.7, device).to(dtype)
+    crow, col, vals = ref.to_csr(w)
+    got = ops.csr_to_dense(crow, col, vals, K)
+    assert got.dtype == dtype and torch.equal(got, w)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_to_dense_ops_opcheck_and_bad_input(device):
+    w = _pruned(20, 16, 0.5, device)
+    crow, col, vals = ref.to_csr(w)
+    torch.library.opcheck(ops.csr_to_dense.default, (crow, col, vals, 16))
+    w24 = w.reshape(20, 4, 4).clone()
+    w24[..., 2:] = 0
+    values, meta = ref.to_sparse24(w24.reshape(20, 16))
+    torch.library.opcheck(ops.sparse24_to_dense.default, (values, meta))
+    if device == "cpu":  # the C++ kernel's errors (other devices run the reference)
+        bad = col.clone()
+        bad[3] = 16
+        with pytest.raises(RuntimeError, match="col"):
+            ops.csr_to_dense(crow, bad, vals, 16)
+        with pytest.raises(RuntimeError, match="meta"):
+            ops.sparse24_to_dense(values, meta[:, :-1])
+        with pytest.raises(RuntimeError, match="values"):
+            ops.sparse24_to_dense(values.int(), meta)

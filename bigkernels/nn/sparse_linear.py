@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from bigkernels.nn import _dispatch, _layers
 from bigkernels.ops import _registry, sparse_cuda
+from bigkernels.ops import sparse as sparse_ops
 from bigkernels.nn._checks import check_linear_input, check_weight_dtype
 from bigkernels.reference import sparse as ref
 
@@ -138,12 +139,7 @@ class SparseLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The dense weight [out, in] (a new tensor on every read)."""
-        f = [t.detach() for t in self._format()]
-        if self.pattern == "2:4":
-            return ref.from_sparse24(*f)
-        if self.pattern == "block":
-            return ref.from_bsr(*f, self.in_features)
-        return ref.from_csr(*f, self.in_features)
+        return sparse_ops.to_dense(self.pattern, [t.detach() for t in self._format()], self.in_features)
 
     @property
     def density(self) -> float:

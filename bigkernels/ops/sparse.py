@@ -5,6 +5,10 @@ Kernel ops (CPU C++ / Triton / reference; no autograd), all ``x [M, K] -> [M, N]
 ``csr_mm(x, crow, col, values, bias)``, ``bsr_mm(x, crow, col, blocks, bias)``,
 ``sparse24_mm(x, values, meta, bias)``.
 
+Dense weights from the formats (CPU C++ / reference; no autograd): ``sparse24_to_dense(values,
+meta) -> [N, K]``, ``csr_to_dense(crow, col, values, in_features) -> [N, K]``, in the stored dtype
+(:func:`to_dense` picks by format; BSR uses the reference, ``from_bsr``).
+
 Differentiable ops used by ``bigkernels.nn.SparseLinear`` (same arguments):
 ``csr_linear``, ``bsr_linear``, ``sparse24_linear``; gradients flow to x, to the stored non-zero
 weights (values / blocks: sparse fine-tuning keeps the pattern) and to the bias.
@@ -41,14 +45,49 @@ def _sparse24_fake(x, values, meta, bias):
     return _check_x(x, values.shape[0])
 
 
+SPARSE24_TO_DENSE_SCHEMA = "(Tensor values, Tensor meta) -> Tensor"
+CSR_TO_DENSE_SCHEMA = "(Tensor crow, Tensor col, Tensor values, int in_features) -> Tensor"
+
+
+def _sparse24_to_dense_fake(values, meta):
+    torch._check(values.dim() == 2, lambda: f"sparse24_to_dense: expected 2-D values, got {values.dim()}-D")
+    return values.new_empty((values.shape[0], 2 * values.shape[1]))
+
+
+def _csr_to_dense_fake(crow, col, values, in_features):
+    return values.new_empty((crow.shape[0] - 1, in_features))
+
+
+for _name, _schema, _reference, _fake in (
+        ("sparse24_to_dense", SPARSE24_TO_DENSE_SCHEMA, ref.from_sparse24, _sparse24_to_dense_fake),
+        ("csr_to_dense", CSR_TO_DENSE_SCHEMA, ref.from_csr, _csr_to_dense_fake)):
+    _registry.register(_registry.OpInfo(_name, _schema, _reference,
+                                        preference={"cpu": ("cpu-c++", "reference"), "cuda": ("reference",)}))
+    _qual = f"{_registry.NAMESPACE}::{_name}"
+    torch.library.define(_qual, _schema)
+    torch.library.register_fake(_qual)(_fake)
+    torch.library.impl(_qual, "CompositeExplicitAutograd")(_reference)
+
+
+def to_dense(pattern: str, fmt, in_features: int) -> Tensor:
+    """The dense weight [N, in_features] of a SparseLinear format (``fmt``: its tensors in op-argument
+    order: 2:4 ``(values, meta)``, block ``(crow, col, blocks)``, unstructured ``(crow, col,
+    values)``), in the stored dtype, on the fastest backend for its device."""
+    if pattern == "2:4":
+        return _registry.call("sparse24_to_dense", fmt[0].device, *fmt)
+    if pattern == "unstructured":
+        return _registry.call("csr_to_dense", fmt[2].device, *fmt, in_features)
+    return ref.from_bsr(*fmt, in_features)
+
+
 # (kernel op, differentiable op, schema, reference, fake, dense weight from the format)
 _FAMILIES = [
     ("csr_mm", "csr_linear", CSR_SCHEMA, ref.csr_linear, _csr_fake,
-     lambda x, a, b, c: ref.from_csr(a, b, c, x.shape[1])),
+     lambda x, a, b, c: to_dense("unstructured", (a, b, c), x.shape[1])),
     ("bsr_mm", "bsr_linear", BSR_SCHEMA, ref.bsr_linear, _bsr_fake,
      lambda x, a, b, c: ref.from_bsr(a, b, c, x.shape[1])),
     ("sparse24_mm", "sparse24_linear", SPARSE24_SCHEMA, ref.sparse24_linear, _sparse24_fake,
-     lambda x, a, b: ref.from_sparse24(a, b)),
+     lambda x, a, b: to_dense("2:4", (a, b), x.shape[1])),
 ]
 
 

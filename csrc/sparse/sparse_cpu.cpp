@@ -383,9 +383,113 @@ st::Tensor sparse24_mm_cpu(const st::Tensor& x, const st::Tensor& values_in, con
   return p.out;
 }
 
+// ------------------------------------------------------------------ to dense
+// The dense weight [N, K] of a 2:4 or CSR format, in the stored dtype: the layers' "decompress"
+// path (the dense product on a weight built for the call, which wins over the sparse kernels
+// at large batches on small layers) and the sparse ops' backward. One pass over the output,
+// rows in parallel; the weights are copied bit for bit (2 or 4 bytes each).
+template <class Bits>
+void sparse24_rows_to_dense(const Bits* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, Bits* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const Bits* v = values + n * (K / 2);
+    const uint8_t* mt = meta + n * (K / 4);
+    Bits* o = out + n * K;
+    std::memset(o, 0, sizeof(Bits) * size_t(K));  // then the kept two of every four (straight to memory:
+    for (int64_t g = 0; g < K / 4; ++g) {           // a group built on the stack and copied stalls on
+      o[4 * g + (mt[g] & 3)] = v[2 * g];            // store forwarding, 3x slower)
+      o[4 * g + ((mt[g] >> 2) & 3)] = v[2 * g + 1];
+    }
+  }
+}
+
+st::Tensor sparse24_to_dense_cpu(const st::Tensor& values_in, const st::Tensor& meta_in) {
+  const char* op = "sparse24_to_dense";
+  check_dim(op, "values", values_in, 2);
+  BK_CHECK(is_float(values_in.scalar_type()), op, ": expected values of dtype float32, bfloat16 or float16, got ",
+           values_in.scalar_type());
+  check_dim(op, "meta", meta_in, 2);
+  BK_CHECK(meta_in.scalar_type() == st::kByte, op, ": expected meta of dtype torch.uint8, got ", meta_in.scalar_type());
+  const int64_t N = values_in.size(0), K = 2 * values_in.size(1);
+  BK_CHECK(K % 4 == 0 && meta_in.size(0) == N && meta_in.size(1) * 4 == K, op, ": expected meta of shape [", N,
+           ", ", K / 4, "] for values of shape ", values_in.sizes(), " (and values.size(1) even), got ",
+           meta_in.sizes());
+  const st::Tensor values = st::contiguous(values_in), meta = st::contiguous(meta_in);
+  st::Tensor out = st::empty({N, K}, st::options(values));
+  if (N == 0 || K == 0) return out;
+  const uint8_t* mt = meta.mutable_data_ptr<uint8_t>();
+  const bool wide = values.scalar_type() == st::kFloat;
+  const Kernels& k = best_kernels();
+  st::parallel_for(0, N, bigkernels::grain_for(N, 4.0 * double(N) * double(K)), [&](int64_t n0, int64_t n1) {
+    if (wide && k.sparse24_to_dense_f32)
+      k.sparse24_to_dense_f32(static_cast<const float*>(values.data_ptr()), mt, K, n0, n1,
+                              static_cast<float*>(out.data_ptr()));
+    else if (wide)
+      sparse24_rows_to_dense(static_cast<const uint32_t*>(values.data_ptr()), mt, K, n0, n1,
+                             static_cast<uint32_t*>(out.data_ptr()));
+    else
+      sparse24_rows_to_dense(static_cast<const uint16_t*>(values.data_ptr()), mt, K, n0, n1,
+                             static_cast<uint16_t*>(out.data_ptr()));
+  });
+  return out;
+}
+
+template <class Bits>
+int64_t csr_rows_to_dense(const int64_t* crow, const int32_t* col, const Bits* values, int64_t K, int64_t n0,
+                          int64_t n1, Bits* out) {
+  int64_t bad = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    Bits* o = out + n * K;
+    std::memset(o, 0, sizeof(Bits) * size_t(K));
+    for (int64_t j = crow[n]; j < crow[n + 1]; ++j) {
+      if (uint64_t(int64_t(col[j])) >= uint64_t(K)) {
+        ++bad;
+        continue;
+      }
+      o[col[j]] = values[j];
+    }
+  }
+  return bad;
+}
+
+st::Tensor csr_to_dense_cpu(const st::Tensor& crow_in, const st::Tensor& col_in, const st::Tensor& values_in,
+                            int64_t in_features) {
+  const char* op = "csr_to_dense";
+  check_index(op, "crow", crow_in, st::kLong);
+  check_index(op, "col", col_in, st::kInt);
+  check_dim(op, "values", values_in, 1);
+  BK_CHECK(is_float(values_in.scalar_type()), op, ": expected values of dtype float32, bfloat16 or float16, got ",
+           values_in.scalar_type());
+  BK_CHECK(crow_in.numel() >= 1, op, ": expected crow of shape [N + 1], got shape ", crow_in.sizes());
+  BK_CHECK(in_features >= 0, op, ": expected in_features >= 0, got ", in_features);
+  const int64_t N = crow_in.numel() - 1, nnz = values_in.numel(), K = in_features;
+  BK_CHECK(col_in.numel() == nnz, op, ": expected col and values of the same length, got col of ", col_in.numel(),
+           " and values of ", nnz);
+  const st::Tensor crow = st::contiguous(crow_in), col = st::contiguous(col_in), values = st::contiguous(values_in);
+  check_crow(op, crow, nnz);
+  st::Tensor out = st::empty({N, K}, st::options(values));
+  if (N == 0 || K == 0) {
+    BK_CHECK(nnz == 0 || N == 0, op, ": expected every col entry in [0, ", K, "), got entries outside it");
+    return out;
+  }
+  const int64_t* c = crow.mutable_data_ptr<int64_t>();
+  const int32_t* cl = col.mutable_data_ptr<int32_t>();
+  const bool wide = values.scalar_type() == st::kFloat;
+  std::atomic<int64_t> bad{0};
+  st::parallel_for(0, N, bigkernels::grain_for(N, 4.0 * double(N) * double(K)), [&](int64_t n0, int64_t n1) {
+    bad += wide ? csr_rows_to_dense(c, cl, static_cast<const uint32_t*>(values.data_ptr()), K, n0, n1,
+                                    static_cast<uint32_t*>(out.data_ptr()))
+                : csr_rows_to_dense(c, cl, static_cast<const uint16_t*>(values.data_ptr()), K, n0, n1,
+                                    static_cast<uint16_t*>(out.data_ptr()));
+  });
+  BK_CHECK(bad.load() == 0, op, ": expected every col entry in [0, ", K, "), got entries outside it");
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("sparse24_to_dense", TORCH_BOX(&sparse24_to_dense_cpu));
+  m.impl("csr_to_dense", TORCH_BOX(&csr_to_dense_cpu));
   m.impl("csr_mm", TORCH_BOX(&csr_mm_cpu));
   m.impl("bsr_mm", TORCH_BOX(&bsr_mm_cpu));
   m.impl("sparse24_mm", TORCH_BOX(&sparse24_mm_cpu));

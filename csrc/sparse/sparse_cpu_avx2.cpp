@@ -86,6 +86,7 @@ const Kernels& avx2_kernels() {
     r.csr_panels = ::csr_panels;
     r.sparse24_lanes = ::sparse24_lanes;
     r.sparse24_permil = ::sparse24_permil;
+    r.sparse24_to_dense_f32 = ::sparse24_to_dense_f32;
     return r;
   }();
   return k;
