@@ -323,6 +323,15 @@ def test_to_dense_ops_opcheck_and_bad_input(device):
     w24[..., 2:] = 0
     values, meta = ref.to_sparse24(w24.reshape(20, 16))
     torch.library.opcheck(ops.sparse24_to_dense.default, (values, meta))
+    torch._dynamo.reset()
+
+    def f(v, m, c, k, x):
+        return ops.sparse24_to_dense(v, m) + ops.csr_to_dense(c, k, x, 16)
+
+    args = (values.t().contiguous().t(), meta, crow, col, vals)  # (values non-contiguous)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    assert_close(got, f(*args), rtol=0, atol=0, what="compiled to_dense")
+    assert_close(got, ref.from_sparse24(values, meta) + w, rtol=0, atol=0, what="to_dense sum")
     if device == "cpu":  # the C++ kernel's errors (other devices run the reference)
         bad = col.clone()
         bad[3] = 16
