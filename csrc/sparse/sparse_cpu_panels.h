@@ -318,21 +318,18 @@ void sparse24_permil(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, in
 }
 
 
-// ------------------------------------------------------------------ 2:4 to dense (fp32)
-// Rows [n0, n1) of the dense weight: two groups (8 outputs) per vector; output lane l of a group
-// takes its first kept value where l is its first position, its second where l is the second,
-// else 0 (compares against the lane index; ~0.1 ms for 1024 x 1024 vs ~0.6 ms scalar).
-void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, float* out) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
-  const __m256i shift0 = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8), shift1 = _mm256_setr_epi32(2, 2, 2, 2, 10, 10, 10, 10);
-  const __m256i three = _mm256_set1_epi32(3);
-  const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), second = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
-  const int64_t groups = K / 4;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* v = values + n * (K / 2);
-    const uint8_t* mt = meta + n * groups;
-    float* o = out + n * K;
-    int64_t g = 0;
+// ------------------------------------------------------------------ 2:4 decoding (to dense, panels)
+// `groups` groups of a row (values v, meta bytes mt) as 4 * groups dense floats: two groups (8
+// outputs) per vector for fp32 values; output lane l of a group takes its first kept value where l
+// is its first position, its second where l is the second, else 0 (compares against the lane
+// index). ~0.1 ms for a whole 1024 x 1024 weight vs ~0.6 ms scalar.
+template <class T>
+void s24_decode(const T* v, const uint8_t* mt, int64_t groups, float* o) {
+  int64_t g = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3), three = _mm256_set1_epi32(3);
+    const __m256i shift0 = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8), shift1 = _mm256_setr_epi32(2, 2, 2, 2, 10, 10, 10, 10);
+    const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), second = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
     for (; g + 2 <= groups; g += 2) {
       uint16_t word;
       std::memcpy(&word, mt + g, 2);
@@ -341,16 +338,63 @@ void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, 
       const __m256i p1 = _mm256_and_si256(_mm256_srlv_epi32(w, shift1), three);
       const __m256 four = _mm256_castps128_ps256(_mm_loadu_ps(v + 2 * g));  // v0 v1 of both groups
       const __m256 v0 = _mm256_permutevar8x32_ps(four, first), v1 = _mm256_permutevar8x32_ps(four, second);
-      const __m256 r = _mm256_or_ps(_mm256_and_ps(v0, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p0))),
-                                    _mm256_and_ps(v1, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p1))));
-      _mm256_storeu_ps(o + 4 * g, r);
-    }
-    for (; g < groups; ++g) {  // an odd last group
-      for (int l = 0; l < 4; ++l) o[4 * g + l] = 0.0f;
-      o[4 * g + (mt[g] & 3)] = v[2 * g];
-      o[4 * g + ((mt[g] >> 2) & 3)] = v[2 * g + 1];
+      _mm256_storeu_ps(o + 4 * g, _mm256_or_ps(_mm256_and_ps(v0, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p0))),
+                                               _mm256_and_ps(v1, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p1)))));
     }
   }
+  for (; g < groups; ++g) {  // 16-bit values, or an odd last group
+    for (int l = 0; l < 4; ++l) o[4 * g + l] = 0.0f;
+    o[4 * g + (mt[g] & 3)] = Vec1::load(v + 2 * g).x;
+    o[4 * g + ((mt[g] >> 2) & 3)] = Vec1::load(v + 2 * g + 1).x;
+  }
+}
+
+// Rows [n0, n1) of the dense weight of fp32 values (the binding's sparse24_to_dense).
+void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) s24_decode(values + n * (K / 2), meta + n * (K / 4), K / 4, out + n * K);
+}
+
+// 2:4 on the panel engine (from kSparse24PanelMinRows rows): each strip of 16 features over a
+// k-block decoded into 16 dense rows, then transposed into the engine's [kc][16] panel. The dense
+// product on panels (all of K's multiply-adds at the engine's ~86% of the FMA peak) against the
+// lanes kernel's half of them at one 256-bit load per FMA (~1 FMA per cycle on Zen 3): about
+// even on one thread at 1024 x 1024, ahead on two (see sparse_cpu.cpp).
+template <class T>
+struct S24Panels {
+  const SparseArgs& a;
+  int64_t n1;
+  std::vector<float>& rows_buf;  // [16][kKC]
+  S24Panels(const SparseArgs& args, int64_t hi, std::vector<float>& buf) : a(args), n1(hi), rows_buf(buf) {
+    rows_buf.resize(size_t(gemm::kNR * gemm::kKC));
+  }
+  int64_t k_block() const { return gemm::kKC; }
+  bool pack(int64_t n, int64_t k0, int64_t kc, float* dst) {
+    const T* values = static_cast<const T*>(a.w);
+    const float* rows[gemm::kNR];
+    for (int r = 0; r < gemm::kNR; ++r) {
+      if (n + r >= n1) {
+        rows[r] = nullptr;  // past the unit: a zero row
+        continue;
+      }
+      float* o = rows_buf.data() + r * gemm::kKC;
+      s24_decode(values + (n + r) * (a.K / 2) + k0 / 2, a.meta + (n + r) * (a.K / 4) + k0 / 4, kc / 4, o);
+      rows[r] = o;
+    }
+    gemm::panel_from_rows(rows, 0, kc, dst);
+    return true;
+  }
+  void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const { store_sums(a, m, n, cnt, acc); }
+};
+
+template <class T>
+void sparse24_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  static thread_local std::vector<float> rows_buf;
+  S24Panels<T> dec(a, n1, rows_buf);
+  gemm::unit_f32(dec, a.a_packed, a.K, m0, m1, n0, n1);
+}
+
+void sparse24_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  by_weight_type(a.w_dtype, [&](auto t) { sparse24_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
 }  // namespace
