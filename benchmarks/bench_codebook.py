@@ -7,7 +7,7 @@ it replaces, one process, same data; plus the time k-means takes per layer.
 Baseline: ``F.linear`` in the float dtype a user runs on that device (fp32 on the CPU, bf16 via
 cuBLAS on CUDA), timed in alternating rounds with ours (CPU) or by do_bench (GPU). Ours: the
 module (``bigkernels <b>-bit``: on an AVX2 CPU, layers over the dense-cache budget run the kernel
-(lookup tiles, then the panel engine from 12 rows); elsewhere its shape dispatch picks the kernel
+(lookup tiles, then the panel engine from 12 rows, 9 at 8 bits); elsewhere its shape dispatch picks the kernel
 or the dense product with the weight decoded, measured on its first call, which is the warm-up
 outside the timing; the "path" column says which) and the bare kernel op (``codebook_mm
 <b>-bit``). ``--sweep --bits 2,3,4,8`` sweeps every bit width (one layer per shape and width,

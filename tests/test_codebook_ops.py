@@ -92,6 +92,26 @@ def test_codebook_mm(device, dtype, shape, bits, isa):
         check_16bit(got, ref32, lowp, f"codebook_mm {bits}-bit {dtype}")
 
 
+# The CPU lookup tiles forced at every M up to 17 (the engine off): 4-row tiles and, at 8 bits, 8-row
+# tiles with a last tile of 1 .. 7 rows (codebook_cpu_kernels.h's over_x_tiles); K with vector and
+# scalar tails, groups inside a row tile.
+@pytest.mark.parametrize("bits", BITS)
+def test_codebook_mm_lookup_tiles_at_every_m(bits, monkeypatch):
+    require_kernel("codebook_mm", "cpu")
+    monkeypatch.setenv("BIGKERNELS_PANEL_MIN_ROWS", "1000000")
+    gen = torch.Generator().manual_seed(bits)
+    for K, N, gs in ((131, 11, 11), (64, 9, 4)):
+        packed, cent, _ = _format(N, K, bits, gs, "cpu", gen)
+        w64 = ref.codebook_dequantize(packed, cent, K, gs).double()
+        bias = torch.randn(N)
+        for M in range(1, 18):
+            x = _x(M, K, torch.float32, "cpu", noncontig=M % 2 == 1)
+            got = ops.codebook_mm(x, packed, cent, bias, gs)
+            want = x.double() @ w64.T + bias.double()
+            mag = (x.double().abs() @ w64.abs().T).max().item()
+            assert_close(got, want, rtol=1e-5, atol=1e-6 * mag, what=f"lookup {bits}-bit M={M} K={K} gs={gs}")
+
+
 # The CPU panel engine (csrc/codebook/codebook_cpu_panels.h) forced from M = 1 on: strips of 16
 # rows (N = 1, 5, 16, 33: partial strips), 256-wide K blocks with vector and scalar tails (K = 8,
 # 64: the 3-bit last unit read exactly; 123, 600, 777; 0 and 1: bias only, scalar tail only), groups

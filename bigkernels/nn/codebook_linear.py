@@ -63,8 +63,8 @@ class CodebookLinear(nn.Module):
     x's dtype.
 
     Inference runs a lookup-table GEMV/GEMM (indices -> centroids in registers, no dense weight in
-    memory; on AVX2 CPUs from 12 rows of x on, index panels decoded into the packed-panel GEMM
-    engine). On such a CPU a layer whose dense weight exceeds the dense-cache budget
+    memory; on AVX2 CPUs from 12 rows of x on (9 for 8-bit indices), index panels decoded into the
+    packed-panel GEMM engine). On such a CPU a layer whose dense weight exceeds the dense-cache budget
     (``BIGKERNELS_DENSE_CACHE_BYTES``, 1 MiB) always runs that kernel (see :meth:`_choose`); other
     layers and devices run the fastest of the kernel and the dense product with the weight decoded
     (per call, or once and kept for layers within the budget), measured on first use

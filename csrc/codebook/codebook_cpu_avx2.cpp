@@ -231,8 +231,10 @@ namespace {
 // (2026-12-02, Zen 3, load ~5), engine vs lookup tiles in ms: 1024^2 4-bit M = 8: 0.88 vs 0.67,
 // M = 12: 0.80 vs 0.84, M = 16: 1.25 vs 1.29; 4096^2 4-bit M = 8: 14.1 vs 10.1, M = 12: 12.8 vs
 // 14.0; 2 and 3 bits alike (M = 12: 0.77 vs 0.87, 0.68 vs 0.76); 8 bits: M = 8 0.85 vs 0.78,
-// M = 12 1.32 vs 1.70.
-int64_t engine_min_rows(int) { return 12; }
+// M = 12 1.32 vs 1.70. 8 bits, since the lookup tiles take up to 8 rows of x per decoded weight
+// (codebook_cpu_kernels.h's mr_for), same process, one thread, CPU time (2026-12-02, quiet),
+// lookup vs engine, 1024^2: M = 8 0.54 vs 0.68 ms, M = 9 0.79 vs 0.68, M = 11 0.98 vs 0.70.
+int64_t engine_min_rows(int bits) { return bits == 8 ? 9 : 12; }
 }  // namespace
 
 namespace bigkernels::codebook::cpu {

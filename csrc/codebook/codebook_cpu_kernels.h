@@ -39,7 +39,14 @@ constexpr int64_t kPrefetchBytes = 1024;
 
 // Rows of W per tile for MR rows of x: accumulators + decoded vectors + the decoder's table and
 // shift registers + one x vector fit AVX2's 16 ymm registers.
-constexpr int nr_for(int mr) { return mr == 1 ? 4 : (mr == 2 ? 3 : 2); }
+constexpr int nr_for(int mr) { return mr == 1 ? 4 : (mr == 2 ? 3 : (mr <= 4 ? 2 : 1)); }
+
+// Rows of x per tile for BITS-bit indices: 8 for 8 bits on a vector ISA (its decoder holds no
+// registers: up to 8 accumulators + 1 weight + 1 x vector), so that 5 .. 8 rows of x decode each
+// weight once instead of twice (an 8-bit lookup costs ~4 instructions per weight, the most of
+// any width); kMR otherwise.
+template <class I, int BITS>
+constexpr int mr_for() { return BITS == 8 && I::V::W > 1 ? 8 : kMR; }
 
 // The BITS-bit index of entry k of a packed row (any k: the scalar path and the K tail).
 template <int BITS>
@@ -136,17 +143,28 @@ void over_row_tiles(const Format& f, int64_t n0, int64_t n1, const Tile& tile) {
   }
 }
 
-// Calls rows(std::integral_constant<int, R>{}, m) over rows [m0, m1) of x in tiles of R = kMR
-// rows, then one narrower tile.
-template <class Rows>
+// Calls rows(std::integral_constant<int, R>{}, m) over rows [m0, m1) of x in tiles of R = MR
+// rows (kMR or 8), then one narrower tile of the rows left.
+template <int MR = kMR, class Rows>
 void over_x_tiles(int64_t m0, int64_t m1, const Rows& rows) {
+  static_assert(MR == kMR || MR == 8, "tiles of kMR or 8 rows");
   int64_t m = m0;
-  for (; m + kMR <= m1; m += kMR) rows(std::integral_constant<int, kMR>{}, m);
+  for (; m + MR <= m1; m += MR) rows(std::integral_constant<int, MR>{}, m);
   switch (m1 - m) {
     case 1: rows(std::integral_constant<int, 1>{}, m); break;
     case 2: rows(std::integral_constant<int, 2>{}, m); break;
     case 3: rows(std::integral_constant<int, 3>{}, m); break;
-    default: break;
+    default:
+      if constexpr (MR == 8) {
+        switch (m1 - m) {
+          case 4: rows(std::integral_constant<int, 4>{}, m); break;
+          case 5: rows(std::integral_constant<int, 5>{}, m); break;
+          case 6: rows(std::integral_constant<int, 6>{}, m); break;
+          case 7: rows(std::integral_constant<int, 7>{}, m); break;
+          default: break;
+        }
+      }
+      break;
   }
 }
 
@@ -154,7 +172,7 @@ template <class I, int BITS>
 void lut_gemm_bits(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const Steps<I, BITS> st(g.w.K);
   // Each row tile of x passes over the block's W rows, which the binding sizes to stay in L2.
-  over_x_tiles(m0, m1, [&](auto mr, int64_t m) {
+  over_x_tiles<mr_for<I, BITS>()>(m0, m1, [&](auto mr, int64_t m) {
     constexpr int MR = decltype(mr)::value;
     over_row_tiles<nr_for(MR)>(g.w, n0, n1, [&](auto nr, int64_t n, const float* table) {
       lut_tile<I, BITS, MR, decltype(nr)::value>(g, m, n, table, st);

@@ -68,11 +68,31 @@ struct CodebookPanels {
     }
   }
 
+  // 8 sums at a time (Vec8's stores round as store_float does): element by element, with the
+  // dtype switch per element, this took ~5% of the engine's time at 1024^2, M = 512.
+  template <class T>
+  int64_t store_vec(T* o, int64_t n, int64_t cnt, const float* acc) const {
+    int64_t j = 0;
+    if (g.bias) {
+      for (; j + 8 <= cnt; j += 8) Vec8(_mm256_add_ps(_mm256_loadu_ps(acc + j), _mm256_loadu_ps(g.bias + n + j))).store(o + j);
+    } else {
+      for (; j + 8 <= cnt; j += 8) Vec8(_mm256_loadu_ps(acc + j)).store(o + j);
+    }
+    return j;
+  }
+
   void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const {
-    for (int64_t j = 0; j < cnt; ++j) {
+    const int64_t at = m * g.ldo + n;
+    int64_t j = 0;
+    switch (g.out_dtype) {
+      case DType::f32: j = store_vec(static_cast<float*>(g.out) + at, n, cnt, acc); break;
+      case DType::bf16: j = store_vec(static_cast<bf16_t*>(g.out) + at, n, cnt, acc); break;
+      case DType::f16: j = store_vec(static_cast<fp16_t*>(g.out) + at, n, cnt, acc); break;
+    }
+    for (; j < cnt; ++j) {
       float s = acc[j];
       if (g.bias) s = s + g.bias[n + j];
-      store_float(g.out_dtype, g.out, m * g.ldo + n + j, s);
+      store_float(g.out_dtype, g.out, at + j, s);
     }
   }
 };
