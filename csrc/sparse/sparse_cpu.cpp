@@ -146,11 +146,6 @@ int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (
   return v ? std::atoll(v) : dflt;
 }
 
-int64_t sparse24_panel_min_rows() {  // BK_S24_PANEL (temporary, tuning)
-  const char* v = std::getenv("BK_S24_PANEL");
-  return v ? std::atoll(v) : (int64_t(1) << 40);
-}
-
 // x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
 // by 128 output features) in parallel: fn(m0, m1, n0, n1) runs one.
 template <class Fn>
@@ -331,12 +326,6 @@ st::Tensor sparse24_mm_cpu(const st::Tensor& x, const st::Tensor& values_in, con
   a.meta = meta.mutable_data_ptr<uint8_t>();
   const Kernels& k = best_kernels();
   if (a.M == 0 || N == 0) return p.out;
-  if (k.sparse24_panels && a.M >= sparse24_panel_min_rows()) {
-    st::Tensor packed;
-    run_panels(k, a, packed, double(a.M) * double(N) * double(K),
-               [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.sparse24_panels(a, m0, m1, n0, n1); });
-    return p.out;
-  }
   if (k.sparse24_lanes && a.M >= panel_min_rows(kSparse24LanesMinRows)) {
     st::Tensor packed;
     run_lanes(a, packed, double(a.M) * double(N) * double(K / 2),

@@ -56,8 +56,6 @@ struct Kernels {
   // sparse24_permil: fewer rows (below the lanes' minimum): a.xt holds each row of x, K / 16 * 16
   //   floats, with inputs 4-7 and 8-11 of every 16 swapped (the tail past them read from a.x).
   void (*sparse24_permil)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-  // sparse24_panels: the panel engine on a.a_packed (as bsr_panels), from kSparse24PanelMinRows rows.
-  void (*sparse24_panels)(const SparseArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // sparse24_to_dense_f32: rows [n0, n1) of the dense [N, K] weight of fp32 2:4 values / meta.
   void (*sparse24_to_dense_f32)(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1,
                                 float* out);

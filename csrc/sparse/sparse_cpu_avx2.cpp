@@ -87,7 +87,6 @@ const Kernels& avx2_kernels() {
     r.sparse24_lanes = ::sparse24_lanes;
     r.sparse24_permil = ::sparse24_permil;
     r.sparse24_to_dense_f32 = ::sparse24_to_dense_f32;
-    r.sparse24_panels = ::sparse24_panels;
     return r;
   }();
   return k;

@@ -12,6 +12,10 @@
 // inputs, its position from the meta byte) is one broadcast times those vectors. Only the kept
 // half of the multiply-adds is done, no permutes, no decoding pass; a register tile of R rows by
 // NC features keeps 12 accumulators.
+// It is load-bound (one 256-bit load per FMA: ~1 FMA per cycle on Zen 3, where the dense
+// micro-kernel, 0.67 loads per FMA, does ~1.7), and still ahead of the dense product on decoded
+// panels, which was measured and dropped (2 threads, vs F.linear, M = 16..512: 1024^2 lanes
+// 2.37x..1.01x, panels 1.49x..0.98x; 4096^2 M = 64..512: lanes 1.61x..1.23x, panels 1.24x..1.07x).
 #pragma once
 
 #include "common/cpu_gemm_avx2.h"
@@ -352,49 +356,6 @@ void s24_decode(const T* v, const uint8_t* mt, int64_t groups, float* o) {
 // Rows [n0, n1) of the dense weight of fp32 values (the binding's sparse24_to_dense).
 void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) s24_decode(values + n * (K / 2), meta + n * (K / 4), K / 4, out + n * K);
-}
-
-// 2:4 on the panel engine (from kSparse24PanelMinRows rows): each strip of 16 features over a
-// k-block decoded into 16 dense rows, then transposed into the engine's [kc][16] panel. The dense
-// product on panels (all of K's multiply-adds at the engine's ~86% of the FMA peak) against the
-// lanes kernel's half of them at one 256-bit load per FMA (~1 FMA per cycle on Zen 3): about
-// even on one thread at 1024 x 1024, ahead on two (see sparse_cpu.cpp).
-template <class T>
-struct S24Panels {
-  const SparseArgs& a;
-  int64_t n1;
-  std::vector<float>& rows_buf;  // [16][kKC]
-  S24Panels(const SparseArgs& args, int64_t hi, std::vector<float>& buf) : a(args), n1(hi), rows_buf(buf) {
-    rows_buf.resize(size_t(gemm::kNR * gemm::kKC));
-  }
-  int64_t k_block() const { return gemm::kKC; }
-  bool pack(int64_t n, int64_t k0, int64_t kc, float* dst) {
-    const T* values = static_cast<const T*>(a.w);
-    const float* rows[gemm::kNR];
-    for (int r = 0; r < gemm::kNR; ++r) {
-      if (n + r >= n1) {
-        rows[r] = nullptr;  // past the unit: a zero row
-        continue;
-      }
-      float* o = rows_buf.data() + r * gemm::kKC;
-      s24_decode(values + (n + r) * (a.K / 2) + k0 / 2, a.meta + (n + r) * (a.K / 4) + k0 / 4, kc / 4, o);
-      rows[r] = o;
-    }
-    gemm::panel_from_rows(rows, 0, kc, dst);
-    return true;
-  }
-  void store(int64_t m, int64_t n, int64_t cnt, const float* acc) const { store_sums(a, m, n, cnt, acc); }
-};
-
-template <class T>
-void sparse24_panels_t(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  static thread_local std::vector<float> rows_buf;
-  S24Panels<T> dec(a, n1, rows_buf);
-  gemm::unit_f32(dec, a.a_packed, a.K, m0, m1, n0, n1);
-}
-
-void sparse24_panels(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  by_weight_type(a.w_dtype, [&](auto t) { sparse24_panels_t<typename decltype(t)::type>(a, m0, m1, n0, n1); });
 }
 
 }  // namespace
