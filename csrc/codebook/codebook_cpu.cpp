@@ -88,9 +88,9 @@ constexpr int64_t kSerialWork = 1 << 18;
 // Splits out [M, N] into blocks and runs fn(m0, m1, n0, n1) on them in parallel. A block holds up
 // to 64 rows of x and ~128 KiB of packed W rows (which stay in L2 while the kernel's row tiles
 // of x pass over them); blocks shrink (rows of W first: M = 1 splits N) until every thread gets
-// about four; threads take blocks as they finish one, as many threads as threads_for(work) (a
-// 1 x 1024 x 1024 product runs on the calling thread: on the loaded VM, waking the second one cost
-// ~12 ms of wall time per call, 2026-12-02).
+// about four; threads take blocks as they finish one, as many threads as threads_for(work) (from
+// 2 x 2^18 multiply-adds: a 1 x 1024 x 1024 product uses two; see common/cpu_parallel.h for the
+// trade-off on a machine busier than its cores).
 template <class Fn>
 void for_each_block(int64_t M, int64_t N, int64_t K, int64_t w_row_bytes, const Fn& fn) {
   if (M == 0 || N == 0) return;
