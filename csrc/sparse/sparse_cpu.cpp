@@ -394,9 +394,11 @@ void sparse24_rows_to_dense(const Bits* values, const uint8_t* meta, int64_t K, 
     const Bits* v = values + n * (K / 2);
     const uint8_t* mt = meta + n * (K / 4);
     Bits* o = out + n * K;
-    std::memset(o, 0, sizeof(Bits) * size_t(K));  // then the kept two of every four (straight to memory:
-    for (int64_t g = 0; g < K / 4; ++g) {           // a group built on the stack and copied stalls on
-      o[4 * g + (mt[g] & 3)] = v[2 * g];            // store forwarding, 3x slower)
+    // zeros, then the kept two of every four straight to memory (a group built on the stack and
+    // copied stalls on store forwarding: 3x slower)
+    std::memset(o, 0, sizeof(Bits) * size_t(K));
+    for (int64_t g = 0; g < K / 4; ++g) {
+      o[4 * g + (mt[g] & 3)] = v[2 * g];
       o[4 * g + ((mt[g] >> 2) & 3)] = v[2 * g + 1];
     }
   }
@@ -467,8 +469,8 @@ st::Tensor csr_to_dense_cpu(const st::Tensor& crow_in, const st::Tensor& col_in,
   const st::Tensor crow = st::contiguous(crow_in), col = st::contiguous(col_in), values = st::contiguous(values_in);
   check_crow(op, crow, nnz);
   st::Tensor out = st::empty({N, K}, st::options(values));
-  if (N == 0 || K == 0) {
-    BK_CHECK(nnz == 0 || N == 0, op, ": expected every col entry in [0, ", K, "), got entries outside it");
+  if (N == 0 || K == 0) {  // (N = 0: check_crow has made nnz 0)
+    BK_CHECK(nnz == 0, op, ": expected every col entry in [0, ", K, "), got entries outside it");
     return out;
   }
   const int64_t* c = crow.mutable_data_ptr<int64_t>();

@@ -15,7 +15,9 @@ struct SparseArgs {
   const float* xt;    // CSR, M >= kCsrTransposeM: x in column chunks (see csr_rows), else null;
                       // 2:4, M > 1 (else null): x fp32 packed: groups of PR = kSparse24PackRows rows (zero rows past M),
                       // each [ceil(K / PK)][PR][PK] + kSparse24PackPad, PK = kSparse24PackK (zero
-                      // inputs past K), so a tile's rows of x are one contiguous read per step
+                      // inputs past K), so a tile's rows of x are one contiguous read per step;
+                      // 2:4 on sparse24_permil (AVX2, any M below the lanes' minimum): the rows
+                      // quad-swapped instead (see Kernels::sparse24_permil)
   int64_t M, K, N;
   const int64_t* crow;  // CSR: [N+1]; BSR: [N/B+1] (validated monotonic, crow[0] = 0, crow[-1] = nnz)
   const int32_t* col;   // CSR: [nnz] (range checked in the kernel: see bad_col); BSR: [nnzb] (validated)

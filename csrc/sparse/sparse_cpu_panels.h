@@ -322,18 +322,21 @@ void sparse24_permil(const SparseArgs& a, int64_t m0, int64_t m1, int64_t n0, in
 }
 
 
-// ------------------------------------------------------------------ 2:4 decoding (to dense, panels)
-// `groups` groups of a row (values v, meta bytes mt) as 4 * groups dense floats: two groups (8
-// outputs) per vector for fp32 values; output lane l of a group takes its first kept value where l
-// is its first position, its second where l is the second, else 0 (compares against the lane
-// index). ~0.1 ms for a whole 1024 x 1024 weight vs ~0.6 ms scalar.
-template <class T>
-void s24_decode(const T* v, const uint8_t* mt, int64_t groups, float* o) {
-  int64_t g = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3), three = _mm256_set1_epi32(3);
-    const __m256i shift0 = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8), shift1 = _mm256_setr_epi32(2, 2, 2, 2, 10, 10, 10, 10);
-    const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), second = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+// ------------------------------------------------------------------ 2:4 to dense (fp32)
+// Rows [n0, n1) of the dense [N, K] weight (the binding's sparse24_to_dense; 16-bit values take its
+// scalar copy): two groups (8 outputs) per vector; output lane l of a group takes its first kept
+// value where l is its first position, its second where l is the second, else 0 (compares against
+// the lane index). 1024 x 1024, one thread: 0.26 ms through the op vs 0.66 ms for the scalar copy.
+void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, float* out) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3), three = _mm256_set1_epi32(3);
+  const __m256i shift0 = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8), shift1 = _mm256_setr_epi32(2, 2, 2, 2, 10, 10, 10, 10);
+  const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), second = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+  const int64_t groups = K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* v = values + n * (K / 2);
+    const uint8_t* mt = meta + n * groups;
+    float* o = out + n * K;
+    int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
       uint16_t word;
       std::memcpy(&word, mt + g, 2);
@@ -345,17 +348,12 @@ void s24_decode(const T* v, const uint8_t* mt, int64_t groups, float* o) {
       _mm256_storeu_ps(o + 4 * g, _mm256_or_ps(_mm256_and_ps(v0, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p0))),
                                                _mm256_and_ps(v1, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p1)))));
     }
+    if (g < groups) {  // an odd last group
+      for (int l = 0; l < 4; ++l) o[4 * g + l] = 0.0f;
+      o[4 * g + (mt[g] & 3)] = v[2 * g];
+      o[4 * g + ((mt[g] >> 2) & 3)] = v[2 * g + 1];
+    }
   }
-  for (; g < groups; ++g) {  // 16-bit values, or an odd last group
-    for (int l = 0; l < 4; ++l) o[4 * g + l] = 0.0f;
-    o[4 * g + (mt[g] & 3)] = Vec1::load(v + 2 * g).x;
-    o[4 * g + ((mt[g] >> 2) & 3)] = Vec1::load(v + 2 * g + 1).x;
-  }
-}
-
-// Rows [n0, n1) of the dense weight of fp32 values (the binding's sparse24_to_dense).
-void sparse24_to_dense_f32(const float* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t n1, float* out) {
-  for (int64_t n = n0; n < n1; ++n) s24_decode(values + n * (K / 2), meta + n * (K / 4), K / 4, out + n * K);
 }
 
 }  // namespace
