@@ -181,6 +181,20 @@ def test_dense_copy_allowed_when_the_format_is_not_smaller(fresh_decisions):
     assert set(layer._routes.table.values()) == {"dense"} and layer._dense.weight is not None
 
 
+def test_per_call_decompression_is_timed_only_without_a_cached_copy(fresh_decisions, monkeypatch):
+    """"decompress" is "dense" plus building the weight: it is timed only where "dense" is not
+    offered (timing it beside "dense" slowed the path timed after it, which then lost wrongly)."""
+    timed = []
+    real_time = _dispatch._time
+    monkeypatch.setattr(_dispatch, "_time", lambda paths, device: timed.append(sorted(paths)) or real_time(paths, device))
+    _, small = _layer("unstructured", seed=10)                   # 12 KB: within the budget
+    _, big = _layer("unstructured", seed=11, k=1024, n=512)      # 2 MiB at 60%: over it, CSR smaller
+    with torch.no_grad():
+        small(torch.randn(2, 64))
+        big(torch.randn(2, 1024))
+    assert timed == [["dense", "kernel"], ["decompress", "kernel"]]
+
+
 def test_fused_optimizer_steps_reach_the_dense_copy(fresh_decisions):
     """The fused kernels write params through pointers; their steps still invalidate a layer's
     cached dense weight (the optimizers bump the params' version counters)."""

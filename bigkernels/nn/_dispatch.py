@@ -8,7 +8,10 @@ A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and 
   little: layers whose dense weight is at most ``BIGKERNELS_DENSE_CACHE_BYTES`` (default 1 MiB:
   up to 512 x 512 in fp32), where per-call overheads decide, and layers whose compressed format
   is not smaller than the dense weight anyway (CSR below ~50% sparsity). 0 disables it: the
-  dispatcher then never keeps more memory than the compressed layer.
+  dispatcher then never keeps more memory than the compressed layer. Where "dense" is offered,
+  "decompress" is not timed: it is the same product plus building the weight, and timing it (a
+  fresh 4 MB tensor per call at 1024 x 1024) slowed the path timed after it ~2x on a 2-core VM,
+  which then lost to a kernel 1.5x slower than it in steady state.
 
 On AVX2 CPUs the kernel paths themselves already run the dense product on decompressed panels
 where the format's own kernel would lose (csrc/common/cpu_gemm_avx2.h: int8 weights, BSR blocks
@@ -166,7 +169,8 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     budget = cache_bytes()
     if budget > 0 and (dense_bytes <= budget or stored_bytes(layer) >= dense_bytes):
         paths["dense"] = lambda: dense_linear(layer, "dense", x, stored)
-    paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
+    else:  # the same product plus building the weight: never faster than "dense", so not timed beside it
+        paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
     # timed on the devices of the input and of the layer's stored weight (the same, for a layer
     # that runs): both are synchronised, whichever device is current
     path = choose(key + (rows_bucket(x.shape[0]),), paths, (x.device, stored.device))
