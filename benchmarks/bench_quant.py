@@ -6,7 +6,9 @@
 Baselines: ``F.linear`` in the float dtype a user runs on that device (bf16 on CUDA via cuBLAS,
 fp32 on CPU), ``torch._int_mm`` + a separate dequantisation (CUDA), and torchao / bitsandbytes
 when installed. Ours goes through the module (activation quantisation included for w8a8). The
-"int8 core" rows time the bare int8 GEMM op (``torch.ops.bigkernels.int8_mm``) for TOPS.
+"int8 core" rows time the bare int8 GEMM op (``torch.ops.bigkernels.int8_mm``) for TOPS. On the CPU,
+"bigkernels dense_mm" rows (up to 32 rows of x) time the float-weight op the compressed layers'
+shape dispatch also tries on their cached dense copies, on the layer's own fp32 weight.
 QuantLinear's first call per shape measures its int8 path against the dense product and keeps the
 faster (bigkernels.nn._dispatch); that call is the warm-up, outside the timing. ``--sweep`` times
 every power-of-two M from 1 to 512 on 1024 x 1024 and 4096 x 4096 layers (the "never slower than
@@ -22,7 +24,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from bigkernels.nn import QuantLinear
+from bigkernels.nn import QuantLinear, _dispatch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SWEEP_HELP, SWEEP_KN, SWEEP_M, bench_main, header, metadata, print_worst, time_providers  # noqa: E402
@@ -52,6 +54,9 @@ def providers(x: torch.Tensor, lin: torch.nn.Linear, device: str) -> Dict[str, C
         "bigkernels w8a8": lambda: q8(x),
         "bigkernels w8a16": lambda: q16(x),
     }
+    if device == "cpu" and _dispatch.dense_mm_applies(x):
+        w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        out["bigkernels dense_mm"] = lambda: torch.ops.bigkernels.dense_mm(x, w, b)
     if device == "cuda":
         xq = torch.randint(-127, 128, x.shape, dtype=torch.int8, device=device)
         xs = torch.rand(x.shape[0], 1, device=device)

@@ -192,7 +192,34 @@ def test_per_call_decompression_is_timed_only_without_a_cached_copy(fresh_decisi
     with torch.no_grad():
         small(torch.randn(2, 64))
         big(torch.randn(2, 1024))
-    assert timed == [["dense", "kernel"], ["decompress", "kernel"]]
+    dense = ["dense", "dense_mm", "kernel"] if _dispatch.dense_mm_applies(torch.randn(2, 64)) else ["dense", "kernel"]
+    assert timed == [dense, ["decompress", "kernel"]]
+
+
+@pytest.mark.parametrize("kind", ["2:4", "unstructured", "w8a16", "w8a8", "codebook"])
+def test_dense_mm_path_computes_the_layer(fresh_decisions, kind):
+    """The cached dense weight multiplied by bigkernels::dense_mm (the path timed beside F.linear
+    for few rows on the CPU) gives the layer's product, keeps the copy, and follows weight updates."""
+    torch.manual_seed(12)
+    lin = nn.Linear(64, 48)
+    if kind in ("w8a16", "w8a8"):
+        layer = bk.nn.QuantLinear.from_linear(lin, mode=kind)
+    elif kind == "codebook":
+        layer = bk.nn.CodebookLinear.from_linear(lin, bits=4)
+    else:
+        lin, layer = _layer(kind, seed=12)
+    stored = next(t for name, t in list(layer.named_parameters()) + list(layer.named_buffers()) if name != "bias")
+    with torch.no_grad():
+        for m in (1, 3, 7):
+            x = torch.randn(m, 64)
+            want = _dispatch.dense_linear(layer, "dense", x, stored)
+            got = _dispatch.dense_linear(layer, "dense_mm", x, stored)
+            assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{kind} dense_mm vs F.linear, M={m}")
+        assert layer._dense.weight is not None
+        stored.mul_(0.5) if stored.is_floating_point() else stored.div_(2, rounding_mode="trunc")
+        x = torch.randn(2, 64)
+        assert_close(_dispatch.dense_linear(layer, "dense_mm", x, stored), _dispatch.dense_linear(layer, "decompress", x, stored),
+                     rtol=1e-5, atol=1e-5, what=f"{kind} dense_mm after an in-place update")
 
 
 def test_fused_optimizer_steps_reach_the_dense_copy(fresh_decisions):

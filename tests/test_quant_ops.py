@@ -1,5 +1,5 @@
 """The int8 quantisation kernel ops (torch.ops.bigkernels.quantize_per_token / int8_mm /
-int8_scaled_mm / w8a16_mm) against bigkernels.reference.quant on every device's compiled kernel:
+int8_scaled_mm / w8a16_mm, and dense_mm, the same tiles with a float weight) against bigkernels.reference.quant on every device's compiled kernel:
 dtypes x shapes (odd, empty, non-contiguous), every CPU instruction set, K = 65,536 exactness,
 zero and NaN tokens, opcheck, torch.compile(fullgraph=True), and rejected input."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigkernels.reference import quant as ref
-from conftest import assert_close, check_16bit, devices, poison_, require_kernel
+from conftest import assert_close, check_16bit, devices, has_kernel, poison_, require_kernel
 
 ops = torch.ops.bigkernels
 # (M, K, N): K and N not multiples of any tile (64-byte steps, 4 x 6 tiles), M = 0 and 1.
@@ -124,6 +124,32 @@ def test_w8a16_mm(device, dtype, shape, cpu_isa):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 1024, 1030), (40, 77, 9)], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_dense_mm(device, dtype, shape, with_bias, cpu_isa):
+    """F.linear with fp32 sums: odd shapes, M = 0 and 1, strided x rows, a column-major weight."""
+    require_kernel("dense_mm", device)
+    M, K, N = shape
+    x = _float((M, K), dtype, device, noncontig=(M % 2 == 1))
+    w = _float((N, K), dtype, device)
+    if N % 2:
+        w = w.t().contiguous().t()  # column-major: the binding copies it
+    bias = torch.randn(N, device=device, dtype=dtype) if with_bias else None
+    got = ops.dense_mm(x, w, bias)
+    assert got.dtype == dtype and got.shape == (M, N)
+    b64 = bias.double() if with_bias else torch.zeros(N, device=device, dtype=torch.float64)
+    if dtype == torch.float32:  # vs fp64 of the same maths, relative to the sum of |terms|
+        want = x.double() @ w.double().T + b64
+        mag = (x.double().abs() @ w.double().abs().T + b64.abs()).max().item() if want.numel() else 0
+        assert_close(got, want, rtol=1e-5, atol=1e-5 * mag, what="dense_mm fp32")
+    else:
+        ref32 = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        check_16bit(got, ref32, torch.nn.functional.linear(x, w, bias), "dense_mm")
+        assert_close(ref.dense_mm(x, w, bias).float(), ref32, rtol=1e-2, atol=1e-2, what="dense_mm reference")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_w8a8_zero_and_nan_tokens_stay_in_their_rows(device, dtype, cpu_isa):
     for op in ("quantize_per_token", "int8_scaled_mm", "w8a16_mm"):
         require_kernel(op, device)
@@ -150,26 +176,28 @@ def _small_args(device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("op", ["quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm"])
+@pytest.mark.parametrize("op", ["quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm", "dense_mm"])
 def test_opcheck(device, op):
     require_kernel(op, device)
     x, xq, xs, wq, ws, bias = _small_args(device)
     args = {"quantize_per_token": (x,), "int8_mm": (xq, wq),
-            "int8_scaled_mm": (xq, xs, wq, ws, bias, torch.bfloat16), "w8a16_mm": (x, wq, ws, bias)}[op]
+            "int8_scaled_mm": (xq, xs, wq, ws, bias, torch.bfloat16), "w8a16_mm": (x, wq, ws, bias),
+            "dense_mm": (x, ref.dequantize_weight(wq, ws, torch.float32), bias)}[op]
     torch.library.opcheck(getattr(ops, op).default, args)
 
 
 @pytest.mark.parametrize("device", devices())
 def test_compiles_fullgraph(device):
-    for op in ("quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm"):
+    for op in ("quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm", "dense_mm"):
         require_kernel(op, device)
     torch._dynamo.reset()
     x, _, _, wq, ws, bias = _small_args(device)
+    w = ref.dequantize_weight(wq, ws, torch.float32)
 
     def f(x):
         q, s = ops.quantize_per_token(x)
         y = ops.int8_scaled_mm(q, s, wq, ws, bias, torch.float32)
-        return y + ops.w8a16_mm(x, wq, ws, bias), ops.int8_mm(q, wq)
+        return y + ops.w8a16_mm(x, wq, ws, bias) + ops.dense_mm(x, w, bias), ops.int8_mm(q, wq)
 
     got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x)
     assert_close(got[0], want[0], rtol=0, atol=0, what="compiled float output")
@@ -178,11 +206,19 @@ def test_compiles_fullgraph(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_bad_input_is_rejected(device):
-    for op in ("quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm"):
+    for op in ("quantize_per_token", "int8_mm", "int8_scaled_mm", "w8a16_mm", "dense_mm"):
         require_kernel(op, device)
     x, xq, xs, wq, ws, bias = _small_args(device)
     f32 = torch.float32
+    w = ref.dequantize_weight(wq, ws, f32)
     cases = [
+        (lambda: ops.dense_mm(x, w.double(), bias), "weight"),
+        (lambda: ops.dense_mm(x, w.half(), bias), "dtype"),
+        (lambda: ops.dense_mm(x, w, bias.half()), "bias"),
+        (lambda: ops.dense_mm(x, w, bias[:-1]), "bias"),
+        (lambda: ops.dense_mm(x, w[:, :-1], bias), "K"),
+        (lambda: ops.dense_mm(x[0], w, bias), "x"),
+        (lambda: ops.dense_mm(xq, w, bias), "x"),
         (lambda: ops.quantize_per_token(x[None]), "x"),
         (lambda: ops.quantize_per_token(xq), "x"),
         (lambda: ops.int8_mm(x, wq), "a"),
@@ -217,6 +253,8 @@ def test_outputs_are_fully_written(device):
     assert not torch.isnan(xs).any()
     assert not torch.isnan(ops.int8_scaled_mm(xq, xs, wq, ws, None, torch.float32)).any()
     assert not torch.isnan(ops.w8a16_mm(x, wq, ws, None)).any()
+    if has_kernel("dense_mm", "CUDA" if device == "cuda" else "CPU"):
+        assert not torch.isnan(ops.dense_mm(x, ref.dequantize_weight(wq, ws, torch.float32), None)).any()
 
 
 # The AVX2 panel engine (int8 from 16 rows, w8a16 from 32; quant_cpu_panels.h): several row blocks

@@ -56,7 +56,8 @@ KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths by 5% (else timin
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
 _cache_bytes = None
-DENSE_PATHS = ("dense", "decompress")
+DENSE_PATHS = ("dense", "dense_mm", "decompress")
+DENSE_MM_MAX_ROWS = 32  # dense_mm's tiles lose to F.linear well before this on every CPU measured
 
 
 def mode() -> str:
@@ -169,15 +170,25 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     budget = cache_bytes()
     if budget > 0 and (dense_bytes <= budget or stored_bytes(layer) >= dense_bytes):
         paths["dense"] = lambda: dense_linear(layer, "dense", x, stored)
+        if dense_mm_applies(x):
+            paths["dense_mm"] = lambda: dense_linear(layer, "dense_mm", x, stored)
     else:  # the same product plus building the weight: never faster than "dense", so not timed beside it
         paths["decompress"] = lambda: dense_linear(layer, "decompress", x, stored)
     # timed on the devices of the input and of the layer's stored weight (the same, for a layer
     # that runs): both are synchronised, whichever device is current
     path = choose(key + (rows_bucket(x.shape[0]),), paths, (x.device, stored.device))
     layer._routes.put(x, path)
-    if path != "dense":
+    if path not in ("dense", "dense_mm"):  # both use the cached copy
         layer._dense.drop()
     return path
+
+
+def dense_mm_applies(x: Tensor) -> bool:
+    """Whether the cached dense weight may also be timed with ``bigkernels::dense_mm`` (its CPU
+    C++ tiles; on CUDA it is the reference, i.e. ``F.linear``): CPU inputs of few rows."""
+    from bigkernels.ops import _registry
+
+    return x.device.type == "cpu" and x.shape[0] <= DENSE_MM_MAX_ROWS and _registry.choose("dense_mm", "cpu") == "cpu-c++"
 
 
 def stored_bytes(layer) -> int:
@@ -194,9 +205,15 @@ def dense_linear(layer, path: str, x: Tensor, stored: Tensor) -> Tensor:
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     xd = layer._dense_input(x)
-    if path == "dense":
-        return layer._dense.linear(xd, stored, layer._dense_weight, bias)
+    if path != "decompress":
+        return layer._dense.linear(xd, stored, layer._dense_weight, bias, path == "dense_mm")
     return torch.nn.functional.linear(xd, layer._dense_weight().to(device=x.device, dtype=x.dtype), bias)
+
+
+def _dense_mm() -> Callable:
+    from bigkernels.ops import _registry
+
+    return _registry.resolve("dense_mm", "cpu")
 
 
 def choices() -> Dict[Hashable, str]:
@@ -250,13 +267,16 @@ class DenseCache:
     def __init__(self):
         self.key = self.weight = None
 
-    def linear(self, x: Tensor, stored: Tensor, build_weight: Callable[[], Tensor], bias) -> Tensor:
-        """``F.linear(x, W, bias)`` with W = build_weight() in x's dtype (cached)."""
+    def linear(self, x: Tensor, stored: Tensor, build_weight: Callable[[], Tensor], bias, tiles: bool = False) -> Tensor:
+        """``F.linear(x, W, bias)`` with W = build_weight() in x's dtype (cached); ``tiles``: by
+        ``bigkernels::dense_mm`` instead (the same product, fp32 sums)."""
         key = (version(stored), stored.data_ptr(), x.dtype, x.device)
         if self.key != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
                 self.weight = build_weight().to(device=x.device, dtype=x.dtype)
             self.key = key
+        if tiles:
+            return _dense_mm()(x, self.weight, bias)
         return torch.nn.functional.linear(x, self.weight, bias)
 
     def drop(self) -> None:

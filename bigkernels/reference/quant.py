@@ -82,6 +82,20 @@ def w8a16_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tens
     return out.to(x.dtype)
 
 
+def dense_mm(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)`` for 2-D ``x`` with fp32 accumulation, in x's dtype (x, weight
+    and bias share one float dtype, as ``F.linear`` wants)."""
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise RuntimeError(f"dense_mm: expected x, weight and bias of one dtype, got {x.dtype}, {weight.dtype}"
+                           f" and {None if bias is None else bias.dtype}")
+    if x.dtype == torch.float32:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = x.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 def w8a8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Per-token dynamic int8 activations times int8 weights, dequantised, in x's dtype."""
     xq, xs = quantize_per_token(x)

@@ -219,6 +219,35 @@ st::Tensor w8a16_mm_cpu(const st::Tensor& x_in, const st::Tensor& w_in, const st
   return out;
 }
 
+// F.linear(x, weight, bias) for small batches: the w8a16 tiles with a float weight (each weight
+// row streamed once per tile of 4 rows of x, blocks on every thread), fp32 sums. x, weight and
+// bias share one float dtype, as F.linear wants; a 16-bit x is widened to fp32 first.
+st::Tensor dense_mm_cpu(const st::Tensor& x_in, const st::Tensor& w_in, const std::optional<st::Tensor>& bias) {
+  const char* op = "dense_mm";
+  check_matrix(op, "x", x_in, /*want_int8=*/false);
+  check_matrix(op, "weight", w_in, /*want_int8=*/false);
+  BK_CHECK(x_in.size(1) == w_in.size(1), op, ": expected x [M, K] and weight [N, K] with the same K, got ",
+           x_in.sizes(), " and ", w_in.sizes());
+  BK_CHECK(x_in.scalar_type() == w_in.scalar_type(), op, ": expected x and weight of the same dtype, got ",
+           x_in.scalar_type(), " and ", w_in.scalar_type());
+  if (bias.has_value()) {
+    check_vector(op, "bias", *bias, w_in.size(0), "one per row of weight");
+    BK_CHECK(bias->scalar_type() == x_in.scalar_type(), op, ": expected bias of x's dtype ", x_in.scalar_type(),
+             ", got ", bias->scalar_type());
+  }
+  const st::Tensor w = rows_unit_stride(w_in);
+  const st::Tensor x = x_in.scalar_type() == st::kFloat ? rows_unit_stride(x_in) : as_f32(x_in);
+  const std::optional<st::Tensor> bi = bias.has_value() ? std::optional<st::Tensor>(as_f32(*bias)) : std::nullopt;
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  st::Tensor out = st::empty({M, N}, st::options(x_in));
+  GemmArgs g{x.data_ptr(), x.stride(0), nullptr, w.stride(0), K, out.data_ptr(), N, float_dtype(out),
+             nullptr, nullptr, bi ? bi->mutable_data_ptr<float>() : nullptr, nullptr, w.data_ptr(), float_dtype(w)};
+  const Kernels& k = best_kernels();
+  for_each_block(M, N, K * int64_t(w.element_size()),
+                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.dense_gemm(g, m0, m1, n0, n1); });
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
@@ -226,6 +255,7 @@ STABLE_TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("int8_mm", TORCH_BOX(&int8_mm_cpu));
   m.impl("int8_scaled_mm", TORCH_BOX(&int8_scaled_mm_cpu));
   m.impl("w8a16_mm", TORCH_BOX(&w8a16_mm_cpu));
+  m.impl("dense_mm", TORCH_BOX(&dense_mm_cpu));
 }
 
 }  // namespace bigkernels::quant::cpu

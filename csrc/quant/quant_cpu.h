@@ -13,7 +13,8 @@ enum class DType { f32, f16, bf16, i32 };
 // lda, ldb, ldo in elements; K contiguous). int8 GEMM: exact int32 sum, then either stored as
 // int32 (out_dtype i32) or dequantised in fp32: acc * a_scale[m] * b_scale[n] + bias[n] (bias may
 // be null) and stored as out_dtype. w8a16: x is fp32, the weight int8; fp32 sum of x * w, then
-// acc * b_scale[n] + bias[n] stored as out_dtype.
+// acc * b_scale[n] + bias[n] stored as out_dtype. dense_mm: the same with a float weight (w,
+// w_dtype; b and b_scale null): acc + bias[n].
 struct GemmArgs {
   const void* a;  // int8 (int8 GEMM) or fp32 (w8a16)
   int64_t lda;
@@ -27,6 +28,8 @@ struct GemmArgs {
   const float* b_scale;  // null: int32 output (int8 GEMM)
   const float* bias;     // may be null
   const void* a_packed;  // the panel engine's packed a (see Kernels::pack_a_*), else null
+  const void* w;         // dense_mm: the float weight [N, K] (row stride ldb) of dtype w_dtype, else null
+  DType w_dtype;
 };
 
 // The panel engine (AVX2): a is packed once per call in panels of kPanelRows rows (pack_a_f32:
@@ -53,6 +56,9 @@ struct Kernels {
   void (*pack_a_i8)(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t p0, int64_t p1, int32_t* dst);
   void (*w8a16_panels)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*int8_panels)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // dense_mm: fp32 a times the float weight g.w (f32/bf16/f16) in fp32, + bias, stored as out_dtype
+  // (the w8a16 tiles with float weights and no scale).
+  void (*dense_gemm)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 const Kernels& scalar_kernels();

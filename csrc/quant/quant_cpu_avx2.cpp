@@ -16,6 +16,7 @@ struct Isa {
   using V = Vec8;
   static constexpr int KW = 16;
   static constexpr bool kOffset = false;
+  static constexpr int kTileRows = 2;  // 2 x 6 accumulators: 4 x 6 would spill (16 ymm registers)
   using A = __m256i;  // 16 x int16
   using B = __m256i;
   using Acc = __m256i;  // 8 x int32
@@ -51,7 +52,8 @@ struct Isa {
 namespace bigkernels::quant::cpu {
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2",         quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>,
-                         pack_a_f32_any, gemm::pack_a_i8,       w8a16_panels,         int8_panels};
+                         pack_a_f32_any, gemm::pack_a_i8,       w8a16_panels,         int8_panels,
+                         dense_gemm_block<Isa>};
   return k;
 }
 }  // namespace bigkernels::quant::cpu

@@ -55,7 +55,8 @@ struct Isa {
 
 namespace bigkernels::quant::cpu {
 const Kernels& avx512vnni_kernels() {
-  static const Kernels k{"avx512vnni", quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>};
+  static const Kernels k{"avx512vnni", quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>,
+                         nullptr, nullptr, nullptr, nullptr, dense_gemm_block<Isa>};
   return k;
 }
 }  // namespace bigkernels::quant::cpu

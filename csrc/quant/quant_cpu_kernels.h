@@ -134,6 +134,17 @@ void i8_tile(const GemmArgs& g, int64_t m, int64_t n, const uint32_t* comp) {
   }
 }
 
+// Rows per full tile: I::kTileRows where the ISA sets it (AVX2: its 16 registers hold 2 x 6
+// accumulators and their operands, not 4 x 6), else kMR.
+template <class I>
+constexpr int tile_rows() {
+  if constexpr (requires { I::kTileRows; }) {
+    return I::kTileRows;
+  } else {
+    return kMR;
+  }
+}
+
 // Tiles of MR rows over columns [n0, n1): full kNR-wide tiles, then one narrower tile.
 template <class I, int MR, template <class, int, int> class Tile, class... Args>
 void row_of_tiles(int64_t n0, int64_t n1, const Args&... args) {
@@ -151,10 +162,12 @@ void row_of_tiles(int64_t n0, int64_t n1, const Args&... args) {
 
 // Rows [m0, m1) in tiles of kMR (the last one narrower); each row tile sweeps [n0, n1) while its
 // a rows stay in L1, and the binding sizes [n0, n1) so those b rows stay in L2 across row tiles.
-template <class I, template <class, int, int> class Tile, class... Args>
+// MR: rows per full tile (kMR, or fewer where the tile's accumulators would not fit the registers).
+template <class I, template <class, int, int> class Tile, int MR = kMR, class... Args>
 void block_of_tiles(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const Args&... args) {
+  static_assert(MR >= 1 && MR <= kMR);
   int64_t m = m0;
-  for (; m + kMR <= m1; m += kMR) row_of_tiles<I, kMR, Tile>(n0, n1, m, args...);
+  for (; m + MR <= m1; m += MR) row_of_tiles<I, MR, Tile>(n0, n1, m, args...);
   switch (m1 - m) {
     case 1: row_of_tiles<I, 1, Tile>(n0, n1, m, args...); break;
     case 2: row_of_tiles<I, 2, Tile>(n0, n1, m, args...); break;
@@ -180,15 +193,25 @@ void int8_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int6
     for (int64_t m = m0; m < m1; ++m)
       comp[m - m0] = 128u * I::row_sum(static_cast<const int8_t*>(g.a) + m * g.lda, Kv);
   }
-  block_of_tiles<I, I8Tile>(m0, m1, n0, n1, g, comp.data(), m0);
+  block_of_tiles<I, I8Tile, tile_rows<I>()>(m0, m1, n0, n1, g, comp.data(), m0);
 }
 
-// ---------------------------------------------------------------- w8a16 GEMM (fp32 a, int8 b)
-template <class I, int MR, int NR>
-void w8_tile(const GemmArgs& g, int64_t m, int64_t n) {
+// ---------------------------------------------------------------- w8a16 / dense GEMM (fp32 a)
+// fp32 a times weights of type WT: int8 (w8a16: I::load_w widens them, then the row scale) or a
+// float type (dense_mm: V::load converts bf16 / fp16, no scale).
+template <class I>
+typename I::V load_weight(const int8_t* p) { return I::load_w(p); }
+template <class I, class WT>
+typename I::V load_weight(const WT* p) { return I::V::load(p); }
+inline float weight1(const int8_t* p) { return float(*p); }
+template <class WT>
+float weight1(const WT* p) { return Vec1::load(p).x; }
+
+template <class I, class WT, int MR, int NR>
+void wf_tile(const GemmArgs& g, const WT* w, int64_t m, int64_t n) {
   using V = typename I::V;
   const float* a = static_cast<const float*>(g.a) + m * g.lda;
-  const int8_t* b = g.b + n * g.ldb;
+  const WT* b = w + n * g.ldb;
   const int64_t K = g.K, Kv = K - K % V::W;
   V acc[MR][NR];
 #pragma GCC unroll 8
@@ -201,7 +224,7 @@ void w8_tile(const GemmArgs& g, int64_t m, int64_t n) {
     for (int i = 0; i < MR; ++i) av[i] = V::load(a + i * g.lda + k);
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      const V bv = I::load_w(b + j * g.ldb + k);
+      const V bv = load_weight<I>(b + j * g.ldb + k);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) acc[i][j] = I::fma(av[i], bv, acc[i][j]);
     }
@@ -209,10 +232,10 @@ void w8_tile(const GemmArgs& g, int64_t m, int64_t n) {
   for (int i = 0; i < MR; ++i) {
     const float* ar = a + i * g.lda;
     for (int j = 0; j < NR; ++j) {
-      const int8_t* br = b + j * g.ldb;
+      const WT* br = b + j * g.ldb;
       float s = float(acc[i][j].sum_lanes());
-      for (int64_t k = Kv; k < K; ++k) s += ar[k] * float(br[k]);
-      float o = s * g.b_scale[n + j];
+      for (int64_t k = Kv; k < K; ++k) s += ar[k] * weight1(br + k);
+      float o = g.b_scale ? s * g.b_scale[n + j] : s;
       if (g.bias) o = o + g.bias[n + j];
       store_float(g.out_dtype, g.out, (m + i) * g.ldo + (n + j), o);
     }
@@ -221,13 +244,34 @@ void w8_tile(const GemmArgs& g, int64_t m, int64_t n) {
 
 template <class I, int MR, int NR>
 struct W8Tile {
-  static void run(int64_t n, int64_t m, const GemmArgs& g) { w8_tile<I, MR, NR>(g, m, n); }
+  static void run(int64_t n, int64_t m, const GemmArgs& g) { wf_tile<I, int8_t, MR, NR>(g, g.b, m, n); }
 };
 
 template <class I>
 void w8a16_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m0 >= m1 || n0 >= n1) return;
-  block_of_tiles<I, W8Tile>(m0, m1, n0, n1, g);
+  block_of_tiles<I, W8Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+}
+
+template <class WT>
+struct DenseTiles {
+  template <class I, int MR, int NR>
+  struct Tile {
+    static void run(int64_t n, int64_t m, const GemmArgs& g) {
+      wf_tile<I, WT, MR, NR>(g, static_cast<const WT*>(g.w), m, n);
+    }
+  };
+};
+
+template <class I>
+void dense_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m0 >= m1 || n0 >= n1) return;
+  switch (g.w_dtype) {
+    case DType::f32: return block_of_tiles<I, DenseTiles<float>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+    case DType::bf16: return block_of_tiles<I, DenseTiles<bf16_t>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+    case DType::f16: return block_of_tiles<I, DenseTiles<fp16_t>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+    case DType::i32: return;
+  }
 }
 
 }  // namespace

@@ -29,7 +29,8 @@ void Isa::store_q(V t, int8_t* p) { store_q1(t.x, p); }
 
 namespace bigkernels::quant::cpu {
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>};
+  static const Kernels k{"scalar", quantize_rows_any<Isa>, int8_gemm_block<Isa>, w8a16_gemm_block<Isa>,
+                         nullptr, nullptr, nullptr, nullptr, dense_gemm_block<Isa>};
   return k;
 }
 }  // namespace bigkernels::quant::cpu
