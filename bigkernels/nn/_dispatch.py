@@ -1,6 +1,6 @@
 """Shape dispatch of the compressed linear layers, by measurement on the running machine.
 
-A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and dense fallbacks:
+A compressed layer (SparseLinear, QuantLinear, CodebookLinear) has one or more kernel paths and dense fallbacks:
 
 * ``"decompress"``: ``F.linear`` with the weight decompressed for the call (no memory kept), for
   shapes where the product dwarfs the decompression (large batches on a slow kernel);
@@ -8,10 +8,15 @@ A compressed layer (SparseLinear, QuantLinear) has one or more kernel paths and 
   little: layers whose dense weight is at most ``BIGKERNELS_DENSE_CACHE_BYTES`` (default 1 MiB:
   up to 512 x 512 in fp32), where per-call overheads decide, and layers whose compressed format
   is not smaller than the dense weight anyway (CSR below ~50% sparsity). 0 disables it: the
-  dispatcher then never keeps more memory than the compressed layer. Where "dense" is offered,
-  "decompress" is not timed: it is the same product plus building the weight, and timing it (a
-  fresh 4 MB tensor per call at 1024 x 1024) slowed the path timed after it ~2x on a 2-core VM,
-  which then lost to a kernel 1.5x slower than it in steady state.
+  dispatcher then never keeps more memory than the compressed layer;
+* ``"dense_mm"``: the cached weight multiplied by ``bigkernels::dense_mm`` (the CPU C++ tiles of
+  the w8a16 kernel with a float weight), timed beside ``"dense"`` on the CPU for up to
+  ``DENSE_MM_MAX_ROWS`` rows: MKL's GEMV behind ``F.linear`` runs one thread there and, on the
+  AVX2 (Zen 3) VM measured, 1.9-3.6x slower than these tiles at 1-4 rows of a 1024 x 1024 layer.
+
+Where "dense" is offered, "decompress" is not timed: it is the same product plus building the
+weight, and timing it (a fresh 4 MB tensor per call at 1024 x 1024) slowed the path timed after
+it ~2x on a 2-core VM, which then lost to a kernel 1.5x slower than it in steady state.
 
 On AVX2 CPUs the kernel paths themselves already run the dense product on decompressed panels
 where the format's own kernel would lose (csrc/common/cpu_gemm_avx2.h: int8 weights, BSR blocks
