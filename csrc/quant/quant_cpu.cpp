@@ -220,7 +220,8 @@ st::Tensor w8a16_mm_cpu(const st::Tensor& x_in, const st::Tensor& w_in, const st
 }
 
 // F.linear(x, weight, bias) for small batches: the w8a16 tiles with a float weight (each weight
-// row streamed once per tile of 4 rows of x, blocks on every thread), fp32 sums. x, weight and
+// row streamed once per tile of tile_rows rows of x: 2 on AVX2, 4 on AVX-512; blocks on every
+// thread), fp32 sums. x, weight and
 // bias share one float dtype, as F.linear wants; a 16-bit x is widened to fp32 first.
 st::Tensor dense_mm_cpu(const st::Tensor& x_in, const st::Tensor& w_in, const std::optional<st::Tensor>& bias) {
   const char* op = "dense_mm";
