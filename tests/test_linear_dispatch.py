@@ -309,7 +309,7 @@ def test_layers_on_a_second_gpu_are_timed_there(fresh_decisions, monkeypatch):
 def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch):
     """On a fake clock (each path call advances it by its cost): per-call decompression within 5%
     of the kernel does not win (timing noise would decide), 10% faster does; the cached dense
-    weight wins when faster at all; cheap paths get up to seven timed rounds, costly ones three,
+    weight wins when faster at all, and through dense_mm only 5% faster than through F.linear; cheap paths get up to seven timed rounds, costly ones three,
     and a 2x faster path wins after one."""
     clock = [0.0]
     monkeypatch.setattr(_dispatch.time, "perf_counter", lambda: clock[0])
@@ -332,6 +332,9 @@ def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch
     assert run({"kernel": 1e-3, "dense": 0.97e-3, "decompress": 0.96e-3}, "cached") == ("dense", _dispatch.MAX_ROUNDS)
     assert run({"kernel": 0.1, "dense": 0.09}, "costly") == ("dense", 3)
     assert run({"kernel": 0.1, "dense": 0.04}, "clear") == ("dense", 1)
+    # dense_mm on the kept copy must beat F.linear on it by 5% too (tiny layers tie within noise)
+    assert run({"kernel": 2e-3, "dense": 1e-3, "dense_mm": 0.97e-3}, "tie") == ("dense", _dispatch.MAX_ROUNDS)
+    assert run({"kernel": 2e-3, "dense": 1e-3, "dense_mm": 0.9e-3}, "tiles") == ("dense_mm", _dispatch.MAX_ROUNDS)
 
 
 @pytest.mark.parametrize("variant", ["w8a16", "w8a8", "2:4", "block", "unstructured"])

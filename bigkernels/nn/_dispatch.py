@@ -53,11 +53,13 @@ from typing import Callable, Dict, Hashable
 import torch
 from torch import Tensor
 
+from bigkernels.ops import _registry
+
 _CHOICES: Dict[Hashable, str] = {}
 _MODES = ("measure", "kernel", "dense")
 FAST_ENOUGH = 2.0  # after one timed round, a path this many times faster than the rest wins
 MAX_ROUNDS, MORE_ROUNDS_S = 7, 0.05  # best of 3 timed rounds, of up to 7 while they take < 50 ms in all
-KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths by 5% (else timing noise decides)
+KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths, "dense_mm" F.linear, by 5% (else noise decides)
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
 _cache_bytes = None
@@ -160,6 +162,8 @@ def choose(key: Hashable, paths: Dict[str, Callable[[], Tensor]], device) -> str
             runner_up = min(others, key=times.get)
             if times[hit] > KERNEL_MARGIN * times[runner_up]:
                 hit = runner_up
+        if hit == "dense_mm" and "dense" in times and times[hit] > KERNEL_MARGIN * times["dense"]:
+            hit = "dense"  # a tie (tiny layers, within timing noise) goes to the user's own F.linear
         _CHOICES[key] = hit
     return hit
 
@@ -191,8 +195,6 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
 def dense_mm_applies(x: Tensor) -> bool:
     """Whether the cached dense weight may also be timed with ``bigkernels::dense_mm`` (its CPU
     C++ tiles; on CUDA it is the reference, i.e. ``F.linear``): CPU inputs of few rows."""
-    from bigkernels.ops import _registry
-
     return x.device.type == "cpu" and x.shape[0] <= DENSE_MM_MAX_ROWS and _registry.choose("dense_mm", "cpu") == "cpu-c++"
 
 
@@ -213,12 +215,6 @@ def dense_linear(layer, path: str, x: Tensor, stored: Tensor) -> Tensor:
     if path != "decompress":
         return layer._dense.linear(xd, stored, layer._dense_weight, bias, path == "dense_mm")
     return torch.nn.functional.linear(xd, layer._dense_weight().to(device=x.device, dtype=x.dtype), bias)
-
-
-def _dense_mm() -> Callable:
-    from bigkernels.ops import _registry
-
-    return _registry.resolve("dense_mm", "cpu")
 
 
 def choices() -> Dict[Hashable, str]:
@@ -281,7 +277,7 @@ class DenseCache:
                 self.weight = build_weight().to(device=x.device, dtype=x.dtype)
             self.key = key
         if tiles:
-            return _dense_mm()(x, self.weight, bias)
+            return _registry.resolve("dense_mm", "cpu")(x, self.weight, bias)
         return torch.nn.functional.linear(x, self.weight, bias)
 
     def drop(self) -> None:
