@@ -64,7 +64,8 @@ KERNEL_MARGIN = 0.95  # "decompress" must beat the other paths, "dense_mm" F.lin
 _generation = 0  # bumped by clear(): layers' own route caches then start over
 _mode = None
 _cache_bytes = None
-DENSE_PATHS = ("dense", "dense_mm", "decompress")
+CACHED_PATHS = ("dense", "dense_mm")  # the paths that multiply the layer's kept dense copy
+DENSE_PATHS = CACHED_PATHS + ("decompress",)
 DENSE_MM_MAX_ROWS = 32  # dense_mm's tiles lose to F.linear well before this on every CPU measured
 
 
@@ -188,7 +189,7 @@ def pick(layer, x: Tensor, key: tuple, kernels: Dict[str, Callable[[], Tensor]],
     # that runs): both are synchronised, whichever device is current
     path = choose(key + (rows_bucket(x.shape[0]),), paths, (x.device, stored.device))
     layer._routes.put(x, path)
-    if path not in ("dense", "dense_mm"):  # both use the cached copy
+    if path not in CACHED_PATHS:
         layer._dense.drop()
     return path
 
@@ -213,7 +214,7 @@ def dense_linear(layer, path: str, x: Tensor, stored: Tensor) -> Tensor:
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     xd = layer._dense_input(x)
-    if path != "decompress":
+    if path in CACHED_PATHS:
         return layer._dense.linear(xd, stored, layer._dense_weight, bias, path == "dense_mm")
     return torch.nn.functional.linear(xd, layer._dense_weight().to(device=x.device, dtype=x.dtype), bias)
 

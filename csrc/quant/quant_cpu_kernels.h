@@ -160,11 +160,12 @@ void row_of_tiles(int64_t n0, int64_t n1, const Args&... args) {
   }
 }
 
-// Rows [m0, m1) in tiles of kMR (the last one narrower); each row tile sweeps [n0, n1) while its
-// a rows stay in L1, and the binding sizes [n0, n1) so those b rows stay in L2 across row tiles.
-// MR: rows per full tile (kMR, or fewer where the tile's accumulators would not fit the registers).
-template <class I, template <class, int, int> class Tile, int MR = kMR, class... Args>
+// Rows [m0, m1) in tiles of tile_rows<I>() (the last one narrower); each row tile sweeps [n0, n1)
+// while its a rows stay in L1, and the binding sizes [n0, n1) so those b rows stay in L2 across
+// row tiles.
+template <class I, template <class, int, int> class Tile, class... Args>
 void block_of_tiles(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const Args&... args) {
+  constexpr int MR = tile_rows<I>();
   static_assert(MR >= 1 && MR <= kMR);
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) row_of_tiles<I, MR, Tile>(n0, n1, m, args...);
@@ -193,7 +194,7 @@ void int8_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int6
     for (int64_t m = m0; m < m1; ++m)
       comp[m - m0] = 128u * I::row_sum(static_cast<const int8_t*>(g.a) + m * g.lda, Kv);
   }
-  block_of_tiles<I, I8Tile, tile_rows<I>()>(m0, m1, n0, n1, g, comp.data(), m0);
+  block_of_tiles<I, I8Tile>(m0, m1, n0, n1, g, comp.data(), m0);
 }
 
 // ---------------------------------------------------------------- w8a16 / dense GEMM (fp32 a)
@@ -250,7 +251,7 @@ struct W8Tile {
 template <class I>
 void w8a16_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m0 >= m1 || n0 >= n1) return;
-  block_of_tiles<I, W8Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+  block_of_tiles<I, W8Tile>(m0, m1, n0, n1, g);
 }
 
 template <class WT>
@@ -267,9 +268,9 @@ template <class I>
 void dense_gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m0 >= m1 || n0 >= n1) return;
   switch (g.w_dtype) {
-    case DType::f32: return block_of_tiles<I, DenseTiles<float>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
-    case DType::bf16: return block_of_tiles<I, DenseTiles<bf16_t>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
-    case DType::f16: return block_of_tiles<I, DenseTiles<fp16_t>::template Tile, tile_rows<I>()>(m0, m1, n0, n1, g);
+    case DType::f32: return block_of_tiles<I, DenseTiles<float>::template Tile>(m0, m1, n0, n1, g);
+    case DType::bf16: return block_of_tiles<I, DenseTiles<bf16_t>::template Tile>(m0, m1, n0, n1, g);
+    case DType::f16: return block_of_tiles<I, DenseTiles<fp16_t>::template Tile>(m0, m1, n0, n1, g);
     case DType::i32: return;
   }
 }
