@@ -293,6 +293,44 @@ def test_csr_engine_takes_unsorted_rows_and_reports_bad_columns(cpu_isa):
             ops.csr_mm(x, crow, col_b, values, None)
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 9])
+def test_csr_small_batches_report_bad_columns_without_reading_outside_x(M, cpu_isa):
+    """The small-batch kernels check each vector of column indices before loading x through it:
+    an index anywhere in a row (in a whole vector of indices or in the row's tail), however far
+    outside [0, K), is reported and nothing is read at it (2**31 - 1 would be 8 GB past x)."""
+    require_kernel("csr_mm", "cpu")
+    K, N = 50, 7
+    w = torch.randn(N, K)
+    w[torch.rand(N, K) < 0.3] = 0
+    w[:, :20] = torch.randn(N, 20)  # every row has at least 20 entries: whole vectors (8, 16 lanes) and a tail
+    crow, col, values = ref.to_csr(w)
+    x = torch.randn(M, K)
+    _check(ops.csr_mm(x, crow, col, values, None), x, (crow, col, values), None, ref.csr_linear, "csr_mm")
+    for row, offset in ((0, 0), (3, 5), (6, -1)):
+        for bad in (K, -1, 2 ** 31 - 1, -(2 ** 31)):
+            col_b = col.clone()
+            col_b[int(crow[row + 1]) - 1 if offset < 0 else int(crow[row]) + offset] = bad
+            with pytest.raises(RuntimeError, match="col"):
+                ops.csr_mm(x, crow, col_b, values, None)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5])
+def test_csr_engine_and_x_chunk_kernel_agree(density, monkeypatch):
+    """Both large-batch CSR kernels (decoded panels; per-entry FMAs on x chunks) give the product,
+    whichever the density threshold picks (BIGKERNELS_CSR_PANEL_DENSITY forces either)."""
+    require_kernel("csr_mm", "cpu")
+    M, K, N = 70, 2100, 24  # K * 32 rows * 4 bytes > 256 KB: the wide-K threshold
+    w = _pruned(N, K, 1 - density, "cpu")
+    crow, col, values = ref.to_csr(w)
+    x = torch.randn(M, K)
+    for forced in ("0", "2", None):
+        if forced is None:
+            monkeypatch.delenv("BIGKERNELS_CSR_PANEL_DENSITY", raising=False)
+        else:
+            monkeypatch.setenv("BIGKERNELS_CSR_PANEL_DENSITY", forced)
+        _check(ops.csr_mm(x, crow, col, values, None), x, (crow, col, values), None, ref.csr_linear, f"csr_mm threshold {forced}")
+
+
 # ----- the dense weight from a format (the layers' "decompress" path and the ops' backward) -----
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -133,17 +133,31 @@ void for_each_block(int64_t M, int64_t N, int64_t m_step, int64_t m_max, int64_t
 // The AVX2 engines (sparse_cpu_panels.h) from these batch sizes (below them the kernels above,
 // which need no packing, are as fast or faster); CSR only from kCsrPanelDensity stored entries
 // per weight, where its per-entry kernels cost more than the dense product on decoded panels
-// (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 70% sparse
-// about even; 90% sparse: the x-chunk kernel 4x ahead). 2:4: below kSparse24LanesMinRows the
-// in-lane permute tiles (sparse24_permil), from there rows along the lanes (measured, one core,
-// vs F.linear, 1024^2 / 4096^2: 8 rows 1.38x / 1.55x vs 1.33x / 1.29x; 12 rows 1.10x / 1.18x vs
-// 1.20x / 1.25x; 4 rows 2.2x / 2.6x, where the lanes' 16-row groups are three quarters zeros).
+// (measured, 4096 x 4096, one thread: 50% stored at 128 rows 0.96x dense vs 0.62x; 90% sparse:
+// the x-chunk kernel 4x ahead), and from kCsrPanelDensityWideK where the x chunk the per-entry
+// kernel reads at random ([K][32] floats) outgrows kXChunkCacheBytes (Zen 3's L2 is 512 KB):
+// two threads, 64-512 rows, panel time / x-chunk time at 40 / 30 / 25 / 20% stored: K = 1024
+// 0.9-1.1 / 0.9-1.1 / - / 1.35-1.56; K = 2048 0.66-0.77 / 0.95-1.28 / - / 2.3-2.7; K = 3072
+// - / 1.0-1.25 / - / -; K = 4096 (512 KB) 0.41-0.73 / 0.61-0.94 / 0.84-1.26 / 0.87-1.77.
+// 2:4: below kSparse24LanesMinRows the in-lane permute tiles (sparse24_permil), from there rows
+// along the lanes (measured, one core, vs F.linear, 1024^2 / 4096^2: 8 rows 1.38x / 1.55x vs
+// 1.33x / 1.29x; 12 rows 1.10x / 1.18x vs 1.20x / 1.25x; 4 rows 2.2x / 2.6x, where the lanes'
+// 16-row groups are three quarters zeros).
 constexpr int64_t kBsrPanelMinRows = 16, kCsrPanelMinRows = 48, kSparse24LanesMinRows = 12;
-constexpr double kCsrPanelDensity = 0.4;
+constexpr double kCsrPanelDensity = 0.4, kCsrPanelDensityWideK = 0.25;
+constexpr int64_t kXChunkCacheBytes = 384 << 10;
 
 int64_t panel_min_rows(int64_t dflt) {  // BIGKERNELS_PANEL_MIN_ROWS overrides (tuning)
   const char* v = std::getenv("BIGKERNELS_PANEL_MIN_ROWS");
   return v ? std::atoll(v) : dflt;
+}
+
+// Stored entries per weight from which CSR takes the panel engine, for K inputs in x chunks of
+// `chunk` rows; BIGKERNELS_CSR_PANEL_DENSITY overrides (tuning: 0 always, > 1 never).
+double csr_panel_density(int64_t K, int64_t chunk) {
+  const char* v = std::getenv("BIGKERNELS_CSR_PANEL_DENSITY");
+  if (v) return std::atof(v);
+  return K * chunk * int64_t(sizeof(float)) > kXChunkCacheBytes ? kCsrPanelDensityWideK : kCsrPanelDensity;
 }
 
 // x packed for the panel engine (row panels of kPanelRows rows), then its blocks (up to 264 rows
@@ -210,7 +224,8 @@ st::Tensor csr_mm_cpu(const st::Tensor& x, const st::Tensor& crow_in, const st::
   if (a.M == 0 || N == 0) return p.out;
   const Kernels& k = best_kernels();
   std::atomic<int64_t> bad{0};
-  if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) && double(nnz) >= kCsrPanelDensity * double(N) * double(a.K)) {
+  if (k.csr_panels && a.M >= panel_min_rows(kCsrPanelMinRows) &&
+      double(nnz) >= csr_panel_density(a.K, k.csr_chunk(a.M)) * double(N) * double(a.K)) {
     st::Tensor packed;
     run_panels(k, a, packed, double(a.M) * double(N) * double(a.K),
                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { bad += k.csr_panels(a, m0, m1, n0, n1); });

@@ -20,13 +20,9 @@ struct Isa {
   static V fma(V a, V b, V c) { return V(_mm512_fmadd_ps(a.x, b.x, c.x)); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v.x); }
   static Idx load_idx(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static Msk all_true() { return __mmask16(0xffff); }
   static Msk in_range(Idx i, uint32_t K) { return _mm512_cmplt_epu32_mask(i, _mm512_set1_epi32(int(K))); }
-  static Msk mand(Msk a, Msk b) { return __mmask16(a & b); }
   static bool all(Msk m) { return m == __mmask16(0xffff); }
-  static V gather(const float* base, Idx i, Msk m) {
-    return V(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, base, 4));
-  }
+  static V gather(const float* base, Idx i, const int32_t*) { return V(_mm512_i32gather_ps(i, base, 4)); }
   // 8 meta bytes -> positions 4g + p (0..31) of 16 kept inputs
   static Sel sel_idx(const uint8_t* meta) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta));

@@ -3,7 +3,8 @@
 //   V                        fp32 lanes (Vec1 / Vec8 / Vec16 of common/cpu_vec*.h), V::W lanes
 //   fma(a, b, c), hsum(v)    a * b + c; the sum of the lanes
 //   Idx, Msk                 CSR gathers: load_idx(W int32), in_range(idx, K) (0 <= idx < K),
-//                            mand(a, b), all(m), gather(base, idx, m) (lanes outside m read nothing, give 0)
+//                            all(m), gather(base, idx, cols) (base[idx], every lane in range; cols:
+//                            the W indices idx was loaded from, for instances that load them as scalars)
 //   Sel, sel_idx, sel2       2:4 (W > 1 only): sel_idx(W/2 meta bytes) -> the W positions 4g + p
 //                            of the kept inputs among 2W; sel2(s, lo, hi) -> those W inputs of the
 //                            2W inputs lo (first W) and hi (next W)
@@ -44,11 +45,9 @@ struct ScalarIsa {
   static V fma(V a, V b, V c) { return V(a.x * b.x + c.x); }
   static float hsum(V v) { return v.x; }
   static Idx load_idx(const int32_t* p) { return *p; }
-  static Msk all_true() { return true; }
   static Msk in_range(Idx i, uint32_t K) { return uint32_t(i) < K; }
-  static Msk mand(Msk a, Msk b) { return a && b; }
   static bool all(Msk m) { return m; }
-  static V gather(const float* base, Idx i, Msk m) { return V(m ? base[i] : 0.0f); }
+  static V gather(const float* base, Idx i, const int32_t*) { return V(base[i]); }
   static Sel sel_idx(const uint8_t*) { return {}; }
   static V sel2(Sel, V, V) { return V(0.0f); }
 };
@@ -67,17 +66,19 @@ int64_t csr_gather(const SparseArgs& a, int64_t m, int64_t n0, int64_t n1) {
     const int64_t s = a.crow[n], e = a.crow[n + 1];
     V acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = V(0.0f);
-    typename I::Msk ok = I::all_true();
+    bool ok = true;
     int64_t j = s;
     for (; j + W <= e; j += W) {
       const typename I::Idx idx = I::load_idx(a.col + j);
-      const typename I::Msk msk = I::in_range(idx, K);
-      ok = I::mand(ok, msk);
+      if (!I::all(I::in_range(idx, K))) {  // an error (the caller raises): x is not read outside it
+        ok = false;
+        continue;
+      }
       const V v = V::load(vals + j);
 #pragma GCC unroll 4
-      for (int i = 0; i < MR; ++i) acc[i] = I::fma(v, I::gather(x + i * a.K, idx, msk), acc[i]);
+      for (int i = 0; i < MR; ++i) acc[i] = I::fma(v, I::gather(x + i * a.K, idx, a.col + j), acc[i]);
     }
-    if (!I::all(ok)) ++bad;
+    if (!ok) ++bad;
     float tail[MR] = {};
     for (; j < e; ++j) {
       const int32_t c = a.col[j];
