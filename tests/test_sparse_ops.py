@@ -82,6 +82,7 @@ def test_csr_mm(device, dtypes, sparsity, shape, cpu_isa):
 BSR_SHAPES = [  # (M, K, N, B): B = 24 leaves a lane tail on every vector width
     (0, 64, 32, 16), (1, 48, 80, 16), (5, 64, 48, 16), (13, 96, 32, 16),
     (1, 128, 192, 64), (7, 192, 128, 64), (2, 48, 72, 24), (9, 72, 48, 24),
+    (17, 96, 48, 16), (23, 72, 48, 24),  # from 16 rows: the engine (AVX2) or broadcasts on a transposed block row
 ]
 
 
@@ -101,6 +102,11 @@ def test_bsr_mm(device, dtypes, sparsity, shape, cpu_isa):
     bias = _bias(N, M + int(sparsity * 10), xdt, device)
     got = ops.bsr_mm(x, crow, col, blocks, bias)
     _check(got, x, (crow, col, blocks), bias, ref.bsr_linear, "bsr_mm")
+    if M >= 16 and device == "cpu":  # the broadcasts where the engine would run (AVX-512 has none)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("BIGKERNELS_PANEL_MIN_ROWS", "1000000")
+            _check(ops.bsr_mm(x, crow, col, blocks, bias), x, (crow, col, blocks), bias, ref.bsr_linear,
+                   "bsr_mm broadcasts")
 
 
 # M < 8: the in-lane-permute tiles of 4, 3, 2 and 1 rows (7 = 4 + 3), K with and without a tail

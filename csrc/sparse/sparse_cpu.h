@@ -69,7 +69,13 @@ inline int64_t packed_a_floats(int64_t M, int64_t K) { return (M + kPanelRows - 
 inline int64_t lane_rows(int64_t M) { return M >= 32 ? 32 : 16; }
 
 constexpr int64_t kCsrTransposeM = 4;  // M at which CSR switches from gathers to x chunks
-constexpr int64_t kBsrTransposeM = 4;  // M at which BSR switches from dot products to broadcasts
+// M at which BSR switches from dot products to broadcasts on a transposed block row (its scalar
+// transposition costs a whole weight's worth of strided stores per call). Measured (Zen 3, two
+// threads, 50% of 64 x 64 blocks, µs, broadcasts vs dot products): 1024^2 M = 4 / 8 / 16 / 64:
+// 308 / 378 / 476 / 1284 vs 85 / 147 / 272 / 1005; 16 x 16 blocks M = 4 / 16: 438 / 651 vs
+// 155 / 363; 4096^2 M = 4 / 16 / 64: 5932 / 8594 / 19002 vs 4370 / 8775 / 28317; the scalar
+// instance about even up to 16. AVX2 runs its panel engine from 16 rows anyway.
+constexpr int64_t kBsrTransposeM = 16;
 // 2:4: x packed in groups of kSparse24PackRows rows, each [ceil(K / PK)][rows][PK] plus
 // kSparse24PackPad floats (groups off 4 KB alignment; see xt); kSparse24PackedX: the most floats
 // of packed x a block of rows may take (its rows of x stay in L2 while the weights stream past)
