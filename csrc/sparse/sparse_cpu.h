@@ -68,7 +68,10 @@ inline int64_t packed_a_floats(int64_t M, int64_t K) { return (M + kPanelRows - 
 // sparse24_lanes' row groups: 16 rows (two 8-lane vectors) for small batches, 32 from 32 rows
 inline int64_t lane_rows(int64_t M) { return M >= 32 ? 32 : 16; }
 
-constexpr int64_t kCsrTransposeM = 4;  // M at which CSR switches from gathers to x chunks
+// M at which CSR switches from gathers to x chunks (measured, Zen 3, two threads, µs, gathers vs
+// chunks at 3 rows: 1024^2 50 / 70 / 90% sparse 364-436 / 260-265 / 100-116 vs 320 / 212-217 /
+// 101-151; 4096^2 10051 / 5415 / 1589 vs 5835 / 5620 / 1021; at 2 rows the gathers win)
+constexpr int64_t kCsrTransposeM = 3;
 // M at which BSR switches from dot products to broadcasts on a transposed block row (its scalar
 // transposition costs a whole weight's worth of strided stores per call). Measured (Zen 3, two
 // threads, 50% of 64 x 64 blocks, µs, broadcasts vs dot products): 1024^2 M = 4 / 8 / 16 / 64:
