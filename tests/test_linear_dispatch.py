@@ -309,8 +309,9 @@ def test_layers_on_a_second_gpu_are_timed_there(fresh_decisions, monkeypatch):
 def test_close_calls_go_to_the_kernel_and_cheap_ones_get_more_rounds(monkeypatch):
     """On a fake clock (each path call advances it by its cost): per-call decompression within 5%
     of the kernel does not win (timing noise would decide), 10% faster does; the cached dense
-    weight wins when faster at all, and through dense_mm only 5% faster than through F.linear; cheap paths get up to seven timed rounds, costly ones three,
-    and a 2x faster path wins after one."""
+    weight wins when faster at all, and through dense_mm only 5% faster than through F.linear;
+    cheap paths get up to seven timed rounds, costly ones three, and a 2x faster path wins after
+    one."""
     clock = [0.0]
     monkeypatch.setattr(_dispatch.time, "perf_counter", lambda: clock[0])
 
